@@ -1,0 +1,240 @@
+"""NSA's compression branch and the block selection it drives (arXiv 2502.11089, §3.3.1–3.3.2).
+
+Axis letters: B batch, T tokens, H query heads, K KV heads, G = H / K query heads per KV group,
+D head dim, N compressed tokens, S selection blocks, F hidden width of the compression MLP, n the
+number of selected blocks per (token, KV group).
+
+Compression. Compressed token i summarises the keys (or values) of positions [i·d, i·d+l−1]
+(length l, stride d, d | l) through a learnable MLP φ with an intra-block position encoding:
+    φ(x_i) = W2 · act(W1 · flat(x_i + pe) + b1) + b2,   x_i = [l, D],  pe = [l, D],  W1 = [l·D, F].
+Only complete blocks exist: N = ⌊(T − l)/d⌋ + 1 (0 when T < l). Because W1 is linear, the position
+encoding enters as the constant bias flat(pe)·W1, and flat(x_i)·W1 = Σ_s chunk_{i+s} · W1[s] over
+the l/d stride-length chunks of the block: `compress` computes one product per chunk (no block is
+ever copied) and sums shifted views.
+
+Visibility. Compressed token i is visible to query t only once its block is complete, t ≥ i·d+l−1:
+the attention call gives key i the kernel position i·d+l−1 and query t the position t (indices in
+the packed row), and the kernel's causal rule `kv_pos <= q_pos` does the rest.
+
+Packed documents (our decision; the paper trains on unpacked sequences). Compression blocks lie on
+the grid of the packed row, not of each document. A block inside one document carries that
+document's segment id; a block that straddles a document boundary carries segment −1, which no query
+has (documents are ≥ 1, padding 0), so it is never visible: nothing of one document leaks into
+another, at the price of the (at most l/d − 1) compressed tokens across each boundary.
+
+Selection importance (Eq. 8–10). p_cmp = softmax of the compression logits per query head; summed
+over the G heads of a KV group (probabilities, not logits); mapped to selection blocks of length l'
+by Eq. 9. The paper writes Eq. 9 with 1-based indices,
+    p_slc[j] = Σ_{m=0}^{l'/d−1} Σ_{n=0}^{l/d−1} p_cmp[(l'/d)·j − m − n];
+in 0-based indices (block j = positions [j·l', (j+1)·l'−1], token i = [i·d, i·d+l−1]) this is
+    p_slc[j] = Σ_{k=0}^{l'/d+l/d−2} c_k · p_cmp[(l'/d)(j+1) − 1 − k],  c_k = #{(m, n): m + n = k},
+i.e. every compressed token overlapping block j, weighted by its overlap in units of d. Top-n blocks
+per (token, KV group), with the first `num_initial` blocks of the query's document and the
+`num_local` blocks ending at the query's own block always selected (+inf) and counted inside n;
+blocks after the query's block or before its document are −inf and never selected.
+
+The importance pass never materialises [T, N] in memory: `select_blocks` walks query chunks with
+`lax.map`, recomputes the logits, takes the softmax, maps to blocks and keeps only the top-n
+indices [B, K, T, n]. It is not differentiable (indices); it reads its inputs through stop_gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import BlockLayout, block_sparse_attention
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionParams:
+    """Weights of one compression MLP φ (one for keys, one for values), shared by the KV heads.
+
+    pe [l, D] intra-block position encoding; w1 [l, D, F]; b1 [F]; w2 [F, D]; b2 [D].
+    """
+    pe: jax.Array
+    w1: jax.Array
+    b1: jax.Array
+    w2: jax.Array
+    b2: jax.Array
+
+
+jax.tree_util.register_dataclass(CompressionParams, data_fields=["pe", "w1", "b1", "w2", "b2"], meta_fields=[])
+
+
+def num_compressed(seq_len: int, block: int, stride: int) -> int:
+    """N = ⌊(T − l)/d⌋ + 1 complete compression blocks, 0 when T < l."""
+    return 0 if seq_len < block else (seq_len - block) // stride + 1
+
+
+def compress(x: jax.Array, params: CompressionParams, *, block: int, stride: int,
+             activation: str = "silu") -> jax.Array:
+    """φ over every complete block: x [B, T, K, D] -> [B, N, K, D] in x's dtype (N may be 0)."""
+    b, t, k, d = x.shape
+    n = num_compressed(t, block, stride)
+    if n == 0:
+        return jnp.zeros((b, 0, k, d), x.dtype)
+    shifts = block // stride
+    dt = x.dtype
+    w1 = params.w1.astype(dt).reshape(shifts, stride, d, -1)                      # [s, d, D, F]
+    chunks = x[:, : (n + shifts - 1) * stride].reshape(b, n + shifts - 1, stride, k, d)
+    per_chunk = jnp.einsum("bcjkd,sjdf->bcskf", chunks, w1, preferred_element_type=jnp.float32)
+    hidden = sum(per_chunk[:, s: s + n, s] for s in range(shifts))              # [B, N, K, F]
+    bias = params.b1.astype(jnp.float32) + jnp.einsum(
+        "ld,ldf->f", params.pe.astype(jnp.float32), params.w1.astype(jnp.float32))
+    hidden = ACTIVATIONS[activation](hidden + bias).astype(dt)
+    out = jnp.einsum("bnkf,fd->bnkd", hidden, params.w2.astype(dt), preferred_element_type=jnp.float32)
+    return (out + params.b2.astype(jnp.float32)).astype(dt)
+
+
+def compressed_segments(segment_ids: jax.Array, n: int, block: int, stride: int) -> jax.Array:
+    """Segment of each compressed token: [B, T] -> [B, N]; −1 for a block that straddles documents."""
+    first = segment_ids[:, : n * stride: stride]
+    last = segment_ids[:, block - 1: block - 1 + n * stride: stride]
+    return jnp.where(first == last, last, -1).astype(jnp.int32)
+
+
+def compressed_positions(n: int, block: int, stride: int) -> jax.Array:
+    """Kernel position of compressed token i: its block's last index i·d + l − 1. int32 [N]."""
+    return (jnp.arange(n, dtype=jnp.int32) * stride + block - 1).astype(jnp.int32)
+
+
+def compressed_layout(seq_len: int, n: int, *, block: int, stride: int, num_kv_heads: int,
+                      block_q: int, block_k: int) -> BlockLayout:
+    """Block-causal layout of queries [T] over compressed tokens [N]: query block b visits every
+    compressed block holding a token complete before b's last query. Shared by batch and heads."""
+    nq, nk = -(-seq_len // block_q), -(-n // block_k)
+    last = jnp.minimum((jnp.arange(nq) + 1) * block_q, seq_len) - 1
+    counts = jnp.clip(jnp.floor_divide(last - block + 1, block_k * stride) + 1, 0, nk).astype(jnp.int32)
+    indices = jnp.broadcast_to(jnp.arange(nk, dtype=jnp.int32), (1, num_kv_heads, nq, nk))
+    return BlockLayout.from_indices(indices, jnp.broadcast_to(counts, (1, num_kv_heads, nq)),
+                                    block_q=block_q, block_k=block_k, num_kv_blocks=nk)
+
+
+def compressed_attention(q, k_cmp, v_cmp, q_segment_ids, *, block: int, stride: int, block_q: int,
+                         block_k: int, implementation=None):
+    """Branch output over the compressed tokens.
+
+    q [B, T, H, D]; k_cmp, v_cmp [B, N, K, D] (N ≥ 1); q_segment_ids [B, T] int32.
+    Returns out [B, T, H, D] in q's dtype (rows that see no compressed token: 0).
+    """
+    b, t, _, _ = q.shape
+    n, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
+    layout = compressed_layout(t, n, block=block, stride=stride, num_kv_heads=kv_heads,
+                               block_q=min(block_q, t), block_k=block_k)
+    q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_pos = jnp.broadcast_to(compressed_positions(n, block, stride), (b, n))
+    kv_seg = compressed_segments(q_segment_ids, n, block, stride)
+    out, _ = block_sparse_attention(q, k_cmp, v_cmp, layout, q_positions=q_pos, kv_positions=kv_pos,
+                                    q_segment_ids=q_segment_ids, kv_segment_ids=kv_seg,
+                                    implementation=implementation)
+    return out
+
+
+def overlap_weights(select_block: int, block: int, stride: int) -> tuple[int, ...]:
+    """c_k = #{(m, n): m + n = k, 0 ≤ m < l'/d, 0 ≤ n < l/d} for k = 0 .. l'/d + l/d − 2 (Eq. 9)."""
+    r, s = select_block // stride, block // stride
+    return tuple(sum(1 for m in range(r) if 0 <= k - m < s) for k in range(r + s - 1))
+
+
+def block_importance(p_cmp: jax.Array, num_blocks: int, *, select_block: int, block: int,
+                     stride: int) -> jax.Array:
+    """Eq. 9 in 0-based indices: p_cmp [..., N] -> p_slc [..., S] (S = num_blocks)."""
+    r = select_block // stride
+    weights = overlap_weights(select_block, block, stride)
+    front = len(weights) - 1
+    back = max(0, r * num_blocks - p_cmp.shape[-1])
+    padded = jnp.pad(p_cmp, [(0, 0)] * (p_cmp.ndim - 1) + [(front, back)])
+    out = 0.0
+    for k, c in enumerate(weights):
+        start = r - 1 - k + front                        # padded index of p_cmp[r(j+1) − 1 − k] at j = 0
+        out = out + c * padded[..., start: start + r * num_blocks: r]
+    return out
+
+
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """Index of the first token of each token's run of equal segment ids: [B, T] -> [B, T] int32."""
+    t = segment_ids.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    new = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
+
+
+def block_scores(p_slc: jax.Array, t_idx: jax.Array, doc_start: jax.Array, *, select_block: int,
+                 num_initial: int, num_local: int) -> jax.Array:
+    """Selection scores with forced and impossible blocks: p_slc [B, K, C, S] float32 for queries at
+    indices t_idx [C] with document starts doc_start [B, C] -> [B, K, C, S] (+inf forced, −inf never)."""
+    blocks = jnp.arange(p_slc.shape[-1], dtype=jnp.int32)
+    own = (t_idx // select_block)[None, None, :, None]
+    first = (doc_start // select_block)[:, None, :, None]
+    valid = (blocks >= first) & (blocks <= own)
+    forced = valid & ((blocks < first + num_initial) | (blocks > own - num_local))
+    return jnp.where(forced, jnp.inf, jnp.where(valid, p_slc, -jnp.inf))
+
+
+def top_blocks(scores: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """Top-n blocks by score (ties: lower index), −inf never taken.
+
+    scores [..., S] -> (indices [..., min(n, S)] int32 ascending, valid ones first; counts [...] int32).
+    """
+    num_blocks = scores.shape[-1]
+    values, picked = jax.lax.top_k(scores, min(n, num_blocks))
+    keys = jnp.sort(jnp.where(values > -jnp.inf, picked, num_blocks), axis=-1).astype(jnp.int32)
+    return keys, (keys < num_blocks).sum(-1, dtype=jnp.int32)
+
+
+def select_blocks(q, k_cmp, segment_ids, *, block: int, stride: int, select_block: int, num_selected: int,
+                  num_initial: int, num_local: int, chunk_elements: int = 1 << 26,
+                  sm_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """Per (token, KV group) selected blocks from the compression probabilities.
+
+    q [B, T, H, D] (rotated), k_cmp [B, N, K, D] (rotated; N may be 0), segment_ids [B, T] int32.
+    Returns indices [B, K, T, n'] int32 (ascending; entries past the count hold S) and counts
+    [B, K, T] int32, n' = min(n, S), S = ⌈T / l'⌉. Query chunks of C tokens keep the largest
+    intermediate [B, H, C, max(N, S)] float32 under `chunk_elements`.
+    """
+    q, k_cmp = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_cmp)
+    b, t, h, d = q.shape
+    n, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
+    g = h // kv_heads
+    num_blocks = -(-t // select_block)
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    chunk = max(1, min(t, chunk_elements // max(1, b * h * max(n, num_blocks))))
+    num_chunks = -(-t // chunk)
+    pad = num_chunks * chunk - t
+    doc_start = document_starts(segment_ids)
+    t_all = jnp.arange(num_chunks * chunk, dtype=jnp.int32)
+    q_c = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, num_chunks, chunk, kv_heads, g, d)
+    seg_c = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(b, num_chunks, chunk)
+    start_c = jnp.pad(doc_start, ((0, 0), (0, pad))).reshape(b, num_chunks, chunk)
+    if n:
+        kv_pos = compressed_positions(n, block, stride)
+        kv_seg = compressed_segments(segment_ids, n, block, stride)
+
+    def one_chunk(args):
+        qc, segc, startc, tc = args                    # [B, C, K, G, D], [B, C], [B, C], [C]
+        if n:
+            logits = jnp.einsum("bckgd,bnkd->bkgcn", qc, k_cmp, preferred_element_type=jnp.float32) * scale
+            seen = (kv_pos[None, None, None, None, :] <= tc[None, None, None, :, None]) & (
+                kv_seg[:, None, None, None, :] == segc[:, None, None, :, None])
+            logits = jnp.where(seen, logits, -jnp.inf)
+            peak = logits.max(-1, keepdims=True)
+            e = jnp.where(seen, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
+            total = e.sum(-1, keepdims=True)
+            p = (e / jnp.where(total > 0, total, 1.0)).sum(2)                       # [B, K, C, N]
+            p_slc = block_importance(p, num_blocks, select_block=select_block, block=block, stride=stride)
+        else:
+            p_slc = jnp.zeros((b, kv_heads, chunk, num_blocks), jnp.float32)
+        scores = block_scores(p_slc, tc, startc, select_block=select_block, num_initial=num_initial,
+                              num_local=num_local)
+        return top_blocks(scores, num_selected)
+
+    xs = (q_c.swapaxes(0, 1), seg_c.swapaxes(0, 1), start_c.swapaxes(0, 1), t_all.reshape(num_chunks, chunk))
+    idx, cnt = jax.lax.map(one_chunk, xs)              # [nc, B, K, C, n'], [nc, B, K, C]
+    idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, kv_heads, num_chunks * chunk, -1)[:, :, :t]
+    cnt = cnt.transpose(1, 2, 0, 3).reshape(b, kv_heads, num_chunks * chunk)[:, :, :t]
+    return idx, cnt

@@ -1,0 +1,151 @@
+"""Dense causal attention with packed-document isolation: the baseline variant `dense`.
+
+Projections (GQA + RoPE) come from `projection.py`; the attention itself is `attend`, one small
+function that sequence parallelism can replace.
+
+Implementations (`config.attention.dense.implementation`):
+- `"xla"`: `jax.nn.dot_product_attention(implementation="xla")` with `is_causal=True` and a boolean
+  segment mask [B, 1, T, T]. Works everywhere and in every dtype; materialises [B, H, T, T] logits.
+- `"cudnn"`: cuDNN flash attention (GPU, bfloat16/float16 only: cuDNN has no float32 flash kernel).
+  `jax.nn.dot_product_attention` has no segment-id argument in jax 0.10 / 0.11 (only a mask, which
+  cuDNN turns into a [B, 1, T, T] additive bias that it reads for every head, and per-row
+  `query_seq_lengths` for trailing padding). So the packed documents are passed as cuDNN's *packed
+  (ragged) layout* through `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention` with
+  `q_offsets`/`kv_offsets` [B, M+1] and `q_seqlen`/`kv_seqlen` [B, M] (M = `max_segments`, static),
+  derived on device from the segment ids: no [T, T] array exists on this path, and cuDNN skips the
+  blocks between documents. A row with more than M runs of segment ids takes, through `lax.cond`, the
+  exact but slower masked cuDNN path; the aux statistic `stats/dense_segment_overflow` reports the
+  fraction of layers that did. The packed layout needs a Hopper or newer GPU.
+- `"auto"` (default): `"cudnn"` on GPU when the compute dtype is bfloat16 or float16, else `"xla"`.
+
+Segment semantics (both paths): query i sees key j iff j <= i and segment_ids[i] == segment_ids[j].
+Padding (segment 0) therefore attends among itself and never to a document; no row is empty.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from sparsejax.attention import register_attention
+from sparsejax.attention.projection import OutputProjection, QKVProjection
+from sparsejax.layers import dtype_from_name
+from sparsejax.parallel.mesh import constrain, rules_from_config
+
+IMPLEMENTATIONS = ("auto", "cudnn", "xla")
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "implementation": "auto",   # "auto" | "cudnn" | "xla"
+        "max_segments": 64,         # cuDNN packed layout: documents (runs of segment ids) per row
+    })
+
+
+def validate(config) -> None:
+    c = config.attention.dense
+    if c.implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"config.attention.dense.implementation = {c.implementation!r}; "
+                         f"valid choices: {list(IMPLEMENTATIONS)}")
+    if c.implementation == "cudnn" and jnp.dtype(dtype_from_name(config.model.dtype)) not in CUDNN_DTYPES:
+        raise ValueError(f"config.attention.dense.implementation = 'cudnn' needs config.model.dtype in "
+                         f"['bfloat16', 'float16'], got {config.model.dtype!r} (cuDNN has no float32 flash "
+                         f"attention); use 'auto' or 'xla'")
+    if not isinstance(c.max_segments, int) or c.max_segments < 1:
+        raise ValueError(f"config.attention.dense.max_segments = {c.max_segments!r}: must be a positive int")
+
+
+def resolve_implementation(requested: str, dtype, backend: str | None = None) -> str:
+    """"auto" -> "cudnn" on GPU for bfloat16/float16, else "xla"; checks an explicit "cudnn"."""
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown dense attention implementation {requested!r}; valid choices: {list(IMPLEMENTATIONS)}")
+    backend = backend or jax.default_backend()
+    cudnn_ok = backend == "gpu" and jnp.dtype(dtype) in CUDNN_DTYPES
+    if requested == "cudnn" and not cudnn_ok:
+        raise ValueError(f"implementation 'cudnn' needs a GPU and bfloat16/float16 inputs, got backend "
+                         f"{backend!r} and dtype {jnp.dtype(dtype).name}; use 'auto' or 'xla'")
+    if requested == "auto":
+        return "cudnn" if cudnn_ok else "xla"
+    return requested
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] int32 -> [B, 1, T, T] bool: True where query and key are in the same segment."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def packed_segments(segment_ids: jax.Array, max_segments: int):
+    """cuDNN packed-layout arguments from segment ids [B, T].
+
+    A segment is a maximal run of equal ids (padding included). Returns offsets [B, M+1] int32 (start
+    of each run, -1 past the last), lengths [B, M] int32 (-1 past the last) and the run count [B].
+    Runs beyond M are dropped here; the caller checks the count.
+    """
+    b, t = segment_ids.shape
+    m = max_segments
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    run = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1                          # [B, T]
+    count = run[:, -1] + 1                                                         # [B]
+    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
+    cols = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+    start_slot = jnp.where(starts & (run < m), run, m + 1)                         # m + 1: dropped
+    offsets = jnp.full((b, m + 1), -1, jnp.int32).at[rows, start_slot].set(cols, mode="drop")
+    lengths = jnp.zeros((b, m), jnp.int32).at[rows, run].add(1, mode="drop")
+    lengths = jnp.where(jnp.arange(m)[None, :] < count[:, None], lengths, -1)
+    return offsets, lengths, count
+
+
+def _cudnn_packed(q, k, v, segment_ids, max_segments):
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    offsets, lengths, _ = packed_segments(segment_ids, max_segments)
+    # jax's packed-layout stride fix-up multiplies the KV offsets by the *query* head count, so K/V
+    # must have as many heads as Q on this path (checked on jax 0.10.2 and 0.11.2 source).
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    return cudnn_attention(q, k, v, None, None, lengths, lengths, offsets, offsets,
+                           scale=q.shape[-1] ** -0.5, mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+
+
+def _cudnn_masked(q, k, v, segment_ids):
+    return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
+                                        implementation="cudnn")
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, implementation: str,
+           max_segments: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Causal, segment-isolated attention. q [B, T, H, D], k/v [B, T, K, D], segment_ids [B, T] int32
+    -> (out [B, T, H, D] in q's dtype, aux). `implementation` is "xla" or "cudnn" (already resolved)."""
+    if implementation == "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
+                                            implementation="xla"), {}
+    if implementation == "cudnn":
+        overflow = jnp.max(packed_segments(segment_ids, max_segments)[2]) > max_segments
+        out = jax.lax.cond(overflow, _cudnn_masked, lambda *a: _cudnn_packed(*a, max_segments), q, k, v, segment_ids)
+        return out, {"stats/dense_segment_overflow": overflow.astype(jnp.float32)}
+    raise ValueError(f"attend: implementation must be 'xla' or 'cudnn', got {implementation!r}")
+
+
+@register_attention("dense")
+class DenseAttention(nnx.Module):
+    """Dense causal GQA attention: x [B, T, E], positions [B, T], segment_ids [B, T] -> ([B, T, E], aux)."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        dtype = dtype_from_name(config.model.dtype)
+        self.implementation = resolve_implementation(config.attention.dense.implementation, dtype)
+        self.max_segments = config.attention.dense.max_segments
+        self.rules = tuple(rules_from_config(config).items())   # hashable: static graph data
+        self.qkv = QKVProjection(config, rngs=rngs)
+        self.out = OutputProjection(config, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids):
+        q, k, v = self.qkv(x, positions)
+        # The whole sequence is visible to every query: gather it if activations are sequence-sharded.
+        q, k, v = (constrain(t, ("batch", None, h, "head_dim"), self.rules)
+                   for t, h in ((q, "heads"), (k, "kv_heads"), (v, "kv_heads")))
+        o, aux = attend(q, k, v, segment_ids, implementation=self.implementation, max_segments=self.max_segments)
+        return self.out(o), aux

@@ -1,0 +1,112 @@
+"""Decoder-only transformer LM (Llama-style) whose attention is a registered variant.
+
+    inputs [B, T] -> Embed -> L x Block -> RMSNorm -> logits [B, T, V] float32
+    Block: x + Attention(RMSNorm(x), positions, segment_ids); then x + SwiGLU(RMSNorm(x))
+
+The attention class of every block is `get_attention(config.attention.kind)`. Layers are a Python
+list (not `nnx.scan`): variants may differ per layer (statistics, layer-dependent sparsity), the
+checkpoint tree names each layer, and a variant needs no scan-compatible state. Compile time is the
+price; remat keeps the activation memory of one layer at a time either way.
+
+Remat (`config.model.remat`): "none"; "full" (recompute the whole block in the backward pass);
+"dots" (save the outputs of matmuls without batch dimensions, i.e. the projections and the MLP,
+recompute the rest, `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
+
+Initialisation (Llama / torchtitan conventions): truncated normal (±3 std) with `init_std` for the
+embedding and the input projections, `init_std / sqrt(2 L)` for the projections that write into the
+residual stream (attention output, MLP down), `d_model ** -0.5` for an untied output head, ones for
+the RMSNorm scales.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.attention import get_attention
+from sparsejax.layers import Embed, RMSNorm, SwiGLU, dtype_from_name, make_param, output_std, truncated_normal
+from sparsejax.parallel.mesh import constrain, rules_from_config
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x [B, T, E] -> ([B, T, E], attention aux)."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        m = config.model
+        kw = dict(dtype=dtype_from_name(m.dtype), param_dtype=dtype_from_name(m.param_dtype), rngs=rngs)
+        self.rules = tuple(rules_from_config(config).items())
+        self.attention_norm = RMSNorm(m.d_model, eps=m.norm_eps, **kw)
+        self.attention = get_attention(config.attention.kind)(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, **kw)
+        self.mlp = SwiGLU(m.d_model, m.mlp_dim, std=m.init_std, out_std=output_std(m.init_std, m.num_layers), **kw)
+
+    def __call__(self, x, positions, segment_ids):
+        a, aux = self.attention(self.attention_norm(x), positions, segment_ids)
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "sequence", None), self.rules), aux
+
+
+def _apply_block(block: Block, x, positions, segment_ids):
+    return block(x, positions, segment_ids)
+
+
+class Transformer(nnx.Module):
+    """`model(inputs, positions, segment_ids) -> (logits, aux)`.
+
+    inputs [B, T] int32 token ids; positions [B, T] int32 (restart at 0 in each packed document; RoPE
+    uses them); segment_ids [B, T] int32 (1, 2, ... per document, 0 = padding; attention never crosses
+    segments). logits [B, T, V] float32. aux: the attention variants' auxiliaries over layers,
+    "loss/..." entries summed, "stats/..." entries averaged.
+    """
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        m = config.model
+        self.dtype = dtype_from_name(m.dtype)
+        self.rules = tuple(rules_from_config(config).items())
+        self.remat = m.remat
+        if m.remat not in REMAT_POLICIES:
+            raise ValueError(f"config.model.remat = {m.remat!r}; valid choices: {list(REMAT_POLICIES)}")
+        self.embed = Embed(m.vocab_size, m.d_model, std=m.init_std, dtype=self.dtype,
+                           param_dtype=dtype_from_name(m.param_dtype), rngs=rngs)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(m.num_layers)])
+        self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=self.dtype,
+                                  param_dtype=dtype_from_name(m.param_dtype), rngs=rngs)
+        self.tie_embeddings = m.tie_embeddings
+        if not m.tie_embeddings:
+            self.lm_head = make_param(rngs, truncated_normal(m.d_model ** -0.5), (m.d_model, m.vocab_size),
+                                      ("embed", "vocab"), dtype_from_name(m.param_dtype))
+
+    def __call__(self, inputs, positions, segment_ids):
+        rules = self.rules
+        x = constrain(self.embed(inputs), ("batch", "sequence", None), rules)
+        apply = _apply_block
+        if self.remat != "none":
+            apply = nnx.remat(_apply_block, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
+        totals: dict[str, jax.Array] = {}
+        for block in self.blocks:
+            x, aux = apply(block, x, positions, segment_ids)
+            for key, value in aux.items():
+                totals[key] = totals.get(key, 0.0) + value.astype(jnp.float32)
+        num_layers = len(self.blocks)
+        aux = {k: (v if k.startswith("loss/") else v / num_layers) for k, v in totals.items()}
+
+        x = self.final_norm(x)
+        if self.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = jnp.einsum("bte,ev->btv", x, self.lm_head[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "sequence", "vocab"), rules), aux
+
+
+def count_params(config) -> int:
+    """Number of parameters of `Transformer(config)`, from shapes only (no allocation)."""
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -7,8 +7,10 @@ Every tokenizer exposes the same small interface:
 - `decode(ids) -> str` (special ids are dropped);
 - `token_bytes -> np.ndarray int32 [V]`: how many bytes of text each token stands for, for bits per
   byte. Byte tokens are one byte, BOS/EOS zero. For SentencePiece it is the UTF-8 length of the piece
-  (with the word-boundary mark counted as one space byte), so per-document sums can differ from the
-  raw byte count by the leading space SentencePiece adds.
+  (with the word-boundary mark counted as one space byte): per-document sums equal the raw byte count
+  when the model was trained with `normalization_rule_name="identity"`, `remove_extra_whitespaces=False`
+  and `add_dummy_prefix=False` (and `byte_fallback=True`, so nothing maps to the unknown piece);
+  with the default normalization they count the normalized text.
 """
 from __future__ import annotations
 

@@ -1,0 +1,142 @@
+"""Checkpoints: an orbax CheckpointManager over `workdir/checkpoints/<step>/` with three items:
+
+- `state`: the train state (step, params, optimizer state, other model variables), sharded arrays;
+- `data`:  the grain iterator position, one JSON file per process (grain's checkpoint handler);
+- `config`: the experiment config as JSON.
+
+Saves are asynchronous when `config.train.async_checkpointing` (the arrays are copied off the devices,
+then written in a background thread while training continues; the iterator position and the config
+are written before `save` returns). orbax writes each step into a temporary directory and renames it
+to `<step>` only when every item is complete, so a process killed in the middle of a save (even with
+SIGKILL) leaves the previous checkpoints whole; the unfinished temporary directory is ignored and
+deleted by the next run. The last `keep_checkpoints` steps are kept.
+
+A *committed* checkpoint that cannot be read (files deleted or damaged afterwards) is never skipped
+silently: restoring it raises `CheckpointError` naming the directory, the cause and the other
+complete steps, and nothing is deleted, so the user decides (move the damaged step aside to resume
+from the previous one).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from sparsejax.training.state import TrainState
+
+# Sections whose change makes an old checkpoint unusable (different parameter shapes or meaning).
+_MODEL_SECTIONS = ("model", "attention")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be restored, or that belongs to a different model."""
+
+
+def config_to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json())
+
+
+class Checkpointer:
+    """Saves and restores train state + data iterator + config under `directory`."""
+
+    def __init__(self, directory: str, *, keep: int, async_save: bool):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "config"),
+                                              options=options)
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete (committed) checkpoints, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, state: TrainState, iterator, config: ml_collections.ConfigDict) -> None:
+        """Starts saving `state` after `step` updates, the iterator position and the config."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state.to_dict()),
+            data=grain.checkpoint.CheckpointSave(iterator),
+            config=ocp.args.JsonSave(config_to_json_dict(config)))
+        self._manager.save(step, args=args, force=True)
+
+    def saved_config(self, step: int) -> dict[str, Any]:
+        """The config stored with checkpoint `step` (a JSON dict)."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
+            raise self._error(step, e) from e
+        return restored["config"]
+
+    def check_compatible(self, step: int, config: ml_collections.ConfigDict) -> None:
+        """Raises CheckpointError if checkpoint `step` was written by a different model/attention
+        config; logs other differences (e.g. a longer num_steps, which is a legitimate resume)."""
+        saved = self.saved_config(step)
+        current = config_to_json_dict(config)
+        for section in _MODEL_SECTIONS:
+            diffs = _differences(saved.get(section), current.get(section), f"config.{section}")
+            if diffs:
+                raise CheckpointError(
+                    f"the checkpoint {self.step_dir(step)} was written with a different {section} config "
+                    f"({'; '.join(diffs[:5])}); use a fresh --workdir or the checkpoint's config")
+        other = [d for name in sorted(set(saved) | set(current)) if name not in _MODEL_SECTIONS
+                 for d in _differences(saved.get(name), current.get(name), f"config.{name}")]
+        if other:
+            logging.info("resuming with config changes: %s", "; ".join(other))
+
+    def restore(self, step: int, abstract_state: TrainState, iterator) -> TrainState:
+        """Restores checkpoint `step` into arrays shaped and sharded like `abstract_state`
+        (ShapeDtypeStructs with shardings) and moves `iterator` to the saved position."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state.to_dict()),
+            data=grain.checkpoint.CheckpointRestore(iterator))
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
+            raise self._error(step, e) from e
+        return TrainState.from_dict(restored["state"])
+
+    def restore_state(self, step: int, abstract_state: TrainState) -> TrainState:
+        """Restores only the train state of checkpoint `step` (evaluation needs no data position)."""
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state.to_dict())))
+        except Exception as e:  # noqa: BLE001
+            raise self._error(step, e) from e
+        return TrainState.from_dict(restored["state"])
+
+    def _error(self, step: int, cause: Exception) -> CheckpointError:
+        others = [s for s in self.all_steps() if s != step]
+        hint = (f"move {self.step_dir(step)} aside to resume from step {others[-1]}" if others
+                else "no other complete checkpoint exists; move it aside to start from scratch")
+        return CheckpointError(f"checkpoint {self.step_dir(step)} is corrupt or incomplete "
+                               f"({type(cause).__name__}: {str(cause)[:500]}); {hint}")
+
+    def wait(self) -> None:
+        """Blocks until the pending asynchronous save is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _differences(saved: Any, current: Any, path: str) -> list[str]:
+    """Human-readable differences between two JSON values."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current)):
+            out += _differences(saved.get(key), current.get(key), f"{path}.{key}")
+        return out
+    return [] if saved == current else [f"{path} was {saved!r}, now {current!r}"]

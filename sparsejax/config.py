@@ -34,6 +34,7 @@ from sparsejax.parallel import mesh as mesh_lib
 SECTIONS: dict[str, str] = {
     "data": "sparsejax.data",
     "train": "sparsejax.training",
+    "eval": "sparsejax.evaluation",
 }
 
 PARAM_DTYPES = ("float32",)

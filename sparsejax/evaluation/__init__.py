@@ -1,0 +1,50 @@
+"""Evaluation: validation loss and bits per byte, passkey / needle retrieval over a grid of context
+lengths and depths, attention statistics, the JSON report and the heatmap.
+
+This module holds the `config.eval` section (defaults and validation); the work is done in
+`sparsejax.evaluation.retrieval`, `sparsejax.evaluation.language_modeling` and
+`sparsejax.evaluation.run` (`evaluate(config, workdir)`, what `eval.py` calls).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+TASKS = ("passkey", "needle")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults of `config.eval`."""
+    c = ml_collections.ConfigDict()
+    c.validation_batches = 16               # batches of the validation split for loss / bits per byte
+    c.tasks = ("passkey", "needle")         # retrieval tasks to run (subset of TASKS)
+    c.context_lengths = (512, 1024, 2048)   # prompt lengths in tokens (the needle task needs >= ~450)
+    c.depths = (0.0, 0.25, 0.5, 0.75, 1.0)  # needle position as a fraction of the filler
+    c.samples_per_cell = 8                  # examples per (task, length, depth)
+    c.num_distractors = 3                   # needle task: other needles with other keys
+    c.batch_size = 8                        # retrieval examples per forward pass
+    c.seed = 1234                           # retrieval examples are drawn from this seed
+    return c
+
+
+def _positive_int(key, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.eval.{key}={value!r} is invalid; valid values: an integer >= 1")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks `config.eval`; raises ValueError naming the key, the bad value and the valid values."""
+    ev = config.eval
+    for key in ("validation_batches", "samples_per_cell", "batch_size"):
+        _positive_int(key, ev[key])
+    if isinstance(ev.num_distractors, bool) or not isinstance(ev.num_distractors, int) or ev.num_distractors < 0:
+        raise ValueError(f"config.eval.num_distractors={ev.num_distractors!r} is invalid; valid values: an integer >= 0")
+    tasks = tuple(ev.tasks)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or len(set(tasks)) != len(tasks):
+        raise ValueError(f"config.eval.tasks={tasks!r} is invalid; valid values: distinct names from {TASKS}")
+    for length in ev.context_lengths:
+        if isinstance(length, bool) or not isinstance(length, int) or length < 256:
+            raise ValueError(f"config.eval.context_lengths contains {length!r}; valid values: integers >= 256 (the fixed text of a passkey example alone is ~250 tokens)")
+    for depth in ev.depths:
+        if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
+            raise ValueError(f"config.eval.depths contains {depth!r}; valid values: floats in [0, 1]")

@@ -1,7 +1,8 @@
 """`config.data`: defaults and validation.
 
 Fields:
-- `source`: "embedded" (the Python standard library's source files; no download), "files" (text
+- `source`: "embedded" (the Python standard library's source files; no download; its content
+  follows the Python version, so runs compare across machines only on the same version), "files" (text
   files, one document per file), "array_record" (one UTF-8 document per record), "synthetic" (only
   passkey / needle rows, see `synthetic_mixture`).
 - `paths`: files, directories (read recursively, hidden entries skipped) or glob patterns (`**`
@@ -14,7 +15,8 @@ Fields:
   "synthetic" source uses only synthetic rows), their relative `passkey_weight` / `needle_weight`,
   `passkey_max` (pass keys are uniform in [1, passkey_max], 50000 in the Landmark Attention test),
   `needle_distractors` (distractor needles per example) and `needle_value_digits`.
-- `worker_count`: grain worker processes (0 = in the main process).
+- `worker_count`: grain worker processes (0 = in the main process). The batch order and the
+  checkpointed iterator state depend on it: resume with the same value.
 - `read_threads`: threads that read and tokenize documents ahead of the packer.
 - `max_documents`: optional cap on the number of documents (first ones in sorted order), for tiny runs.
 """

@@ -14,12 +14,19 @@ batches are produced (padding rows after the split ends), so every batch has the
 Each process reads a disjoint subset of documents (documents `process_index::process_count` of the
 split) and yields `global_batch_size // process_count` rows per batch. The iterators are grain
 `DatasetIterator`s: `get_state()` / `set_state()` give the exact position, and they work with
-`grain.checkpoint.CheckpointSave` / `CheckpointRestore` inside an orbax `Composite`.
+`grain.checkpoint.CheckpointSave` / `CheckpointRestore` inside an orbax `Composite`:
+
+    manager.save(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.restore(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointRestore(iterator)))
+
+With `worker_count > 0` each grain worker process packs its own share of the documents, so the
+batch order depends on `worker_count`, and so does the state: resume with the same `worker_count`.
 """
 from __future__ import annotations
 
 import sys
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -99,6 +106,9 @@ def make_train_iterator(config, *, process_index: int = 0, process_count: int = 
       rows = grain.IterDataset.mix([rows, synth], [1.0 - fraction, fraction])
   ds = rows.batch(batch, drop_remainder=True)
   if data.worker_count > 0:
+    # grain's worker processes read absl flags; outside an absl app (tests, notebooks) use their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
   return iter(ds)
 

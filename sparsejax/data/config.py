@@ -109,9 +109,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_int("data.synthetic_mixture.needle_distractors", mix.needle_distractors, 0, 50)
   _check_int("data.synthetic_mixture.needle_value_digits", mix.needle_value_digits, 1, 18)
 
-  if data.source in ("files", "array_record"):
-    sources.resolve_paths(data.paths)
-  elif list(data.paths):
+  if data.source != "synthetic":
+    count = len(sources.all_documents(data))  # resolves the paths: a missing or empty one fails here
+    if data.val_fraction > 0 and count < 2:
+      raise ValueError(f"data.val_fraction={data.val_fraction} needs at least 2 documents to hold one out, "
+                       f"data.source={data.source!r} has {count}; add documents or set data.val_fraction=0.0")
+  if data.source not in ("files", "array_record") and list(data.paths):
     raise ValueError(f"data.paths={list(data.paths)!r} is only read by data.source in ('files', 'array_record'), "
                      f"not {data.source!r}; leave it empty")
 

@@ -26,10 +26,6 @@ SPLITS = ("train", "validation")
 _EMBEDDED_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
 
-def _has_magic(path: str) -> bool:
-  return glob.has_magic(path)
-
-
 def _walk_files(directory: str) -> list[str]:
   """Regular, non-hidden files under `directory`, recursively (hidden directories skipped)."""
   out = []
@@ -53,7 +49,7 @@ def resolve_paths(paths, *, key: str = "data.paths") -> list[str]:
     if not isinstance(entry, str) or not entry:
       raise ValueError(f"{key}[{i}]={entry!r} must be a non-empty string")
     entry = os.path.expanduser(entry)
-    if _has_magic(entry):
+    if glob.has_magic(entry):
       matches = sorted(glob.glob(entry, recursive=True))
       found = []
       for m in matches:

@@ -558,4 +558,8 @@ def test_config_errors_need_temp_dirs(tmp_path):
   config.data.bogus = 1
   with pytest.raises(ValueError, match=r"unknown keys in config.data: \['bogus'\]"):
     D.validate(config)
+  (tmp_path / "one.txt").write_text("a single document")
+  with pytest.raises(ValueError, match="data.val_fraction=0.02 needs at least 2 documents"):
+    D.validate(make_config(source="files", paths=[str(tmp_path / "one.txt")]))
+  D.validate(make_config(source="files", paths=[str(tmp_path / "one.txt")], val_fraction=0.0))
   D.validate(make_config())  # the defaults are valid

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import functools
 
-import ml_collections
 import numpy as np
 
+from sparsejax.data import config as data_config
 from sparsejax.data import packing, sources
 
 TASKS = ("passkey", "needle")
@@ -110,7 +110,8 @@ class Haystack:
 def embedded_haystack(split: str = "validation") -> Haystack:
   """The haystack of the embedded corpus' `split` (with the default `val_fraction`). Evaluation
   uses the validation split so that the haystack text was not trained on."""
-  data = ml_collections.ConfigDict({"source": "embedded", "paths": [], "val_fraction": 0.02, "max_documents": None})
+  data = data_config.default_config()
+  data.source = "embedded"
   return Haystack(sources.load_documents(data, split))
 
 

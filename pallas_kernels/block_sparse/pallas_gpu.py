@@ -1,0 +1,476 @@
+"""Block-sparse flash attention in Pallas with the Triton lowering (GPU).
+
+Three kernels, all driven by a `BlockLayout` (docs/contracts.md §1):
+
+* forward: one program per (row tile of a query unit, head unit, batch); it walks the query-major list
+  `kv_indices` with an online softmax (base 2) and writes `out` and `lse`;
+* dQ: the same grid and the same walk, recomputing the probabilities from `lse`;
+* dK/dV: one program per (KV block, KV head, batch); it walks the KV-major CSR inverse
+  (`q_indices` / `kv_offsets`) of every head unit of its KV group, so each dK/dV block is written by
+  one program: deterministic, no atomics.
+
+Rows. The rows of a query unit are its `block_q` tokens times the `R = Hq / Hl` query heads of its head
+unit (token-major, head-minor). They are gathered from the flattened view `q [B, Tq*Hq, D]`, so no
+transpose is needed and NSA's one-token units with G heads stacked as rows cost nothing extra. Units
+with more rows than one tile are split into several row tiles; units with fewer than 16 rows are
+padded to the tensor-core minimum of 16 with masked rows. In the dK/dV kernel, units smaller than a
+tile are packed several to a tile (NSA: four one-token units of 16 heads make a 64-row tile).
+
+Head dims. Triton tiles must be powers of two, so a head dim is split into power-of-two chunks of at
+least 16 (192 = 128 + 64): every dot is a sum of chunk dots and no FLOP is spent on padding.
+
+Masking inside a block is computed from the loaded positions and segment ids: causal
+(`kv_pos <= q_pos`), equal segment ids, keys past `Tk`, queries past `Tq` and padding rows. Rows that
+see nothing give out 0 and lse -inf, and zero gradients.
+
+Supported (checked by `check_supported`): float32, bfloat16 and float16 (q, k, v of one dtype); head
+dims that are multiples of 16 up to 256; `block_k` a power of two in [16, 128]; any `block_q >= 1`;
+any head unit allowed by the layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_MIN_ROWS = 16  # smallest M of a tensor-core tile
+_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_BLOCK_K_CHOICES = (16, 32, 64, 128)
+_MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Launch parameters of one kernel.
+
+  rows: rows per program tile (a power of two >= 16).
+  num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+  """
+  rows: int
+  num_warps: int
+  num_stages: int
+
+  def __post_init__(self):
+    if self.rows < _MIN_ROWS or self.rows & (self.rows - 1):
+      raise ValueError(f"rows={self.rows} must be a power of two >= {_MIN_ROWS}")
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _unit_rows(layout, hq: int) -> int:
+  """Rows of one query unit: block_q tokens x (Hq / Hl) heads."""
+  return layout.block_q * (hq // layout.kv_indices.shape[1])
+
+
+def default_configs(q, k, v, layout) -> dict[str, KernelConfig]:
+  """Heuristic launch parameters for the three kernels ("fwd", "dq", "dkv")."""
+  ru = _unit_rows(layout, q.shape[2])
+  d_total = q.shape[-1] + v.shape[-1]
+  cap = 128 if d_total <= 256 else 64
+  rows = min(cap, max(_MIN_ROWS, _next_pow2(ru)))
+  warps = 4 if rows <= 64 else 8
+  fwd = KernelConfig(rows=rows, num_warps=warps, num_stages=3 if d_total <= 256 else 2)
+  dq = KernelConfig(rows=min(rows, 64), num_warps=4, num_stages=2)
+  dkv_rows = 64 if layout.block_k >= 64 else 32
+  dkv = KernelConfig(rows=dkv_rows, num_warps=4 if layout.block_k <= 64 else 8, num_stages=2)
+  return {"fwd": fwd, "dq": dq, "dkv": dkv}
+
+
+def check_supported(q, k, v, layout) -> None:
+  """Raise ValueError if this implementation cannot tile the call (see the module docstring)."""
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+  if len(dtypes) != 1 or jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in _SUPPORTED_DTYPES]:
+    raise ValueError(
+        f"pallas_gpu needs q, k, v of one dtype among float32, bfloat16, float16; got "
+        f"q {q.dtype}, k {k.dtype}, v {v.dtype}")
+  for name, d in (("Dqk", q.shape[-1]), ("Dv", v.shape[-1])):
+    if d % 16 or not 16 <= d <= _MAX_HEAD_DIM:
+      raise ValueError(
+          f"pallas_gpu needs head dims that are multiples of 16 in [16, {_MAX_HEAD_DIM}]; got {name}={d}")
+  if layout.block_k not in _BLOCK_K_CHOICES:
+    raise ValueError(f"pallas_gpu needs block_k in {_BLOCK_K_CHOICES}; got block_k={layout.block_k}")
+  if layout.block_q < 1:
+    raise ValueError(f"pallas_gpu needs block_q >= 1; got block_q={layout.block_q}")
+
+
+# ----------------------------------------------------------------------------------------------
+# In-kernel helpers. Refs of activations are flattened 2-D views [tokens * heads, D]; rows and
+# columns are gathered with integer index vectors (the Triton lowering turns them into pointer
+# tensors, interpret mode into gathers).
+
+
+def _chunks(d: int) -> tuple[tuple[int, int], ...]:
+  """Split a head dim (a multiple of 16) into power-of-two (start, width) chunks, widest first."""
+  out, start = [], 0
+  while start < d:
+    w = 1 << ((d - start).bit_length() - 1)
+    out.append((start, w))
+    start += w
+  return tuple(out)
+
+
+def _load_rows(ref, rows, valid, chunks):
+  """Load rows [M] (flat indices) of a [N, D] ref as one [M, w] tile per chunk; invalid rows give 0."""
+  return [plgpu.load(ref.at[rows[:, None], (c0 + jnp.arange(w))[None, :]],
+                     mask=valid[:, None], other=0.0) for c0, w in chunks]
+
+
+def _store_rows(ref, rows, valid, chunks, tiles):
+  for (c0, w), t in zip(chunks, tiles):
+    plgpu.store(ref.at[rows[:, None], (c0 + jnp.arange(w))[None, :]], t.astype(ref.dtype),
+                mask=valid[:, None])
+
+
+def _dot_chunks(a_tiles, b_tiles, *, trans_b=False):
+  """sum_c a_c @ b_c (or a_c @ b_c^T): a contraction over the chunked head dim, float32."""
+  acc = None
+  for a, b in zip(a_tiles, b_tiles):
+    t = plgpu.dot(a, b, trans_b=trans_b)
+    acc = t if acc is None else acc + t
+  return acc
+
+
+def _load_vec(ref, idx, valid, other):
+  return plgpu.load(ref.at[idx], mask=valid, other=other)
+
+
+def _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, causal):
+  """Mask [M, bk] of the pairs a row may attend to."""
+  m = q_valid[:, None] & k_valid[None, :]
+  if causal:
+    m = m & (kv_pos[None, :] <= q_pos[:, None])
+  if q_seg is not None:
+    m = m & (q_seg[:, None] == kv_seg[None, :])
+  return m
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """Static sizes shared by the kernels."""
+  tq: int
+  tk: int
+  hq: int
+  hkv: int
+  hl: int
+  block_q: int
+  block_k: int
+  rows: int          # rows per program tile
+  dqk_chunks: tuple
+  dv_chunks: tuple
+  causal: bool
+  has_seg: bool
+  scale_log2: float  # sm_scale * log2(e)
+
+  @property
+  def r(self):  # query heads per head unit
+    return self.hq // self.hl
+
+  @property
+  def unit_rows(self):
+    return self.block_q * self.r
+
+  @property
+  def tiles_per_unit(self):
+    return -(-self.unit_rows // self.rows)
+
+
+def _unit_rows_tile(g: _Geometry, unit, tile, head_unit):
+  """Flat q rows, token indices, absolute head indices and validity of one row tile of a unit."""
+  local = tile * g.rows + jnp.arange(g.rows)
+  tok = unit * g.block_q + local // g.r
+  head = head_unit * g.r + local % g.r
+  valid = (local < g.unit_rows) & (tok < g.tq)
+  return tok * g.hq + head, tok, head, valid
+
+
+def _kv_block_rows(g: _Geometry, block, kv_head):
+  tok = block * g.block_k + jnp.arange(g.block_k)
+  valid = tok < g.tk
+  return tok * g.hkv + kv_head, tok, valid
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+
+
+def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometry):
+  if g.has_seg:
+    q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  else:
+    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  prog, u = pl.program_id(0), pl.program_id(1)
+  unit, tile = prog // g.tiles_per_unit, prog % g.tiles_per_unit
+  kv_head = (u * g.r) // (g.hq // g.hkv)
+
+  q_rows, tok, head, q_valid = _unit_rows_tile(g, unit, tile, u)
+  q = _load_rows(q_ref, q_rows, q_valid, g.dqk_chunks)
+  q_pos = _load_vec(q_pos_ref, tok, q_valid, 0)
+  q_seg = _load_vec(q_seg_ref, tok, q_valid, 0) if g.has_seg else None
+
+  def body(n, carry):
+    acc, m_prev, l_prev = carry
+    block = kv_idx_ref[unit, n]
+    k_rows, k_tok, k_valid = _kv_block_rows(g, block, kv_head)
+    k = _load_rows(k_ref, k_rows, k_valid, g.dqk_chunks)
+    kv_pos = _load_vec(kv_pos_ref, k_tok, k_valid, 0)
+    kv_seg = _load_vec(kv_seg_ref, k_tok, k_valid, 0) if g.has_seg else None
+    s = _dot_chunks(q, k, trans_b=True) * g.scale_log2                     # [M, bk] base-2 logits
+    ok = _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, g.causal)
+    s = jnp.where(ok, s, -jnp.inf)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)                      # all-masked rows so far
+    p = jnp.exp2(s - m_safe[:, None])
+    alpha = jnp.exp2(m_prev - m_safe)
+    l_new = l_prev * alpha + jnp.sum(p, axis=1)
+    v = _load_rows(v_ref, k_rows, k_valid, g.dv_chunks)
+    p_lo = p.astype(v[0].dtype)
+    acc = [a * alpha[:, None] + plgpu.dot(p_lo, vc) for a, vc in zip(acc, v)]
+    return acc, m_new, l_new
+
+  acc0 = [jnp.zeros((g.rows, w), jnp.float32) for _, w in g.dv_chunks]
+  m0 = jnp.full((g.rows,), -jnp.inf, jnp.float32)
+  l0 = jnp.zeros((g.rows,), jnp.float32)
+  acc, m, l = jax.lax.fori_loop(0, kv_cnt_ref[unit], body, (acc0, m0, l0))
+
+  seen = l > 0.0
+  inv_l = 1.0 / jnp.where(seen, l, 1.0)
+  _store_rows(o_ref, q_rows, q_valid, g.dv_chunks, [a * inv_l[:, None] for a in acc])
+  lse = jnp.where(seen, m * _LN2 + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+  plgpu.store(lse_ref.at[head, tok], lse, mask=q_valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# dQ
+
+
+def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometry):
+  if g.has_seg:
+    (q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref) = refs
+  else:
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+  prog, u = pl.program_id(0), pl.program_id(1)
+  unit, tile = prog // g.tiles_per_unit, prog % g.tiles_per_unit
+  kv_head = (u * g.r) // (g.hq // g.hkv)
+
+  q_rows, tok, head, q_valid = _unit_rows_tile(g, unit, tile, u)
+  q = _load_rows(q_ref, q_rows, q_valid, g.dqk_chunks)
+  do = _load_rows(do_ref, q_rows, q_valid, g.dv_chunks)
+  q_pos = _load_vec(q_pos_ref, tok, q_valid, 0)
+  q_seg = _load_vec(q_seg_ref, tok, q_valid, 0) if g.has_seg else None
+  lse2 = _lse_base2(plgpu.load(lse_ref.at[head, tok], mask=q_valid, other=-jnp.inf))
+  delta = plgpu.load(delta_ref.at[head, tok], mask=q_valid, other=0.0)
+
+  def body(n, dq):
+    block = kv_idx_ref[unit, n]
+    k_rows, k_tok, k_valid = _kv_block_rows(g, block, kv_head)
+    k = _load_rows(k_ref, k_rows, k_valid, g.dqk_chunks)
+    v = _load_rows(v_ref, k_rows, k_valid, g.dv_chunks)
+    kv_pos = _load_vec(kv_pos_ref, k_tok, k_valid, 0)
+    kv_seg = _load_vec(kv_seg_ref, k_tok, k_valid, 0) if g.has_seg else None
+    ok = _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, g.causal)
+    s = _dot_chunks(q, k, trans_b=True) * g.scale_log2
+    p = jnp.where(ok, jnp.exp2(s - lse2[:, None]), 0.0)                    # [M, bk]
+    dp = _dot_chunks(do, v, trans_b=True)
+    ds = (p * (dp - delta[:, None])).astype(k[0].dtype)
+    return [a + plgpu.dot(ds, kc) for a, kc in zip(dq, k)]
+
+  dq0 = [jnp.zeros((g.rows, w), jnp.float32) for _, w in g.dqk_chunks]
+  dq = jax.lax.fori_loop(0, kv_cnt_ref[unit], body, dq0)
+  sm_scale = g.scale_log2 / _LOG2E
+  _store_rows(dq_ref, q_rows, q_valid, g.dqk_chunks, [a * sm_scale for a in dq])
+
+
+def _lse_base2(lse):
+  """Natural-log lse to base 2; rows that saw nothing (-inf) become +inf so that exp2(s - lse) = 0."""
+  return jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
+
+
+# ----------------------------------------------------------------------------------------------
+# dK / dV
+
+
+def _dkv_kernel(q_idx_ref, kv_off_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometry):
+  if g.has_seg:
+    (q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref) = refs
+  else:
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+  block, kv_head = pl.program_id(0), pl.program_id(1)
+  k_rows, k_tok, k_valid = _kv_block_rows(g, block, kv_head)
+  k = _load_rows(k_ref, k_rows, k_valid, g.dqk_chunks)
+  v = _load_rows(v_ref, k_rows, k_valid, g.dv_chunks)
+  kv_pos = _load_vec(kv_pos_ref, k_tok, k_valid, 0)
+  kv_seg = _load_vec(kv_seg_ref, k_tok, k_valid, 0) if g.has_seg else None
+
+  # A step covers `per_step` query units (several small units packed into one tile) or one row
+  # tile of one unit (units larger than a tile).
+  per_step = max(1, g.rows // g.unit_rows)
+  tiles = g.tiles_per_unit if per_step == 1 else 1
+  r_local = jnp.arange(g.rows)
+  units_per_group = g.hl // g.hkv
+
+  def step(u, n0, end, tile, carry):
+    dk, dv = carry
+    if per_step == 1:
+      slot, local = jnp.zeros_like(r_local), tile * g.rows + r_local
+      row_ok = local < g.unit_rows
+    else:
+      slot, local = r_local // g.unit_rows, r_local % g.unit_rows
+      row_ok = slot < per_step
+    entry_ok = row_ok & (n0 + slot < end)
+    unit = plgpu.load(q_idx_ref.at[u, n0 + slot], mask=entry_ok, other=0)
+    tok = unit * g.block_q + local // g.r
+    head = u * g.r + local % g.r
+    q_valid = entry_ok & (tok < g.tq)
+    q_rows = tok * g.hq + head
+    q = _load_rows(q_ref, q_rows, q_valid, g.dqk_chunks)
+    do = _load_rows(do_ref, q_rows, q_valid, g.dv_chunks)
+    q_pos = _load_vec(q_pos_ref, tok, q_valid, 0)
+    q_seg = _load_vec(q_seg_ref, tok, q_valid, 0) if g.has_seg else None
+    lse2 = _lse_base2(plgpu.load(lse_ref.at[head, tok], mask=q_valid, other=-jnp.inf))
+    delta = plgpu.load(delta_ref.at[head, tok], mask=q_valid, other=0.0)
+    ok = _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, g.causal).T  # [bk, M]
+    s_t = _dot_chunks(k, q, trans_b=True) * g.scale_log2                      # [bk, M]
+    p_t = jnp.where(ok, jnp.exp2(s_t - lse2[None, :]), 0.0)
+    dp_t = _dot_chunks(v, do, trans_b=True)
+    ds_t = (p_t * (dp_t - delta[None, :])).astype(q[0].dtype)
+    p_lo = p_t.astype(do[0].dtype)
+    dv = [a + plgpu.dot(p_lo, dc) for a, dc in zip(dv, do)]
+    dk = [a + plgpu.dot(ds_t, qc) for a, qc in zip(dk, q)]
+    return dk, dv
+
+  def over_unit(i, carry):
+    u = kv_head * units_per_group + i
+    start, end = kv_off_ref[u, block], kv_off_ref[u, block + 1]
+    n_steps = (end - start + per_step - 1) // per_step
+
+    def over_entries(s, carry):
+      n0 = start + s * per_step
+      if tiles == 1:
+        return step(u, n0, end, 0, carry)
+      return jax.lax.fori_loop(0, tiles, lambda t, c: step(u, n0, end, t, c), carry)
+
+    return jax.lax.fori_loop(0, n_steps, over_entries, carry)
+
+  dk0 = [jnp.zeros((g.block_k, w), jnp.float32) for _, w in g.dqk_chunks]
+  dv0 = [jnp.zeros((g.block_k, w), jnp.float32) for _, w in g.dv_chunks]
+  dk, dv = jax.lax.fori_loop(0, units_per_group, over_unit, (dk0, dv0))
+  sm_scale = g.scale_log2 / _LOG2E
+  _store_rows(dk_ref, k_rows, k_valid, g.dqk_chunks, [a * sm_scale for a in dk])
+  _store_rows(dv_ref, k_rows, k_valid, g.dv_chunks, dv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrappers: flattened views, block specs, launches
+
+
+def _geometry(q, k, v, layout, rows, sm_scale, causal, has_seg) -> _Geometry:
+  return _Geometry(
+      tq=q.shape[1], tk=k.shape[1], hq=q.shape[2], hkv=k.shape[2], hl=layout.kv_indices.shape[1],
+      block_q=layout.block_q, block_k=layout.block_k, rows=rows,
+      dqk_chunks=_chunks(q.shape[-1]), dv_chunks=_chunks(v.shape[-1]), causal=bool(causal),
+      has_seg=has_seg, scale_log2=float(sm_scale) * _LOG2E)
+
+
+def _pick(n_lead: int, b):
+  """Index of a batch-broadcast leading dim: 0 when it has size 1, else the batch index."""
+  return b if n_lead > 1 else 0
+
+
+def _whole(x, batch_axis_of_grid: int):
+  """BlockSpec of the whole per-batch slice of x (leading dim squeezed, broadcast when it is 1)."""
+  shape = (None,) + tuple(x.shape[1:])
+  n = x.shape[0]
+  zeros = (0,) * (x.ndim - 1)
+  return pl.BlockSpec(shape, lambda *ids: (_pick(n, ids[batch_axis_of_grid]),) + zeros)
+
+
+def _aux_inputs(q_pos, kv_pos, q_seg, kv_seg):
+  aux = [q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)]
+  if q_seg is not None:
+    aux += [q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)]
+  return aux
+
+
+def _flat(x):
+  """[B, T, H, D] -> [B, T*H, D] (a free reshape)."""
+  return x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[3])
+
+
+def _compiler_params(cfg: KernelConfig):
+  return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _query_major_specs(layout):
+  kv_idx, kv_cnt = layout.kv_indices, layout.kv_counts
+  n_idx, n_cnt = kv_idx.shape[0], kv_cnt.shape[0]
+  return [
+      pl.BlockSpec((None, None) + kv_idx.shape[2:], lambda p, u, b: (_pick(n_idx, b), u, 0, 0)),
+      pl.BlockSpec((None, None) + kv_cnt.shape[2:], lambda p, u, b: (_pick(n_cnt, b), u, 0)),
+  ]
+
+
+def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret,
+            config: KernelConfig | None = None):
+  """out [B, Tq, Hq, Dv] (q's dtype), lse [B, Hq, Tq] float32 (natural log; -inf for empty rows)."""
+  cfg = config or default_configs(q, k, v, layout)["fwd"]
+  b, tq, hq, _ = q.shape
+  g = _geometry(q, k, v, layout, cfg.rows, sm_scale, causal, q_seg is not None)
+  nq = layout.kv_indices.shape[2]
+  grid = (nq * g.tiles_per_unit, g.hl, b)
+  aux = _aux_inputs(q_pos, kv_pos, q_seg, kv_seg)
+  ins = [layout.kv_indices, layout.kv_counts, *aux, _flat(q), _flat(k), _flat(v)]
+  specs = _query_major_specs(layout) + [_whole(x, 2) for x in ins[2:]]
+  out_shape = [jax.ShapeDtypeStruct((b, tq * hq, v.shape[-1]), q.dtype),
+               jax.ShapeDtypeStruct((b, hq, tq), jnp.float32)]
+  out, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, g=g), grid=grid, in_specs=specs,
+      out_specs=[_whole(o, 2) for o in out_shape], out_shape=out_shape,
+      compiler_params=_compiler_params(cfg), interpret=interpret, name="block_sparse_fwd",
+  )(*ins)
+  return out.reshape(b, tq, hq, v.shape[-1]), lse
+
+
+def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale,
+             causal, interpret, configs: dict[str, KernelConfig] | None = None):
+  """(dq, dk, dv) in the dtypes of (q, k, v). `delta [B, Hq, Tq]` = rowsum(dO * O) - dlse."""
+  del out  # the probabilities are recomputed from lse; delta already carries rowsum(dO * O)
+  cfgs = dict(default_configs(q, k, v, layout), **(configs or {}))
+  b, tq, hq, dqk = q.shape
+  tk, hkv = k.shape[1], k.shape[2]
+  has_seg = q_seg is not None
+  aux = _aux_inputs(q_pos, kv_pos, q_seg, kv_seg)
+  acts = [_flat(q), _flat(k), _flat(v), _flat(d_out.astype(q.dtype)),
+          lse.astype(jnp.float32), delta.astype(jnp.float32)]
+
+  g = _geometry(q, k, v, layout, cfgs["dq"].rows, sm_scale, causal, has_seg)
+  nq = layout.kv_indices.shape[2]
+  ins = [layout.kv_indices, layout.kv_counts, *aux, *acts]
+  dq_shape = jax.ShapeDtypeStruct((b, tq * hq, dqk), q.dtype)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, g=g), grid=(nq * g.tiles_per_unit, g.hl, b),
+      in_specs=_query_major_specs(layout) + [_whole(x, 2) for x in ins[2:]],
+      out_specs=_whole(dq_shape, 2), out_shape=dq_shape,
+      compiler_params=_compiler_params(cfgs["dq"]), interpret=interpret, name="block_sparse_dq",
+  )(*ins)
+
+  g = _geometry(q, k, v, layout, cfgs["dkv"].rows, sm_scale, causal, has_seg)
+  nk = layout.num_kv_blocks
+  ins = [layout.q_indices, layout.kv_offsets, *aux, *acts]
+  out_shape = [jax.ShapeDtypeStruct((b, tk * hkv, dqk), k.dtype),
+               jax.ShapeDtypeStruct((b, tk * hkv, v.shape[-1]), v.dtype)]
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, g=g), grid=(nk, hkv, b),
+      in_specs=[_whole(x, 2) for x in ins], out_specs=[_whole(o, 2) for o in out_shape],
+      out_shape=out_shape, compiler_params=_compiler_params(cfgs["dkv"]), interpret=interpret,
+      name="block_sparse_dkv",
+  )(*ins)
+  return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels import block_sparse_attention
-from sparsejax.parallel.ring import RingSpec, _block_ranges, _check_local_shapes, step_layout
+from sparsejax.parallel.ring import RingSpec, block_ranges, check_local_shapes, step_layout
 
 
 def allgather_attention(q, k, v, q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None,
@@ -25,10 +25,10 @@ def allgather_attention(q, k, v, q_positions, kv_positions, q_segment_ids=None, 
     """
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids must both be given or both be None")
-    _check_local_shapes(q, k, spec)
+    check_local_shapes(q, k, spec)
     gather = lambda x: None if x is None else jax.lax.all_gather(x, spec.axis, axis=1, tiled=True)
     k_all, v_all, kv_pos, kv_seg = gather(k), gather(v), gather(kv_positions), gather(kv_segment_ids)
-    layout = step_layout(_block_ranges(q_positions, q_segment_ids, spec.block_q), kv_pos, kv_seg, kv_blocks, 0,
+    layout = step_layout(block_ranges(q_positions, q_segment_ids, spec.block_q), kv_pos, kv_seg, kv_blocks, 0,
                          spec=spec, num_kv_heads=k.shape[2])
     return block_sparse_attention(
         q, k_all, v_all, layout, sm_scale=spec.sm_scale, causal=spec.causal, q_positions=q_positions,

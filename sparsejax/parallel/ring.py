@@ -82,7 +82,7 @@ def make_spec(*, axis: str, num_shards: int, inner: int | None, block_q: int, bl
 
 
 # ------------------------------------------------------------------------------------ per-step layouts
-def _block_ranges(pos, seg, block):
+def block_ranges(pos, seg, block):
     """Per block of `block` tokens: (min pos, max pos, min seg, max seg), each [B, n_blocks]."""
     b, t = pos.shape
     pos = pos.reshape(b, t // block, block)
@@ -93,14 +93,14 @@ def _block_ranges(pos, seg, block):
 def step_layout(q_ranges, kv_pos, kv_seg, kv_blocks, shard, *, spec: RingSpec, num_kv_heads: int) -> BlockLayout:
     """The layout of local queries against the K/V of global shard `shard` (traced int32).
 
-    q_ranges: `_block_ranges` of the local queries; kv_pos / kv_seg [B, Tk_local] of the visiting shard.
+    q_ranges: `block_ranges` of the local queries; kv_pos / kv_seg [B, Tk_local] of the visiting shard.
     kv_blocks: None (dense: every block whose position / segment ranges can hold a visible key) or
     (kv_indices [B, Hl, nq, K], kv_counts [B, Hl, nq]) in global block coordinates.
     """
     nk = kv_pos.shape[1] // spec.block_k
     if kv_blocks is None:
         q_lo, q_hi, qs_lo, qs_hi = q_ranges
-        k_lo, _, ks_lo, ks_hi = _block_ranges(kv_pos, kv_seg, spec.block_k)
+        k_lo, _, ks_lo, ks_hi = block_ranges(kv_pos, kv_seg, spec.block_k)
         mask = (ks_lo[:, None, :] <= qs_hi[:, :, None]) & (qs_lo[:, :, None] <= ks_hi[:, None, :])
         if spec.causal:
             mask &= k_lo[:, None, :] <= q_hi[:, :, None]
@@ -146,7 +146,7 @@ def _forward(spec: RingSpec, q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_blocks):
     impl = kernel_api.get_implementation(spec.implementation)
     b, tq, hq, _ = q.shape
     hkv, dv = k.shape[2], v.shape[3]
-    q_ranges = _block_ranges(q_pos, q_seg, spec.block_q)
+    q_ranges = block_ranges(q_pos, q_seg, spec.block_q)
     visiting = _schedule(spec)
     static = dict(sm_scale=spec.sm_scale, causal=spec.causal, interpret=spec.interpret)
 
@@ -184,7 +184,7 @@ def _backward(spec: RingSpec, residuals, cotangents):
     d_out, d_lse = cotangents
     impl = kernel_api.get_implementation(spec.implementation)
     hkv = k.shape[2]
-    q_ranges = _block_ranges(q_pos, q_seg, spec.block_q)
+    q_ranges = block_ranges(q_pos, q_seg, spec.block_q)
     visiting = _schedule(spec)
     static = dict(sm_scale=spec.sm_scale, causal=spec.causal, interpret=spec.interpret)
     row_dot = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32),
@@ -254,11 +254,11 @@ def ring_attention(q, k, v, q_positions, kv_positions, q_segment_ids=None, kv_se
     """
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids must both be given or both be None")
-    _check_local_shapes(q, k, spec)
+    check_local_shapes(q, k, spec)
     return _ring_fn(spec)(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, kv_blocks)
 
 
-def _check_local_shapes(q, k, spec: RingSpec) -> None:
+def check_local_shapes(q, k, spec: RingSpec) -> None:
     for name, t, blk in (("queries", q.shape[1], spec.block_q), ("keys", k.shape[1], spec.block_k)):
         if t % blk:
             raise ValueError(f"each sequence shard holds {t} {name}, not a multiple of the block size {blk}")
@@ -270,7 +270,7 @@ def ring_block_counts(q_positions, kv_positions, q_segment_ids=None, kv_segment_
 
     Call inside `shard_map` (out_specs `P(spec.axis)` gives the [devices, steps] balance report); uses
     the same per-step layouts as `ring_attention` (positions are gathered, not rotated: a report only)."""
-    q_ranges = _block_ranges(q_positions, q_segment_ids, spec.block_q)
+    q_ranges = block_ranges(q_positions, q_segment_ids, spec.block_q)
     all_pos = jax.lax.all_gather(kv_positions, spec.axis, axis=0)          # [n, B, Tl]
     all_seg = None if kv_segment_ids is None else jax.lax.all_gather(kv_segment_ids, spec.axis, axis=0)
     visiting = _schedule(spec)

@@ -142,6 +142,13 @@ class DenseAttention(nnx.Module):
         self.qkv = QKVProjection(config, rngs=rngs)
         self.out = OutputProjection(config, rngs=rngs)
 
+    @staticmethod
+    def attention_flops(config, seq_len: int) -> float:
+        """Forward FLOPs of one layer's attention over one sequence of `seq_len` tokens: the causal
+        half of the T x T work (read by `sparsejax.training.metrics` for tokens/s -> MFU)."""
+        from sparsejax.training.metrics import dense_causal_attention_flops
+        return dense_causal_attention_flops(config, seq_len)
+
     def __call__(self, x, positions, segment_ids):
         q, k, v = self.qkv(x, positions)
         # The whole sequence is visible to every query: gather it if activations are sequence-sharded.

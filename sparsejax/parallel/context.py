@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from sparsejax.parallel import balance as balance_lib
 from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel.allgather import allgather_attention
-from sparsejax.parallel.ring import block_ranges, make_spec, ring_attention, ring_block_counts, step_layout
+from sparsejax.parallel.ring import block_ranges, make_spec, ring_attention, ring_block_counts, step_block_count
 
 SCHEMES = ("ring", "allgather", "hierarchical_ring")
 IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu", "pallas_tpu", "reference")
@@ -214,9 +214,8 @@ class ContextParallel:
         def local(pos, seg, kv_blocks):
             if self.scheme == "allgather":
                 gathered = [jax.lax.all_gather(x, "sequence", axis=1, tiled=True) for x in (pos, seg)]
-                layout = step_layout(block_ranges(pos, seg, spec.block_q), gathered[0], gathered[1], kv_blocks,
-                                     0, spec=spec, num_kv_heads=num_kv_heads)
-                counts = layout.kv_counts.sum()[None, None].astype(np.int32)
+                counts = step_block_count(block_ranges(pos, seg, spec.block_q), gathered[0], gathered[1],
+                                          kv_blocks, 0, spec=spec, num_kv_heads=num_kv_heads)[None, None]
             else:
                 counts = ring_block_counts(pos, pos, seg, seg, kv_blocks, spec=spec, num_kv_heads=num_kv_heads)
             return jax.lax.psum(counts, axes) if axes else counts

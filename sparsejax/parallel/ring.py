@@ -90,13 +90,8 @@ def block_ranges(pos, seg, block):
     return pos.min(-1), pos.max(-1), seg.min(-1), seg.max(-1)
 
 
-def step_layout(q_ranges, kv_pos, kv_seg, kv_blocks, shard, *, spec: RingSpec, num_kv_heads: int) -> BlockLayout:
-    """The layout of local queries against the K/V of global shard `shard` (traced int32).
-
-    q_ranges: `block_ranges` of the local queries; kv_pos / kv_seg [B, Tk_local] of the visiting shard.
-    kv_blocks: None (dense: every block whose position / segment ranges can hold a visible key) or
-    (kv_indices [B, Hl, nq, K], kv_counts [B, Hl, nq]) in global block coordinates.
-    """
+def _step_selection(q_ranges, kv_pos, kv_seg, kv_blocks, shard, *, spec: RingSpec, num_kv_heads: int):
+    """What `step_layout` builds from: ("mask", bool [B, Hkv, nq, nk]) or ("lists", (keys, counts))."""
     nk = kv_pos.shape[1] // spec.block_k
     if kv_blocks is None:
         q_lo, q_hi, qs_lo, qs_hi = q_ranges
@@ -104,15 +99,33 @@ def step_layout(q_ranges, kv_pos, kv_seg, kv_blocks, shard, *, spec: RingSpec, n
         mask = (ks_lo[:, None, :] <= qs_hi[:, :, None]) & (qs_lo[:, :, None] <= ks_hi[:, None, :])
         if spec.causal:
             mask &= k_lo[:, None, :] <= q_hi[:, :, None]
-        mask = jnp.broadcast_to(mask[:, None], (mask.shape[0], num_kv_heads) + mask.shape[1:])
-        return BlockLayout.from_block_mask(mask, block_q=spec.block_q, block_k=spec.block_k)
+        return "mask", jnp.broadcast_to(mask[:, None], (mask.shape[0], num_kv_heads) + mask.shape[1:])
     indices, counts = kv_blocks
     cap = indices.shape[-1]
     local = indices - shard * nk
     keep = (jnp.arange(cap) < counts[..., None]) & (local >= 0) & (local < nk)
     keys = jnp.sort(jnp.where(keep, local, nk), axis=-1)[..., :min(cap, nk)]
-    return BlockLayout.from_indices(keys, keep.sum(-1, dtype=jnp.int32), block_q=spec.block_q,
-                                    block_k=spec.block_k, num_kv_blocks=nk)
+    return "lists", (keys, keep.sum(-1, dtype=jnp.int32))
+
+
+def step_layout(q_ranges, kv_pos, kv_seg, kv_blocks, shard, *, spec: RingSpec, num_kv_heads: int) -> BlockLayout:
+    """The layout of local queries against the K/V of global shard `shard` (traced int32).
+
+    q_ranges: `block_ranges` of the local queries; kv_pos / kv_seg [B, Tk_local] of the visiting shard.
+    kv_blocks: None (dense: every block whose position / segment ranges can hold a visible key) or
+    (kv_indices [B, Hl, nq, K], kv_counts [B, Hl, nq]) in global block coordinates.
+    """
+    kind, sel = _step_selection(q_ranges, kv_pos, kv_seg, kv_blocks, shard, spec=spec, num_kv_heads=num_kv_heads)
+    if kind == "mask":
+        return BlockLayout.from_block_mask(sel, block_q=spec.block_q, block_k=spec.block_k)
+    return BlockLayout.from_indices(*sel, block_q=spec.block_q, block_k=spec.block_k,
+                                    num_kv_blocks=kv_pos.shape[1] // spec.block_k)
+
+
+def step_block_count(q_ranges, kv_pos, kv_seg, kv_blocks, shard, *, spec: RingSpec, num_kv_heads: int):
+    """Number of (query unit, head unit, KV block) triples `step_layout` lists (int32 scalar)."""
+    kind, sel = _step_selection(q_ranges, kv_pos, kv_seg, kv_blocks, shard, spec=spec, num_kv_heads=num_kv_heads)
+    return (sel.sum() if kind == "mask" else sel[1].sum()).astype(jnp.int32)
 
 
 def _schedule(spec: RingSpec):
@@ -279,6 +292,6 @@ def ring_block_counts(q_positions, kv_positions, q_segment_ids=None, kv_segment_
         for j in range(spec.inner):
             s = visiting(o, j)
             seg = None if all_seg is None else all_seg[s]
-            layout = step_layout(q_ranges, all_pos[s], seg, kv_blocks, s, spec=spec, num_kv_heads=num_kv_heads)
-            counts.append(layout.kv_counts.sum())
+            counts.append(step_block_count(q_ranges, all_pos[s], seg, kv_blocks, s, spec=spec,
+                                           num_kv_heads=num_kv_heads))
     return jnp.stack(counts)[None].astype(jnp.int32)

@@ -1,0 +1,393 @@
+"""Speed of the `pallas_gpu` block-sparse attention kernels on a GPU, with cuDNN and tokamax timed in
+the same run. Prints a table per section and writes every number to a JSON file.
+
+Sections (select with --sections, default all):
+  check  correctness at a moderate size: pallas_gpu against `xla` and `reference` for out, lse, dq,
+         dk, dv (relative Frobenius error), bf16 and f32, dense, sparse, segments, NSA shapes.
+  a      dense causal layout, bf16, B=1, H=16, D=128, L in --dense-lengths: forward and
+         forward+backward TFLOP/s (FLOPs 4*B*H*L^2*D/2 forward, 3.5x that for forward+backward),
+         against cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) and tokamax
+         (`mosaic` and `triton`, where it imports).
+  b      time against block density (1, .5, .25, .1, .05; random causal 64-blocks per head with the
+         diagonal kept) at --density-lengths, relative to the dense causal layout.
+  c      NSA-shaped selection: 64 query heads, 4 KV heads, D=128, KV block 64, 16 blocks per token
+         (block 0 and the token's own block always, the rest random causal), T in --nsa-lengths.
+  tune   launch-parameter sweep of the three kernels at the dense 32k shape.
+  tune_nsa  the same at the NSA shape (--tune-nsa-length).
+
+  python benchmarks/kernels.py --out $OUT/kernels.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import BlockLayout, block_sparse_attention
+from pallas_kernels.block_sparse import pallas_gpu
+
+RESULTS: dict = {}
+INTERPRET = False  # --interpret: run the Pallas kernels in interpret mode (a CPU smoke test of this script)
+
+
+# ------------------------------------------------------------------------------------------ timing
+def bench(fn, *args, reps=10, warmup=2, max_s=20.0):
+  """Median wall time (ms) of `fn(*args)` (jitted), synchronised after every call."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times, start = [], time.perf_counter()
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - t) * 1e3)
+    if time.perf_counter() - start > max_s:
+      break
+  return statistics.median(times)
+
+
+def guarded(name, fn):
+  """Run fn(); record and print an error instead of aborting the whole run."""
+  try:
+    return fn()
+  except Exception as e:  # noqa: BLE001 - a benchmark row that fails is reported, not fatal
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    print(f"  [{name}] FAILED: {msg}")
+    RESULTS.setdefault("errors", {})[name] = msg + "\n" + traceback.format_exc()[-2000:]
+    return None
+
+
+def randn(key, shape, dtype):
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def qkv(seed, b, t, hq, hkv, dqk, dv, dtype=jnp.bfloat16):
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+  return (randn(k1, (b, t, hq, dqk), dtype), randn(k2, (b, t, hkv, dqk), dtype),
+          randn(k3, (b, t, hkv, dv), dtype), randn(k4, (b, t, hq, dv), dtype))
+
+
+# ------------------------------------------------------------------------------------ attention fns
+def sparse_fns(layout, impl="pallas_gpu", configs=None):
+  """(forward, forward+backward) jitted functions of (q, k, v, do) for a block layout."""
+  def attend(q, k, v):
+    return block_sparse_attention(q, k, v, layout, implementation=impl, interpret=INTERPRET)
+
+  if configs is not None:
+    def attend(q, k, v):  # noqa: F811 - direct kernel call with explicit launch parameters
+      return _direct(q, k, v, layout, configs)
+
+  fwd = jax.jit(lambda q, k, v, do: attend(q, k, v)[0])
+
+  def loss(q, k, v, do):
+    out, _ = attend(q, k, v)
+    return jnp.vdot(out.astype(jnp.float32), do.astype(jnp.float32))
+
+  fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return fwd, fwd_bwd
+
+
+def _direct(q, k, v, layout, configs):
+  """pallas_gpu with explicit KernelConfigs, differentiable (same algebra as api.py)."""
+  tq, tk = q.shape[1], k.shape[1]
+  q_pos = jnp.broadcast_to(tk - tq + jnp.arange(tq, dtype=jnp.int32), (q.shape[0], tq))
+  kv_pos = jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (k.shape[0], tk))
+  scale = q.shape[-1] ** -0.5
+
+  @jax.custom_vjp
+  def f(q, k, v):
+    return pallas_gpu.forward(q, k, v, layout, q_pos, kv_pos, None, None, sm_scale=scale,
+                              causal=True, interpret=INTERPRET, config=configs["fwd"])
+
+  def f_fwd(q, k, v):
+    out, lse = f(q, k, v)
+    return (out, lse), (q, k, v, out, lse)
+
+  def f_bwd(res, cot):
+    q, k, v, out, lse = res
+    d_out, d_lse = cot
+    delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    delta = jnp.where(jnp.isneginf(lse), 0.0, delta - d_lse)
+    return pallas_gpu.backward(q, k, v, out, lse, delta, d_out.astype(q.dtype), layout, q_pos, kv_pos,
+                               None, None, sm_scale=scale, causal=True, interpret=INTERPRET,
+                               configs=configs)
+
+  f.defvjp(f_fwd, f_bwd)
+  return f(q, k, v)
+
+
+def dense_fns(kind):
+  """cuDNN / tokamax dense causal attention as (forward, forward+backward) of (q, k, v, do)."""
+  if kind == "cudnn":
+    attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
+                                                          implementation="cudnn")
+  else:
+    import tokamax  # noqa: PLC0415 - optional, only on the GPU machine
+    impl = kind.split(":")[1]
+    attend = lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
+                                                           implementation=impl)
+  fwd = jax.jit(lambda q, k, v, do: attend(q, k, v))
+  fwd_bwd = jax.jit(jax.grad(lambda q, k, v, do: jnp.vdot(attend(q, k, v).astype(jnp.float32),
+                                                          do.astype(jnp.float32)), argnums=(0, 1, 2)))
+  return fwd, fwd_bwd
+
+
+def dense_flops(b, h, l, d):
+  return 4 * b * h * l * l * d / 2
+
+
+# ------------------------------------------------------------------------------------------ layouts
+def random_causal_layout(seed, l, h, block, density):
+  """Per-head random causal 64-blocks kept with probability `density`, the diagonal always kept."""
+  n = l // block
+  i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+  keep = jax.random.uniform(jax.random.key(seed), (1, h, n, n)) < density
+  mask = ((keep & (j < i)) | (j == i)) & (j <= i)
+  cap = int(jnp.max(mask.sum(-1)))
+  return BlockLayout.from_block_mask(mask, block_q=block, block_k=block, max_kv_blocks=cap)
+
+
+def nsa_layout(seed, t, hkv, block_k=64, top=16):
+  """Per token and KV head: block 0, the token's own block and random other causal blocks, `top` in
+  all (fewer where fewer are causal)."""
+  nk = t // block_k
+  own = (jnp.arange(t) // block_k)[:, None]
+  blocks = jnp.arange(nk)[None, :]
+  scores = jax.random.uniform(jax.random.key(seed), (1, hkv, t, nk), jnp.float32)
+  scores = jnp.where((blocks == 0) | (blocks == own), 2.0, scores)
+  scores = jnp.where(blocks <= own, scores, -jnp.inf)
+  return BlockLayout.top_k(scores, min(top, nk), block_q=1, block_k=block_k)
+
+
+# ----------------------------------------------------------------------------------------- sections
+def section_check(args):
+  print("\n== check: pallas_gpu vs xla and reference (relative Frobenius error) ==")
+  t = args.check_length
+  t_pad = -(-t // 64) * 64
+  cases = [
+      ("dense causal bf16 128/64", dict(t=t, hq=4, hkv=4, dqk=128, dv=128, dtype=jnp.bfloat16),
+       lambda: BlockLayout.causal(t, t, block_q=128, block_k=64, num_head_units=4)),
+      ("random 64-blocks per head f32 GQA2 ragged", dict(t=t - 24, hq=4, hkv=2, dqk=64, dv=64,
+                                                          dtype=jnp.float32),
+       lambda: random_causal_layout(1, t_pad, 4, 64, 0.3)),
+      ("NSA 1-token units G16 192/128 bf16", dict(t=t // 2, hq=32, hkv=2, dqk=192, dv=128,
+                                                   dtype=jnp.bfloat16),
+       lambda: nsa_layout(2, t // 2, 2)),
+  ]
+  out = {}
+  for name, sh, make_layout in cases:
+    def run(name=name, sh=sh, make_layout=make_layout):
+      layout = make_layout()
+      q, k, v, do = qkv(0, 1, sh["t"], sh["hq"], sh["hkv"], sh["dqk"], sh["dv"], sh["dtype"])
+      dlse = jax.random.normal(jax.random.key(9), (1, sh["hq"], sh["t"]))
+      res = {}
+      for impl in ("pallas_gpu", "xla", "reference"):
+        def f(q, k, v, impl=impl):
+          return block_sparse_attention(q, k, v, layout, implementation=impl,
+                                        interpret=INTERPRET and impl == "pallas_gpu")
+        (o, lse), vjp = jax.vjp(f, q, k, v)
+        grads = vjp((do, jnp.where(jnp.isneginf(lse), 0.0, dlse)))
+        res[impl] = [np.asarray(x, np.float32) for x in (o, jnp.where(jnp.isneginf(lse), 0, lse), *grads)]
+      row = {}
+      for other in ("xla", "reference"):
+        row[other] = {n: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+                      for n, a, b in zip(("out", "lse", "dq", "dk", "dv"), res["pallas_gpu"], res[other])}
+      row["nan"] = bool(any(np.isnan(a).any() for a in res["pallas_gpu"]))
+      print(f"  {name:40s} vs reference: " +
+            " ".join(f"{n}={e:.1e}" for n, e in row["reference"].items()) + f"  NaN={row['nan']}")
+      return row
+    out[name] = guarded(f"check/{name}", run)
+  RESULTS["check"] = out
+
+
+def section_dense(args):
+  print("\n== a: dense causal, bf16, B=1, H=16, D=128 (TFLOP/s) ==")
+  rows = []
+  for l in args.dense_lengths:
+    q, k, v, do = qkv(l, 1, l, 16, 16, 128, 128)
+    flops = dense_flops(1, 16, l, 128)
+    entries = {"pallas_gpu": lambda: sparse_fns(
+        BlockLayout.causal(l, l, block_q=args.block_q, block_k=args.block_k, num_head_units=16))}
+    entries["cudnn"] = lambda: dense_fns("cudnn")
+    if not args.no_tokamax:
+      entries["tokamax:mosaic"] = lambda: dense_fns("tokamax:mosaic")
+      entries["tokamax:triton"] = lambda: dense_fns("tokamax:triton")
+    for name, make in entries.items():
+      def run(make=make):
+        fwd, fwd_bwd = make()
+        reps = 10 if l <= 32768 else 4
+        t_f = bench(fwd, q, k, v, do, reps=reps)
+        t_fb = bench(fwd_bwd, q, k, v, do, reps=reps)
+        return dict(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=flops / t_f / 1e9,
+                    fwd_bwd_tflops=3.5 * flops / t_fb / 1e9)
+      r = guarded(f"a/{name}/{l}", run)
+      if r:
+        rows.append(dict(impl=name, L=l, **r))
+        print(f"  {name:16s} L={l:6d}  fwd {r['fwd_ms']:8.2f} ms {r['fwd_tflops']:6.0f} TF/s   "
+              f"fwd+bwd {r['fwd_bwd_ms']:8.2f} ms {r['fwd_bwd_tflops']:6.0f} TF/s", flush=True)
+  RESULTS["dense"] = dict(block_q=args.block_q, block_k=args.block_k, rows=rows)
+
+
+def section_density(args):
+  print("\n== b: time vs block density (per-head random causal 64x64 blocks, diagonal kept) ==")
+  rows = []
+  for l in args.density_lengths:
+    q, k, v, do = qkv(l + 1, 1, l, 16, 16, 128, 128)
+    base = None
+    for dens in (1.0, 0.5, 0.25, 0.1, 0.05):
+      def run(dens=dens):
+        layout = random_causal_layout(3, l, 16, 64, dens)
+        visited = float(layout.kv_counts.sum()) / (16 * (l // 64) * (l // 64 + 1) / 2)
+        fwd, fwd_bwd = sparse_fns(layout)
+        reps = 10 if l <= 32768 else 5
+        return dict(fwd_ms=bench(fwd, q, k, v, do, reps=reps),
+                    fwd_bwd_ms=bench(fwd_bwd, q, k, v, do, reps=reps), causal_fraction=visited)
+      r = guarded(f"b/{l}/{dens}", run)
+      if r is None:
+        continue
+      if dens == 1.0:
+        base = r
+      if base:
+        r["fwd_rel"] = r["fwd_ms"] / base["fwd_ms"]
+        r["fwd_bwd_rel"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+      rows.append(dict(L=l, density=dens, **r))
+      print(f"  L={l:6d} density {dens:4.2f} (kept {r['causal_fraction']:.3f} of causal blocks)  "
+            f"fwd {r['fwd_ms']:8.2f} ms ({r.get('fwd_rel', float('nan')):.3f})  "
+            f"fwd+bwd {r['fwd_bwd_ms']:8.2f} ms ({r.get('fwd_bwd_rel', float('nan')):.3f})", flush=True)
+  RESULTS["density"] = rows
+
+
+def section_nsa(args):
+  print("\n== c: NSA selection, 64 q heads, 4 KV heads, D=128, block_k 64, top-16 per token ==")
+  rows = []
+  for t in args.nsa_lengths:
+    q, k, v, do = qkv(t + 2, 1, t, 64, 4, 128, 128)
+    def run(t=t):
+      layout = nsa_layout(4, t, 4)
+      fwd, fwd_bwd = sparse_fns(layout)
+      visited = float(layout.kv_counts.sum())
+      flops = 4 * visited * 16 * 64 * 128        # useful work: kept blocks x 16 heads x 64 keys
+      t_f, t_fb = bench(fwd, q, k, v, do), bench(fwd_bwd, q, k, v, do)
+      return dict(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=flops / t_f / 1e9,
+                  fwd_bwd_tflops=3.5 * flops / t_fb / 1e9, blocks_per_token=visited / (4 * t))
+    r = guarded(f"c/{t}", run)
+    if r:
+      rows.append(dict(T=t, **r))
+      print(f"  T={t:6d}  fwd {r['fwd_ms']:8.2f} ms ({r['fwd_tflops']:.0f} TF/s useful)   "
+            f"fwd+bwd {r['fwd_bwd_ms']:8.2f} ms ({r['fwd_bwd_tflops']:.0f} TF/s)  "
+            f"blocks/token {r['blocks_per_token']:.2f}", flush=True)
+  RESULTS["nsa"] = rows
+
+
+def section_tune(args):
+  print("\n== tune: launch parameters at dense causal L=%d ==" % args.tune_length)
+  l = args.tune_length
+  q, k, v, do = qkv(5, 1, l, 16, 16, 128, 128)
+  flops = dense_flops(1, 16, l, 128)
+  C = pallas_gpu.KernelConfig
+  rows = []
+  for bq, bk in ((128, 64), (128, 128), (64, 64)):
+    layout = BlockLayout.causal(l, l, block_q=bq, block_k=bk, num_head_units=16)
+    base = pallas_gpu.default_configs(q, k, v, layout)
+    for rows_, warps, stages in ((bq, 4, 2), (bq, 4, 3), (bq, 8, 2), (bq, 8, 3), (64, 4, 3)):
+      cfg = dict(base, fwd=C(rows_, warps, stages))
+      def run(cfg=cfg, layout=layout):
+        fwd, _ = sparse_fns(layout, configs=cfg)
+        return bench(fwd, q, k, v, do, reps=5)
+      t = guarded(f"tune/fwd/{bq}/{bk}/{rows_}/{warps}/{stages}", run)
+      if t:
+        rows.append(dict(kernel="fwd", block_q=bq, block_k=bk, rows=rows_, warps=warps,
+                         stages=stages, ms=t, tflops=flops / t / 1e9))
+        print(f"  fwd bq={bq} bk={bk} rows={rows_} warps={warps} stages={stages}: {t:.2f} ms "
+              f"{flops / t / 1e9:.0f} TF/s", flush=True)
+    for dq, dkv in ((C(64, 4, 2), C(64, 4, 2)), (C(128, 8, 2), C(64, 4, 2)), (C(64, 4, 3), C(32, 4, 2)),
+                    (C(64, 4, 2), C(128, 8, 2)), (C(64, 4, 2), C(64, 8, 3))):
+      cfg = dict(base, dq=dq, dkv=dkv)
+      def run(cfg=cfg, layout=layout):
+        _, fb = sparse_fns(layout, configs=cfg)
+        return bench(fb, q, k, v, do, reps=5)
+      t = guarded(f"tune/bwd/{bq}/{bk}/{dq}/{dkv}", run)
+      if t:
+        rows.append(dict(kernel="fwd+bwd", block_q=bq, block_k=bk, dq=dataclasses.asdict(dq),
+                         dkv=dataclasses.asdict(dkv), ms=t, tflops=3.5 * flops / t / 1e9))
+        print(f"  fwd+bwd bq={bq} bk={bk} dq={dq} dkv={dkv}: {t:.2f} ms "
+              f"{3.5 * flops / t / 1e9:.0f} TF/s", flush=True)
+  RESULTS["tune"] = rows
+
+
+def section_tune_nsa(args):
+  t = args.tune_nsa_length
+  print(f"\n== tune_nsa: launch parameters at the NSA shape T={t} ==")
+  q, k, v, do = qkv(6, 1, t, 64, 4, 128, 128)
+  layout = nsa_layout(4, t, 4)
+  C = pallas_gpu.KernelConfig
+  base = pallas_gpu.default_configs(q, k, v, layout)
+  rows = []
+  variants = [dict(fwd=C(16, w, s)) for w in (2, 4) for s in (2, 3, 4)]
+  variants += [dict(dq=C(16, w, s)) for w, s in ((2, 2), (4, 3))]
+  variants += [dict(dkv=C(r, w, s)) for r, w, s in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2),
+                                                    (32, 4, 2))]
+  for var in variants:
+    cfg = dict(base, **var)
+    def run(cfg=cfg, var=var):
+      fwd, fb = sparse_fns(layout, configs=cfg)
+      return bench(fwd, q, k, v, do, reps=5) if "fwd" in var else bench(fb, q, k, v, do, reps=5)
+    ms = guarded(f"tune_nsa/{var}", run)
+    if ms:
+      what = "fwd" if "fwd" in var else "fwd+bwd"
+      rows.append(dict(measure=what, **{n: dataclasses.asdict(c) for n, c in var.items()}, ms=ms))
+      print(f"  {what:8s} {var}: {ms:.2f} ms", flush=True)
+  RESULTS["tune_nsa"] = dict(base={n: dataclasses.asdict(c) for n, c in base.items()}, rows=rows)
+
+
+SECTIONS = {"check": section_check, "a": section_dense, "b": section_density, "c": section_nsa,
+            "tune": section_tune, "tune_nsa": section_tune_nsa}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--sections", default="check,a,b,c", help=f"comma list of {list(SECTIONS)}")
+  p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernels.json"))
+  p.add_argument("--dense-lengths", type=lambda s: [int(x) for x in s.split(",")],
+                 default=[8192, 32768, 131072])
+  p.add_argument("--density-lengths", type=lambda s: [int(x) for x in s.split(",")],
+                 default=[32768, 131072])
+  p.add_argument("--nsa-lengths", type=lambda s: [int(x) for x in s.split(",")],
+                 default=[8192, 16384, 65536])
+  p.add_argument("--tune-length", type=int, default=32768)
+  p.add_argument("--check-length", type=int, default=2048)
+  p.add_argument("--tune-nsa-length", type=int, default=16384)
+  p.add_argument("--block-q", type=int, default=128)
+  p.add_argument("--block-k", type=int, default=64)
+  p.add_argument("--no-tokamax", action="store_true")
+  p.add_argument("--interpret", action="store_true", help="CPU smoke test of the script (tiny sizes)")
+  args = p.parse_args()
+  global INTERPRET
+  INTERPRET = args.interpret
+  dev = jax.devices()[0]
+  RESULTS["meta"] = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                         python=platform.python_version(), date=datetime.datetime.now(
+                             datetime.timezone.utc).isoformat(timespec="seconds"),
+                         argv=" ".join(sys.argv))
+  print(RESULTS["meta"])
+  for name in args.sections.split(","):
+    t = time.perf_counter()
+    SECTIONS[name](args)
+    print(f"  ({name}: {time.perf_counter() - t:.0f} s)", flush=True)
+    with open(args.out, "w") as f:
+      json.dump(RESULTS, f, indent=1)
+  print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

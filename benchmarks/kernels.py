@@ -296,31 +296,38 @@ def section_tune(args):
   flops = dense_flops(1, 16, l, 128)
   C = pallas_gpu.KernelConfig
   rows = []
-  for bq, bk in ((128, 64), (128, 128), (64, 64)):
+  fwd_variants = {(128, 64): [(128, 4, 2, False), (128, 4, 3, False), (128, 8, 2, False),
+                              (128, 8, 3, False), (128, 8, 2, True), (128, 4, 2, True),
+                              (64, 4, 3, False)],
+                   (128, 128): [(128, 8, 2, False), (128, 8, 3, False), (128, 8, 2, True)],
+                   (64, 64): [(64, 4, 2, False), (64, 4, 3, False), (64, 4, 2, True)]}
+  for (bq, bk), fvars in fwd_variants.items():
     layout = BlockLayout.causal(l, l, block_q=bq, block_k=bk, num_head_units=16)
     base = pallas_gpu.default_configs(q, k, v, layout)
-    for rows_, warps, stages in ((bq, 4, 2), (bq, 4, 3), (bq, 8, 2), (bq, 8, 3), (64, 4, 3)):
-      cfg = dict(base, fwd=C(rows_, warps, stages))
+    for var in fvars:
+      cfg = dict(base, fwd=C(*var))
       def run(cfg=cfg, layout=layout):
         fwd, _ = sparse_fns(layout, configs=cfg)
         return bench(fwd, q, k, v, do, reps=5)
-      t = guarded(f"tune/fwd/{bq}/{bk}/{rows_}/{warps}/{stages}", run)
+      t = guarded(f"tune/fwd/{bq}/{bk}/{var}", run)
       if t:
-        rows.append(dict(kernel="fwd", block_q=bq, block_k=bk, rows=rows_, warps=warps,
-                         stages=stages, ms=t, tflops=flops / t / 1e9))
-        print(f"  fwd bq={bq} bk={bk} rows={rows_} warps={warps} stages={stages}: {t:.2f} ms "
-              f"{flops / t / 1e9:.0f} TF/s", flush=True)
-    for dq, dkv in ((C(64, 4, 2), C(64, 4, 2)), (C(128, 8, 2), C(64, 4, 2)), (C(64, 4, 3), C(32, 4, 2)),
-                    (C(64, 4, 2), C(128, 8, 2)), (C(64, 4, 2), C(64, 8, 3))):
-      cfg = dict(base, dq=dq, dkv=dkv)
+        rows.append(dict(kernel="fwd", block_q=bq, block_k=bk, config=dataclasses.asdict(C(*var)),
+                         ms=t, tflops=flops / t / 1e9))
+        print(f"  fwd bq={bq} bk={bk} {C(*var)}: {t:.2f} ms {flops / t / 1e9:.0f} TF/s", flush=True)
+    skip = lambda c: dataclasses.replace(c, skip_full_masks=True)  # noqa: E731
+    bvars = [dict(), dict(dq=skip(base["dq"]), dkv=skip(base["dkv"])),
+             dict(dq=C(128, 8, 2)), dict(dkv=C(128, 8, 2)), dict(dq=C(64, 4, 3), dkv=C(64, 4, 3))]
+    for var in bvars:
+      cfg = dict(base, **var)
       def run(cfg=cfg, layout=layout):
         _, fb = sparse_fns(layout, configs=cfg)
         return bench(fb, q, k, v, do, reps=5)
-      t = guarded(f"tune/bwd/{bq}/{bk}/{dq}/{dkv}", run)
+      t = guarded(f"tune/bwd/{bq}/{bk}/{var}", run)
       if t:
-        rows.append(dict(kernel="fwd+bwd", block_q=bq, block_k=bk, dq=dataclasses.asdict(dq),
-                         dkv=dataclasses.asdict(dkv), ms=t, tflops=3.5 * flops / t / 1e9))
-        print(f"  fwd+bwd bq={bq} bk={bk} dq={dq} dkv={dkv}: {t:.2f} ms "
+        rows.append(dict(kernel="fwd+bwd", block_q=bq, block_k=bk,
+                         configs={n: dataclasses.asdict(c) for n, c in cfg.items()},
+                         ms=t, tflops=3.5 * flops / t / 1e9))
+        print(f"  fwd+bwd bq={bq} bk={bk} dq={cfg['dq']} dkv={cfg['dkv']}: {t:.2f} ms "
               f"{3.5 * flops / t / 1e9:.0f} TF/s", flush=True)
   RESULTS["tune"] = rows
 
@@ -334,6 +341,7 @@ def section_tune_nsa(args):
   base = pallas_gpu.default_configs(q, k, v, layout)
   rows = []
   variants = [dict(fwd=C(16, w, s)) for w in (2, 4) for s in (2, 3, 4)]
+  variants += [dict(fwd=C(16, 4, 2, True)), dict(dq=C(16, 4, 2, True), dkv=C(64, 4, 2, True))]
   variants += [dict(dq=C(16, w, s)) for w, s in ((2, 2), (4, 3))]
   variants += [dict(dkv=C(r, w, s)) for r, w, s in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2),
                                                     (32, 4, 2))]

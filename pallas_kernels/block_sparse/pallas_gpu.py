@@ -52,10 +52,13 @@ class KernelConfig:
 
   rows: rows per program tile (a power of two >= 16).
   num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+  skip_full_masks: compute the in-block mask only for blocks that need one (a block-level test on
+    the loaded positions; without segment ids); otherwise every block is masked element-wise.
   """
   rows: int
   num_warps: int
   num_stages: int
+  skip_full_masks: bool = False
 
   def __post_init__(self):
     if self.rows < _MIN_ROWS or self.rows & (self.rows - 1):
@@ -153,6 +156,22 @@ def _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, causal):
   return m
 
 
+def _min_valid(q_pos, q_valid):
+  return jnp.min(jnp.where(q_valid, q_pos, jnp.iinfo(jnp.int32).max))
+
+
+def _masked(g, x, fill, ok_fn, block, kv_pos, q_pos_min):
+  """where(ok_fn(), x, fill). With `g.skip_full_masks`, blocks whose keys all lie inside Tk and
+  before every valid row's position skip the element-wise mask (padding rows need none: their
+  outputs are not stored and their lse loads as -inf, which zeroes their probabilities)."""
+  if not g.skip_full_masks:
+    return jnp.where(ok_fn(), x, fill)
+  full = (block + 1) * g.block_k <= g.tk
+  if g.causal:
+    full = full & (jnp.max(kv_pos) <= q_pos_min)
+  return jax.lax.cond(full, lambda x: x, lambda x: jnp.where(ok_fn(), x, fill), x)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
   """Static sizes shared by the kernels."""
@@ -169,6 +188,7 @@ class _Geometry:
   causal: bool
   has_seg: bool
   scale_log2: float  # sm_scale * log2(e)
+  skip_full_masks: bool = False
 
   @property
   def r(self):  # query heads per head unit
@@ -215,6 +235,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geomet
   q = _load_rows(q_ref, q_rows, q_valid, g.dqk_chunks)
   q_pos = _load_vec(q_pos_ref, tok, q_valid, 0)
   q_seg = _load_vec(q_seg_ref, tok, q_valid, 0) if g.has_seg else None
+  q_pos_min = _min_valid(q_pos, q_valid)
 
   def body(n, carry):
     acc, m_prev, l_prev = carry
@@ -224,8 +245,9 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geomet
     kv_pos = _load_vec(kv_pos_ref, k_tok, k_valid, 0)
     kv_seg = _load_vec(kv_seg_ref, k_tok, k_valid, 0) if g.has_seg else None
     s = _dot_chunks(q, k, trans_b=True) * g.scale_log2                     # [M, bk] base-2 logits
-    ok = _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, g.causal)
-    s = jnp.where(ok, s, -jnp.inf)
+    s = _masked(g, s, -jnp.inf,
+                lambda: _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, g.causal),
+                block, kv_pos, q_pos_min)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)                      # all-masked rows so far
     p = jnp.exp2(s - m_safe[:, None])
@@ -268,6 +290,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometr
   q_seg = _load_vec(q_seg_ref, tok, q_valid, 0) if g.has_seg else None
   lse2 = _lse_base2(plgpu.load(lse_ref.at[head, tok], mask=q_valid, other=-jnp.inf))
   delta = plgpu.load(delta_ref.at[head, tok], mask=q_valid, other=0.0)
+  q_pos_min = _min_valid(q_pos, q_valid)
 
   def body(n, dq):
     block = kv_idx_ref[unit, n]
@@ -276,9 +299,10 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometr
     v = _load_rows(v_ref, k_rows, k_valid, g.dv_chunks)
     kv_pos = _load_vec(kv_pos_ref, k_tok, k_valid, 0)
     kv_seg = _load_vec(kv_seg_ref, k_tok, k_valid, 0) if g.has_seg else None
-    ok = _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, g.causal)
     s = _dot_chunks(q, k, trans_b=True) * g.scale_log2
-    p = jnp.where(ok, jnp.exp2(s - lse2[:, None]), 0.0)                    # [M, bk]
+    p = _masked(g, jnp.exp2(s - lse2[:, None]), 0.0,                       # [M, bk]
+                lambda: _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, g.causal),
+                block, kv_pos, q_pos_min)
     dp = _dot_chunks(do, v, trans_b=True)
     ds = (p * (dp - delta[:, None])).astype(k[0].dtype)
     return [a + plgpu.dot(ds, kc) for a, kc in zip(dq, k)]
@@ -337,9 +361,10 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometr
     q_seg = _load_vec(q_seg_ref, tok, q_valid, 0) if g.has_seg else None
     lse2 = _lse_base2(plgpu.load(lse_ref.at[head, tok], mask=q_valid, other=-jnp.inf))
     delta = plgpu.load(delta_ref.at[head, tok], mask=q_valid, other=0.0)
-    ok = _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, g.causal).T  # [bk, M]
     s_t = _dot_chunks(k, q, trans_b=True) * g.scale_log2                      # [bk, M]
-    p_t = jnp.where(ok, jnp.exp2(s_t - lse2[None, :]), 0.0)
+    p_t = _masked(g, jnp.exp2(s_t - lse2[None, :]), 0.0,
+                  lambda: _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, g.causal).T,
+                  block, kv_pos, _min_valid(q_pos, q_valid))
     dp_t = _dot_chunks(v, do, trans_b=True)
     ds_t = (p_t * (dp_t - delta[None, :])).astype(q[0].dtype)
     p_lo = p_t.astype(do[0].dtype)
@@ -372,12 +397,13 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometr
 # Wrappers: flattened views, block specs, launches
 
 
-def _geometry(q, k, v, layout, rows, sm_scale, causal, has_seg) -> _Geometry:
+def _geometry(q, k, v, layout, cfg: KernelConfig, sm_scale, causal, has_seg) -> _Geometry:
   return _Geometry(
       tq=q.shape[1], tk=k.shape[1], hq=q.shape[2], hkv=k.shape[2], hl=layout.kv_indices.shape[1],
-      block_q=layout.block_q, block_k=layout.block_k, rows=rows,
+      block_q=layout.block_q, block_k=layout.block_k, rows=cfg.rows,
       dqk_chunks=_chunks(q.shape[-1]), dv_chunks=_chunks(v.shape[-1]), causal=bool(causal),
-      has_seg=has_seg, scale_log2=float(sm_scale) * _LOG2E)
+      has_seg=has_seg, scale_log2=float(sm_scale) * _LOG2E,
+      skip_full_masks=cfg.skip_full_masks and not has_seg)
 
 
 def _pick(n_lead: int, b):
@@ -423,7 +449,7 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
   """out [B, Tq, Hq, Dv] (q's dtype), lse [B, Hq, Tq] float32 (natural log; -inf for empty rows)."""
   cfg = config or default_configs(q, k, v, layout)["fwd"]
   b, tq, hq, _ = q.shape
-  g = _geometry(q, k, v, layout, cfg.rows, sm_scale, causal, q_seg is not None)
+  g = _geometry(q, k, v, layout, cfg, sm_scale, causal, q_seg is not None)
   nq = layout.kv_indices.shape[2]
   grid = (nq * g.tiles_per_unit, g.hl, b)
   aux = _aux_inputs(q_pos, kv_pos, q_seg, kv_seg)
@@ -451,7 +477,7 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   acts = [_flat(q), _flat(k), _flat(v), _flat(d_out.astype(q.dtype)),
           lse.astype(jnp.float32), delta.astype(jnp.float32)]
 
-  g = _geometry(q, k, v, layout, cfgs["dq"].rows, sm_scale, causal, has_seg)
+  g = _geometry(q, k, v, layout, cfgs["dq"], sm_scale, causal, has_seg)
   nq = layout.kv_indices.shape[2]
   ins = [layout.kv_indices, layout.kv_counts, *aux, *acts]
   dq_shape = jax.ShapeDtypeStruct((b, tq * hq, dqk), q.dtype)
@@ -462,7 +488,7 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
       compiler_params=_compiler_params(cfgs["dq"]), interpret=interpret, name="block_sparse_dq",
   )(*ins)
 
-  g = _geometry(q, k, v, layout, cfgs["dkv"].rows, sm_scale, causal, has_seg)
+  g = _geometry(q, k, v, layout, cfgs["dkv"], sm_scale, causal, has_seg)
   nk = layout.num_kv_blocks
   ins = [layout.q_indices, layout.kv_offsets, *aux, *acts]
   out_shape = [jax.ShapeDtypeStruct((b, tk * hkv, dqk), k.dtype),

@@ -87,14 +87,16 @@ def test_matches_reference(name):
   _check(_case(sum(map(ord, name)), **CASES[name]))
 
 
-def test_small_tiles_not_causal(monkeypatch):
+@pytest.mark.parametrize("causal", [False, True])
+def test_small_tiles_skip_full_masks(monkeypatch, causal):
   """16-row tiles: query units of 4 tokens x 8 heads span two tiles in the forward and dQ kernels,
-  and the dK/dV kernel steps through one tile of a unit at a time; full rows, no causal mask."""
-  tile = pallas_gpu.KernelConfig(rows=16, num_warps=4, num_stages=2)
+  and the dK/dV kernel steps through one tile of a unit at a time; blocks that need no mask skip
+  it (full rows, ragged last KV block)."""
+  tile = pallas_gpu.KernelConfig(rows=16, num_warps=4, num_stages=2, skip_full_masks=True)
   monkeypatch.setattr(pallas_gpu, "default_configs",
                       lambda *a: {"fwd": tile, "dq": tile, "dkv": tile})
   _check(_case(7, batch=1, tq=10, tk=36, hq=8, hkv=2, hl=2, dqk=16, dv=16, block_q=4,
-               block_k=16, density=1.0, dtype=jnp.float32, empty_unit=False), causal=False)
+               block_k=16, density=1.0, dtype=jnp.float32, empty_unit=False), causal=causal)
 
 
 def test_empty_rows_give_zero_and_neg_inf():

@@ -16,14 +16,17 @@ SMEM tiles) and the BlockSpec index maps read them, so the pipeline fetches only
   Every dK/dV block is thus produced by one run of consecutive grid steps: deterministic, no atomics.
   With one head unit per KV head the merged list is the layout's CSR (`q_indices`, `kv_offsets`)
   as is; with several it is a stable sort of their entries by KV block (on device, O(Hl·nq·K)).
-  KV blocks that no entry visits are zeroed afterwards in XLA.
+  KV tiles that no entry visits are zeroed afterwards in XLA.
 
 Rows. The rows of a program are the `block_q` tokens x `R = Hq / Hl` query heads of one query unit
 (token-major, head-minor). The wrapper lays q (and dO) out as `[B, Hl, nq * rows, D]`; the row count of
 a unit is padded to the sublane tile (8 rows for float32, 16 for bfloat16) with zero rows, which are
 masked in-kernel and dropped afterwards: correct, at the cost of computing the padded rows (NSA's
-one-token units with 4 heads compute 8 or 16 rows). K and V are laid out `[B, Hkv, nk * block_k, D]`
-with the ragged end zero-padded and masked. Head dims that are not multiples of 128 lanes are
+one-token units with 4 heads compute 8 or 16 rows). K and V are laid out `[B, Hkv, Tk', D]` in KV
+tiles of `tile_k = max(block_k, 128)` keys, the ragged end zero-padded and masked. A `block_k` below
+the 128-lane width (NSA's 64) is served from the 128-key tile that holds it, with the tile's other keys
+masked: exact, no new DMA between the blocks of one tile, but 128/block_k times the score FLOPs.
+Head dims that are not multiples of 128 lanes are
 zero-padded to the next multiple: zero columns leave q·k unchanged and produce output columns that are
 dropped, so this is exact (it costs bandwidth for head dim 64).
 
@@ -33,11 +36,11 @@ where it needs them as a row (the dK/dV kernel computes the transposed scores `k
 vectors likewise. This costs 512 bytes per row per column vector in HBM.
 
 Masking inside a block, from loaded vectors and iotas: causal (`kv_pos <= q_pos`), equal segment ids,
-keys at index >= Tk and padding/ragged query rows. Rows that see nothing give out 0 and lse -inf, and
+keys at index >= Tk or outside the block (sub-tile blocks) and padding/ragged query rows. Rows that see nothing give out 0 and lse -inf, and
 zero gradients.
 
 Supported (checked by `check_supported`): float32 and bfloat16 (q, k, v of one dtype); `block_k` a
-multiple of 128 (the lane width: the score tile is [rows, block_k]); any `block_q >= 1`; any head dims;
+multiple or a divisor of 128 (the score tile is [rows, tile_k]); any `block_q >= 1`; any head dims;
 any head unit the layout allows. The block lists live in SMEM, which is small: very long lists
 (nq·K in the tens of thousands per head unit) need larger blocks.
 """
@@ -71,10 +74,11 @@ def check_supported(q, k, v, layout) -> None:
     """Raise ValueError if this implementation cannot tile the call (api.py has checked the shapes)."""
     if q.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"pallas_tpu supports dtypes float32 and bfloat16, got {q.dtype}")
-    if layout.block_k % LANES:
+    if layout.block_k % LANES and LANES % layout.block_k:
         raise ValueError(
             f"pallas_tpu needs block_k to be a multiple of {LANES} (the TPU lane width; the score tile "
-            f"is [rows, block_k]), got block_k={layout.block_k}; valid: 128, 256, 384, ...")
+            f"is [rows, block_k]) or a divisor of {LANES} (computed on a {LANES}-key tile), got "
+            f"block_k={layout.block_k}; valid: 1, 2, 4, 8, 16, 32, 64, 128, 256, 384, ...")
     del k, v
 
 
@@ -111,6 +115,22 @@ class _Geometry:
     @property
     def real_rows(self) -> int:               # block_q * R
         return self.block_q * self.heads_per_unit
+
+    @property
+    def tile_k(self) -> int:                  # keys per KV tile: block_k, or 128 for smaller blocks
+        return max(self.block_k, LANES)
+
+    @property
+    def sub(self) -> int:                     # KV blocks per tile
+        return self.tile_k // self.block_k
+
+    @property
+    def tk_p(self) -> int:                    # keys after padding to whole tiles
+        return _cdiv(self.nk, self.sub) * self.tile_k
+
+    def tile(self, kv_block):
+        """Tile holding layout KV block `kv_block` (traced int)."""
+        return kv_block if self.sub == 1 else lax.div(kv_block, self.sub)
 
     @property
     def q_padded(self) -> bool:               # some rows of some unit are padding
@@ -187,13 +207,13 @@ def _as_row(x):
 
 
 def _kv_layout(x, g: _Geometry, depth: int):
-    """[B, Tk, Hkv, D] -> [B, Hkv, nk*block_k, depth], zero-padded."""
-    x = _pad_axis(_pad_axis(x, 1, g.nk * g.block_k), 3, depth)
+    """[B, Tk, Hkv, D] -> [B, Hkv, Tk', depth] (Tk' = whole KV tiles), zero-padded."""
+    x = _pad_axis(_pad_axis(x, 1, g.tk_p), 3, depth)
     return x.transpose(0, 2, 1, 3)
 
 
 def _kv_layout_back(x, g: _Geometry, depth: int):
-    """[B, Hkv, nk*block_k, D'] -> [B, Tk, Hkv, depth]."""
+    """[B, Hkv, Tk', D'] -> [B, Tk, Hkv, depth]."""
     return x[:, :, :g.tk, :depth].transpose(0, 2, 1, 3)
 
 
@@ -211,9 +231,13 @@ def _block_mask(g: _Geometry, shape, row_axis: int, unit, kv_block, q_pos, kv_po
     def both(a, b):
         return b if a is None else jnp.logical_and(a, b)
 
-    if g.k_padded:
-        key = kv_block * g.block_k + lax.broadcasted_iota(jnp.int32, shape, key_axis)
-        mask = both(mask, key < g.tk)
+    if g.k_padded or g.sub > 1:
+        key = g.tile(kv_block) * g.tile_k + lax.broadcasted_iota(jnp.int32, shape, key_axis)
+        if g.sub > 1:   # the tile holds other blocks too: keep only this block's keys
+            first_key = kv_block * g.block_k
+            mask = both(mask, jnp.logical_and(key >= first_key, key < first_key + g.block_k))
+        if g.k_padded:
+            mask = both(mask, key < g.tk)
     if g.q_padded:
         row = lax.broadcasted_iota(jnp.int32, shape, row_axis)
         mask = both(mask, row < g.real_rows)
@@ -263,12 +287,12 @@ def _query_major_specs(g: _Geometry, causal: bool, segmented: bool):
         return (b, u, i, 0)
 
     def kv_map(b, u, i, s, idx, cnt):
-        return (b, lax.div(u, g.units_per_group), kv_block(b, u, i, s, idx), 0)
+        return (b, lax.div(u, g.units_per_group), g.tile(kv_block(b, u, i, s, idx)), 0)
 
     def pair():
         return [pl.BlockSpec((None, g.rows, LANES), lambda b, u, i, s, idx, cnt: (b, i, 0)),
-                pl.BlockSpec((None, SUBLANES, g.block_k),
-                             lambda b, u, i, s, idx, cnt: (b, 0, kv_block(b, u, i, s, idx)))]
+                pl.BlockSpec((None, SUBLANES, g.tile_k),
+                             lambda b, u, i, s, idx, cnt: (b, 0, g.tile(kv_block(b, u, i, s, idx))))]
 
     specs = (pair() if causal else []) + (pair() if segmented else [])
     return unit_map, kv_map, specs
@@ -280,7 +304,7 @@ def _query_major_vectors(g: _Geometry, q_pos, kv_pos, q_seg, kv_seg, causal: boo
     pairs = ([(q_pos, kv_pos)] if causal else []) + ([(q_seg, kv_seg)] if q_seg is not None else [])
     for qv, kvv in pairs:
         qv = _token_vector_to_rows(qv.astype(jnp.int32), g).reshape(g.batch, g.nq * g.rows)
-        kvv = _pad_axis(kvv.astype(jnp.int32), 1, g.nk * g.block_k)
+        kvv = _pad_axis(kvv.astype(jnp.int32), 1, g.tk_p)
         out += [_as_column(qv), _as_row(kvv)]
     return out
 
@@ -307,7 +331,7 @@ def _forward_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, g: _Geometry, 
     @pl.when(s < count)
     def _step():
         kv_block = idx_ref[head * g.cap + s]
-        scores = _dot(q_ref[...], k_ref[...], 1, 1) * sm_scale                 # [rows, block_k]
+        scores = _dot(q_ref[...], k_ref[...], 1, 1) * sm_scale                 # [rows, tile_k]
         mask = _block_mask(g, scores.shape, 0, i, kv_block, _load_column(q_pos), _load_row(kv_pos),
                            _load_column(q_seg), _load_row(kv_seg), causal)
         if mask is not None:
@@ -340,8 +364,8 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
     segmented = q_seg is not None
     unit_map, kv_map, vector_specs = _query_major_specs(g, causal, segmented)
     in_specs = [pl.BlockSpec((None, None, g.rows, g.dqk_p), unit_map),
-                pl.BlockSpec((None, None, g.block_k, g.dqk_p), kv_map),
-                pl.BlockSpec((None, None, g.block_k, g.dv_p), kv_map)] + vector_specs
+                pl.BlockSpec((None, None, g.tile_k, g.dqk_p), kv_map),
+                pl.BlockSpec((None, None, g.tile_k, g.dv_p), kv_map)] + vector_specs
     out_specs = [pl.BlockSpec((None, None, g.rows, g.dv_p), unit_map),
                  pl.BlockSpec((None, None, g.rows, LANES), unit_map)]
     rows_total = g.nq * g.rows
@@ -373,10 +397,10 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
 
 def _cost(g: _Geometry, steps: int, dtype, *, matmuls: int, exps: int):
     """Upper-bound cost (every list slot full) for XLA's scheduler."""
-    tile = g.rows * g.block_k
+    tile = g.rows * g.tile_k
     flops = steps * tile * (g.dqk_p + g.dv_p) * matmuls
     size = jnp.dtype(dtype).itemsize
-    bytes_accessed = steps * g.block_k * (g.dqk_p + g.dv_p) * size + g.batch * g.hq * g.tq * (g.dqk + g.dv) * size
+    bytes_accessed = steps * g.tile_k * (g.dqk_p + g.dv_p) * size + g.batch * g.hq * g.tq * (g.dqk + g.dv) * size
     return pl.CostEstimate(flops=int(flops), transcendentals=int(steps * tile * exps),
                            bytes_accessed=int(bytes_accessed))
 
@@ -397,7 +421,7 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
     def _step():
         kv_block = idx_ref[head * g.cap + s]
         q, k, v, d_out = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        scores = _dot(q, k, 1, 1) * sm_scale                                   # [rows, block_k]
+        scores = _dot(q, k, 1, 1) * sm_scale                                   # [rows, tile_k]
         mask = _block_mask(g, scores.shape, 0, i, kv_block, _load_column(q_pos), _load_row(kv_pos),
                            _load_column(q_seg), _load_row(kv_seg), causal)
         lse = lse_ref[:, 0:1]
@@ -405,7 +429,7 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         p = jnp.exp(scores - jnp.where(seen, lse, 0.0))
         keep = seen if mask is None else jnp.logical_and(mask, seen)
         p = jnp.where(keep, p, 0.0)
-        dp = _dot(d_out, v, 1, 1)                                              # [rows, block_k]
+        dp = _dot(d_out, v, 1, 1)                                              # [rows, tile_k]
         ds = p * (dp - delta_ref[:, 0:1])
         acc_scr[...] += _dot(ds.astype(k.dtype), k, 1, 0)
 
@@ -418,8 +442,8 @@ def _dq(g: _Geometry, layout, q_rows, k_l, v_l, do_rows, lse_col, delta_col, vec
         causal, segmented, interpret, dtype):
     unit_map, kv_map, vector_specs = _query_major_specs(g, causal, segmented)
     in_specs = [pl.BlockSpec((None, None, g.rows, g.dqk_p), unit_map),
-                pl.BlockSpec((None, None, g.block_k, g.dqk_p), kv_map),
-                pl.BlockSpec((None, None, g.block_k, g.dv_p), kv_map),
+                pl.BlockSpec((None, None, g.tile_k, g.dqk_p), kv_map),
+                pl.BlockSpec((None, None, g.tile_k, g.dv_p), kv_map),
                 pl.BlockSpec((None, None, g.rows, g.dv_p), unit_map),
                 pl.BlockSpec((None, None, g.rows, LANES), unit_map),
                 pl.BlockSpec((None, None, g.rows, LANES), unit_map)] + vector_specs
@@ -449,7 +473,7 @@ def _dkv_schedule(layout, g: _Geometry):
                 ascending order; entries past the total repeat the last valid one (0 if none);
       entry_row int32 [Lb, Hkv, E]: (head unit within the group) * nq + query unit;
       totals    int32 [Lb, Hkv]: number of valid entries;
-      visited   bool [Lb, Hkv, nk]: KV blocks with at least one entry.
+      visited   bool [Lb, Hkv, nk_tiles]: KV tiles with at least one entry.
     """
     lb, ug, e1 = g.layout_batch, g.units_per_group, g.nq * g.cap
     offsets = layout.kv_offsets                                            # [Lb, Hl, nk+1]
@@ -470,8 +494,8 @@ def _dkv_schedule(layout, g: _Geometry):
         tail = jnp.where(totals[..., None] > 0, jnp.take_along_axis(x, last, axis=-1), 0)
         return jnp.where(valid, x, tail).astype(jnp.int32)
 
-    per_block = offsets[..., 1:] - offsets[..., :-1]                       # [Lb, Hl, nk]
-    visited = per_block.reshape(lb, g.hkv, ug, g.nk).sum(2) > 0
+    per_block = _pad_axis(offsets[..., 1:] - offsets[..., :-1], 2, g.tk_p // g.block_k)
+    visited = per_block.reshape(lb, g.hkv, ug, g.tk_p // g.tile_k, g.sub).sum((2, 4)) > 0
     return pad(kv), pad(row), totals, visited
 
 
@@ -483,8 +507,10 @@ def _dkv_kernel(kv_ref, row_ref, tot_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
     base = (g.lb(b) * g.hkv + h) * num_entries
     total = tot_ref[g.lb(b) * g.hkv + h]
     kv_block = kv_ref[base + e]
-    first = jnp.logical_or(e == 0, kv_ref[base + jnp.maximum(e - 1, 0)] != kv_block)
-    last = jnp.logical_or(e == total - 1, kv_ref[base + jnp.minimum(e + 1, num_entries - 1)] != kv_block)
+    tile = g.tile(kv_block)    # entries of one tile are consecutive: its dK/dV block stays resident
+    first = jnp.logical_or(e == 0, g.tile(kv_ref[base + jnp.maximum(e - 1, 0)]) != tile)
+    last = jnp.logical_or(e == total - 1,
+                          g.tile(kv_ref[base + jnp.minimum(e + 1, num_entries - 1)]) != tile)
 
     @pl.when(jnp.logical_and(e < total, first))
     def _init():
@@ -495,7 +521,7 @@ def _dkv_kernel(kv_ref, row_ref, tot_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
     def _step():
         unit = lax.rem(row_ref[base + e], g.nq)
         q, k, v, d_out = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        scores = _dot(k, q, 1, 1) * sm_scale                                   # [block_k, rows]
+        scores = _dot(k, q, 1, 1) * sm_scale                                   # [tile_k, rows]
         mask = _block_mask(g, scores.shape, 1, unit, kv_block, _load_row(q_pos), _load_column(kv_pos),
                            _load_row(q_seg), _load_column(kv_seg), causal)
         lse = lse_ref[0:1, :]
@@ -503,10 +529,10 @@ def _dkv_kernel(kv_ref, row_ref, tot_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
         p = jnp.exp(scores - jnp.where(seen, lse, 0.0))
         keep = seen if mask is None else jnp.logical_and(mask, seen)
         p = jnp.where(keep, p, 0.0)
-        dv_scr[...] += _dot(p.astype(d_out.dtype), d_out, 1, 0)                 # [block_k, Dv]
-        dp = _dot(v, d_out, 1, 1)                                              # [block_k, rows]
+        dv_scr[...] += _dot(p.astype(d_out.dtype), d_out, 1, 0)                 # [tile_k, Dv]
+        dp = _dot(v, d_out, 1, 1)                                              # [tile_k, rows]
         ds = p * (dp - delta_ref[0:1, :])
-        dk_scr[...] += _dot(ds.astype(q.dtype), q, 1, 0)                       # [block_k, Dqk]
+        dk_scr[...] += _dot(ds.astype(q.dtype), q, 1, 0)                       # [tile_k, Dqk]
 
     @pl.when(jnp.logical_and(e < total, last))
     def _finish():
@@ -528,17 +554,17 @@ def _dkv(g: _Geometry, layout, q_rows, k_l, v_l, do_rows, lse_row, delta_row, q_
         return (b, h * g.units_per_group + lax.div(row, g.nq), lax.rem(row, g.nq), 0, 0)
 
     def kv_map(b, h, e, kv_ref, row_ref, tot_ref):
-        return (b, h, kv_ref[flat(b, h, e)], 0)
+        return (b, h, g.tile(kv_ref[flat(b, h, e)]), 0)
 
     def q_vec_map(b, h, e, kv_ref, row_ref, tot_ref):
         return (b, lax.rem(row_ref[flat(b, h, e)], g.nq), 0, 0)
 
     def kv_vec_map(b, h, e, kv_ref, row_ref, tot_ref):
-        return (b, kv_ref[flat(b, h, e)], 0)
+        return (b, g.tile(kv_ref[flat(b, h, e)]), 0)
 
     in_specs = [pl.BlockSpec((None, None, None, g.rows, g.dqk_p), unit_map),
-                pl.BlockSpec((None, None, g.block_k, g.dqk_p), kv_map),
-                pl.BlockSpec((None, None, g.block_k, g.dv_p), kv_map),
+                pl.BlockSpec((None, None, g.tile_k, g.dqk_p), kv_map),
+                pl.BlockSpec((None, None, g.tile_k, g.dv_p), kv_map),
                 pl.BlockSpec((None, None, None, g.rows, g.dv_p), unit_map),
                 pl.BlockSpec((None, None, None, SUBLANES, g.rows), unit_map),
                 pl.BlockSpec((None, None, None, SUBLANES, g.rows), unit_map)]
@@ -546,29 +572,28 @@ def _dkv(g: _Geometry, layout, q_rows, k_l, v_l, do_rows, lse_row, delta_row, q_
     pairs = ([(q_pos, kv_pos)] if causal else []) + ([(q_seg, kv_seg)] if segmented else [])
     for qv, kvv in pairs:
         in_specs += [pl.BlockSpec((None, None, SUBLANES, g.rows), q_vec_map),
-                     pl.BlockSpec((None, g.block_k, LANES), kv_vec_map)]
+                     pl.BlockSpec((None, g.tile_k, LANES), kv_vec_map)]
         operands += [_as_row(_token_vector_to_rows(qv.astype(jnp.int32), g)),
-                     _as_column(_pad_axis(kvv.astype(jnp.int32), 1, g.nk * g.block_k))]
+                     _as_column(_pad_axis(kvv.astype(jnp.int32), 1, g.tk_p))]
     kernel = functools.partial(_dkv_kernel, g=g, sm_scale=float(sm_scale), causal=causal,
                                segmented=segmented, num_entries=num_entries)
-    tk_p = g.nk * g.block_k
     call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(g.batch, g.hkv, num_entries), in_specs=in_specs,
-            out_specs=[pl.BlockSpec((None, None, g.block_k, g.dqk_p), kv_map),
-                       pl.BlockSpec((None, None, g.block_k, g.dv_p), kv_map)],
-            scratch_shapes=[pltpu.VMEM((g.block_k, g.dqk_p), jnp.float32),
-                            pltpu.VMEM((g.block_k, g.dv_p), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct((g.batch, g.hkv, tk_p, g.dqk_p), k_dtype),
-                   jax.ShapeDtypeStruct((g.batch, g.hkv, tk_p, g.dv_p), v_dtype)],
+            out_specs=[pl.BlockSpec((None, None, g.tile_k, g.dqk_p), kv_map),
+                       pl.BlockSpec((None, None, g.tile_k, g.dv_p), kv_map)],
+            scratch_shapes=[pltpu.VMEM((g.tile_k, g.dqk_p), jnp.float32),
+                            pltpu.VMEM((g.tile_k, g.dv_p), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct((g.batch, g.hkv, g.tk_p, g.dqk_p), k_dtype),
+                   jax.ShapeDtypeStruct((g.batch, g.hkv, g.tk_p, g.dv_p), v_dtype)],
         compiler_params=_params(("parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(g, g.batch * g.hkv * num_entries, k_dtype, matmuls=4, exps=1),
         interpret=interpret,
         name="block_sparse_tpu_dkv")
     dk, dv = call(entry_kv.reshape(-1), entry_row.reshape(-1), totals.reshape(-1), *operands)
-    visited = jnp.broadcast_to(visited, (g.batch, g.hkv, g.nk))
-    keep = jnp.repeat(visited, g.block_k, axis=2)[..., None]               # [B, Hkv, Tk_p, 1]
+    visited = jnp.broadcast_to(visited, (g.batch, g.hkv, visited.shape[-1]))
+    keep = jnp.repeat(visited, g.tile_k, axis=2)[..., None]                # [B, Hkv, Tk', 1]
     return jnp.where(keep, dk, 0).astype(k_dtype), jnp.where(keep, dv, 0).astype(v_dtype)
 
 

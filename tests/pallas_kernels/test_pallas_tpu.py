@@ -52,13 +52,14 @@ CASES = {
     "per_head_gqa2_ragged": dict(batch=2, seq_len_q=40, seq_len_k=300, num_kv_heads=2, group=2,
                                  head_unit="query", block_q=16, block_k=128, dqk=64, dv=32),
     # NSA: one-token query units with the 8 heads of a group stacked as rows, Dqk != Dv, bf16,
-    # packed documents, one layout broadcast over the batch
+    # packed documents, one layout broadcast over the batch; NSA's 64-key blocks (two per KV tile)
     "nsa_token_units_bf16": dict(batch=2, seq_len_q=5, seq_len_k=260, num_kv_heads=1, group=8,
-                                 head_unit="kv", block_q=1, block_k=128, dqk=192, dv=128,
+                                 head_unit="kv", block_q=1, block_k=64, dqk=192, dv=128,
                                  dtype="bfloat16", layout_batch=1, segments=True),
-    # permuted positions (ring / zigzag shards), explicit index lists with duplicates, GQA 4
-    "permuted_positions_indices": dict(seq_len_q=24, seq_len_k=256, num_kv_heads=1, group=4,
-                                       head_unit="query", block_q=8, block_k=128, dqk=32, dv=32,
+    # permuted positions (ring / zigzag shards), explicit index lists with duplicates, GQA 4,
+    # 32-key blocks (four per KV tile, several units merged per tile in dK/dV)
+    "permuted_positions_indices": dict(seq_len_q=24, seq_len_k=200, num_kv_heads=1, group=4,
+                                       head_unit="query", block_q=8, block_k=32, dqk=32, dv=32,
                                        layout_kind="indices", positions="permuted"),
     # not causal, segments, shared group lists, top-k layout, block_k of two lane tiles
     "noncausal_topk_wide_blocks": dict(seq_len_q=64, seq_len_k=600, num_kv_heads=2, group=2,
@@ -74,7 +75,7 @@ def test_matches_reference(seed, name):
 
 @settings(max_examples=3, deadline=None, derandomize=False,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(cases(block_k=128, block_q=st.sampled_from([1, 8, 16]), dqk=32, dv=32,
+@given(cases(block_k=st.sampled_from([64, 128]), block_q=st.sampled_from([1, 8, 16]), dqk=32, dv=32,
              group=st.sampled_from([1, 4]), seq_len_k=st.integers(129, 300),
              layout_kind=st.sampled_from(["random", "causal", "diagonal", "full", "empty", "window"])))
 def test_random_layouts(case):
@@ -110,11 +111,11 @@ def test_lowers_to_mosaic_for_tpu(name):
 def test_rejects_what_it_cannot_tile():
     q = jnp.zeros((1, 16, 2, 32), jnp.float32)
     kv = jnp.zeros((1, 128, 2, 32), jnp.float32)
-    narrow = BlockLayout.causal(16, 128, block_q=16, block_k=64, num_head_units=2)
-    with pytest.raises(ValueError, match=r"block_k.*multiple of 128.*block_k=64"):
-        pallas_tpu.check_supported(q, kv, kv, narrow)
-    with pytest.raises(ValueError, match=r"block_k=64"):
-        block_sparse_attention(q, kv, kv, narrow, implementation="pallas_tpu", interpret=True)
+    odd = BlockLayout.causal(16, 128, block_q=16, block_k=96, num_head_units=2)
+    with pytest.raises(ValueError, match=r"block_k.*multiple of 128.*divisor of 128.*block_k=96"):
+        pallas_tpu.check_supported(q, kv, kv, odd)
+    with pytest.raises(ValueError, match=r"block_k=96"):
+        block_sparse_attention(q, kv, kv, odd, implementation="pallas_tpu", interpret=True)
     wide = BlockLayout.causal(16, 128, block_q=16, block_k=128, num_head_units=2)
     half = lambda x: x.astype(jnp.float16)
     with pytest.raises(ValueError, match=r"float32 and bfloat16.*float16"):

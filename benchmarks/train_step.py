@@ -92,6 +92,14 @@ def compiled_memory(compiled) -> dict | None:
     return {k: int(getattr(analysis, k)) for k in keys if hasattr(analysis, k)}
 
 
+_T0 = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """A time-stamped progress line on stderr (seconds since the script started)."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def run(config, steps: int, warmup: int, label: str) -> dict:
     """Builds state and step as `sparsejax.training.loop` does, times `steps` steps, returns the record."""
     import jax
@@ -104,6 +112,7 @@ def run(config, steps: int, warmup: int, label: str) -> dict:
     from sparsejax.training.state import StateFactory
     from sparsejax.training.step import make_global_batch, make_train_step
 
+    progress(f"{label}: jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}")
     config_lib.validate(config, jax.device_count())
     mesh = make_mesh(config)
     sharding = batch_sharding(mesh, rules_from_config(config))
@@ -113,20 +122,29 @@ def run(config, steps: int, warmup: int, label: str) -> dict:
     global_batch, seq_len = config.data.global_batch_size, config.data.seq_len
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(factory.abstract.params))
 
+    progress(f"state and step built: {params:,} parameters")
     with jax.set_mesh(mesh):
-        state = factory.create()
+        state = jax.block_until_ready(factory.create())
+        progress("state initialised")
         batches = [make_global_batch(synthetic_batch(config, seed), sharding, global_batch) for seed in range(2)]
         start = time.perf_counter()
-        compiled = train_step.lower(state, batches[0]).compile()
+        lowered = train_step.lower(state, batches[0])
+        lower_s = time.perf_counter() - start
+        progress(f"step traced and lowered in {lower_s:.1f} s")
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - start
+        progress(f"step compiled in {compile_s - lower_s:.1f} s")
         losses, times = [], []
         for i in range(warmup + steps):
             start = time.perf_counter()
             state, metrics = compiled(state, batches[i % len(batches)])
             jax.block_until_ready((state, metrics))
+            elapsed = time.perf_counter() - start
             if i >= warmup:
-                times.append(time.perf_counter() - start)
+                times.append(elapsed)
             losses.append(float(metrics["loss"]))
+            progress(f"step {i + 1}/{warmup + steps} ({'timed' if i >= warmup else 'warm-up'}): "
+                     f"{elapsed:.4f} s, loss {losses[-1]:.4f}")
     if not all(np.isfinite(losses)):
         raise FloatingPointError(f"non-finite loss in the benchmark steps: {losses}")
 
@@ -145,7 +163,7 @@ def run(config, steps: int, warmup: int, label: str) -> dict:
         "params": params, "global_batch_size": global_batch, "seq_len": seq_len,
         "grad_accum_steps": config.train.grad_accum_steps, "remat": config.model.remat,
         "dtype": config.model.dtype, "attention": config.attention.kind,
-        "steps": steps, "warmup": warmup, "compile_s": compile_s,
+        "steps": steps, "warmup": warmup, "lower_s": lower_s, "compile_s": compile_s,
         "step_time_s": step_time, "step_time_mean_s": statistics.fmean(times), "step_time_min_s": min(times),
         "tokens_per_s": tokens_per_s,
         "train_flops_per_token": flops_per_token,

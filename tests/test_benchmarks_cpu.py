@@ -1,0 +1,69 @@
+"""Smoke test of `benchmarks/train_step.py` on CPU (the 8 fake devices of conftest.py): the tiny
+config for 2 timed steps, its JSON record, its arithmetic (tokens/s, TFLOP/s, MFU) and the table mode,
+so the benchmark cannot rot between GPU runs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "train_step.py")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240, env=dict(os.environ))
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    proc = _run("--config=configs/dense_tiny.py", "--config.data.seq_len=32", "--config.data.global_batch_size=8",
+                "--config.train.peak_flops_per_device=1e12", "--steps=2", "--warmup=1", "--label=tiny-cpu",
+                f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tokens/s" in proc.stdout and "MFU" in proc.stdout, proc.stdout
+    return json.loads(out.read_text()), out
+
+
+def test_record_matches_the_run(record):
+    r, _ = record
+    from configs import dense_tiny
+    from sparsejax.model import count_params
+    from sparsejax.training import metrics as metrics_lib
+
+    config = dense_tiny.get_config()
+    config.data.seq_len, config.data.global_batch_size = 32, 8
+    assert r["label"] == "tiny-cpu" and r["platform"] == "cpu"
+    assert r["num_devices"] == 8 and r["mesh"]["fsdp"] == 8           # sharded exactly as the loop shards
+    assert r["params"] == count_params(config)
+    assert (r["global_batch_size"], r["seq_len"], r["steps"], r["warmup"]) == (8, 32, 2, 1)
+    assert r["train_flops_per_token"] == pytest.approx(metrics_lib.train_flops_per_token(config))
+    assert r["step_time_min_s"] <= r["step_time_s"] and r["compile_s"] >= r["lower_s"] > 0
+    assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_time_s"])
+    tflops = r["train_flops_per_token"] * r["tokens_per_s"] / 8 / 1e12
+    assert r["tflops_per_device"] == pytest.approx(tflops)
+    assert r["peak_flops_per_device"] == 1e12 and r["mfu"] == pytest.approx(tflops)
+    assert r["first_loss"] == pytest.approx(5.78, abs=0.3)            # ~ln(320): random ids, fresh model
+    assert r["config"]["model"]["d_model"] == config.model.d_model
+
+
+def test_dense_variant_reports_causal_half_of_the_square():
+    from configs import dense_tiny
+    from sparsejax.attention import get_attention
+
+    config = dense_tiny.get_config()
+    m, t = config.model, 1000
+    assert get_attention("dense").attention_flops(config, t) == pytest.approx(2 * t * t * m.num_heads * m.head_dim)
+
+
+def test_table_mode(record):
+    _, out = record
+    proc = _run(f"--table={out.parent}/*.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["label", "B"] and lines[2].startswith("tiny-cpu")
+    missing = _run(f"--table={out.parent}/nothing*.json")
+    assert missing.returncode != 0 and "matches no file" in missing.stderr

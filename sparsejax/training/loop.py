@@ -9,7 +9,7 @@ except at steps that log, validate, save or stop (those are checked at once).
   (before the update), and the checkpoint `s` holds the state after it and the data position after
   s batches. A run on a workdir with checkpoints resumes from the latest complete one; the
   losses then continue exactly as without the interruption (bitwise on CPU).
-- A non-finite loss, gradient norm or parameter norm at step s stops the run with
+- A non-finite loss or gradient norm, or non-finite parameters after the update, at step s stop the run with
   `TrainingDivergedError` naming s and the last good checkpoint; the bad state is never saved.
 - SIGTERM / SIGINT (preemption, Ctrl-C) set a flag; at the end of the current step the loop saves a
   checkpoint, waits for it, and returns with `stopped_by="preempted"`. A second SIGINT aborts at once.
@@ -257,9 +257,9 @@ class _Trainer:
             self.throughput.tick()
         if progress is not None:
             progress.update(1)
-        watched = ("loss", "total_loss", "grad_norm", "param_norm")
-        if not all(math.isfinite(values[k]) for k in watched):
-            self._diverged(step, values)
+        params_finite = values.pop("params_finite") == 1.0
+        if not (params_finite and all(math.isfinite(values[k]) for k in ("loss", "total_loss", "grad_norm"))):
+            self._diverged(step, values, params_finite)
         if step % self.train_cfg.log_every == 0 or step == self.train_cfg.num_steps:
             record = {"step": step, **values, **self.throughput.report()}
             self.last_train = record
@@ -271,13 +271,14 @@ class _Trainer:
                 logging.info("step %d/%d %s", step, self.train_cfg.num_steps,
                              _format({k: v for k, v in record.items() if k != "step"}))
 
-    def _diverged(self, step: int, values: dict[str, float]) -> None:
+    def _diverged(self, step: int, values: dict[str, float], params_finite: bool) -> None:
         self.writer.write({"step": step, **values, "error": "non-finite"}, tb_prefix="train/")
         self.checkpointer.wait()
         good = self.checkpointer.latest_step()
         where = (f"the last good checkpoint is step {good} ({self.checkpointer.step_dir(good)})"
                  if good is not None else "no checkpoint was saved before it")
-        bad = ", ".join(f"{k}={values[k]}" for k in ("loss", "total_loss", "grad_norm", "param_norm"))
+        bad = ", ".join(f"{k}={values[k]}" for k in ("loss", "total_loss", "grad_norm"))
+        bad += "" if params_finite else ", non-finite parameters after the update"
         raise TrainingDivergedError(
             f"training diverged at step {step}: {bad}. The state of step {step} was not saved; {where}. "
             "Lower config.train.learning_rate or raise warmup_steps before resuming.")

@@ -61,7 +61,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
     metrics (replicated float32 scalars): loss (cross-entropy), total_loss (the optimised objective),
     the variant auxiliaries (`loss/...`, `stats/...`), grad_norm (before clipping), param_norm (after
-    the update), learning_rate (of this update), loss_tokens (tokens in the loss).
+    the update; may overflow to inf for huge but finite parameters), params_finite (1.0 when every
+    updated parameter is finite), learning_rate (of this update), loss_tokens (tokens in the loss).
     """
     accum = int(config.train.grad_accum_steps)
     schedule = learning_rate_schedule(config.train)
@@ -98,6 +99,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
             "loss": ce, "total_loss": objective, **aux,
             "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
             "learning_rate": schedule(state.step), "loss_tokens": token_count,
+            "params_finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])),
         }
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rest=rest)
         return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)

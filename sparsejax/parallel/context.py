@@ -28,14 +28,17 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import block_sparse_attention
 from sparsejax.parallel import balance as balance_lib
 from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel.allgather import allgather_attention
-from sparsejax.parallel.ring import block_ranges, make_spec, ring_attention, ring_block_counts, step_block_count
+from sparsejax.parallel.ring import (block_ranges, make_spec, ring_attention, ring_block_counts, step_block_count,
+                                    step_layout)
 
 SCHEMES = ("ring", "allgather", "hierarchical_ring")
 IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu", "pallas_tpu", "reference")
@@ -74,7 +77,11 @@ def resolve_inner(requested: int, num_shards: int) -> int:
 def alignment(config) -> int:
     """Tokens that every balance unit and shard must hold a whole number of: lcm of the block sizes."""
     p = config.parallel
-    return math.lcm(p.block_q, p.block_k)
+    blocks = [p.block_q, p.block_k]
+    if config.attention.kind == "nsa":       # the units NSA's branches cut the row into (nsa_context.py)
+        c = config.attention.nsa
+        blocks += [c.compress_stride, c.select_block, c.window_block, c.compress_kernel_block_q]
+    return math.lcm(*blocks)
 
 
 def validate(config, num_devices: int | None = None) -> None:
@@ -154,7 +161,8 @@ class ContextParallel:
                          sm_scale=sm_scale, causal=causal, implementation=self.implementation,
                          interpret=self.interpret, for_ring=self.scheme != "allgather")
 
-    def _mesh(self):
+    def mesh(self):
+        """The mesh set with `jax.set_mesh`, checked against this config."""
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or "sequence" not in mesh.axis_names:
             raise ValueError("sequence-parallel attention needs the mesh: call it under jax.set_mesh(make_mesh(config))")
@@ -167,7 +175,8 @@ class ContextParallel:
                              f"nor the sequence; sequence-parallel attention needs every mesh axis of size > 1 used")
         return mesh
 
-    def _specs(self, kv_blocks):
+    def specs(self, kv_blocks=None):
+        """PartitionSpecs (tokens [B, T, H, D], sequence [B, T], kv_blocks or None) inside `shard_map`."""
         b, h = self.batch_axes or None, self.head_axes or None
         tokens = P(b, "sequence", h, None)
         seq = P(b, "sequence")
@@ -177,26 +186,60 @@ class ContextParallel:
             blocks = (P(lb, h, "sequence", None), P(lb, h, "sequence"))
         return tokens, seq, blocks
 
-    def __call__(self, q, k, v, positions, segment_ids, kv_blocks=None, *, causal=True, sm_scale=None,
-                 block_q=None, block_k=None):
+    def __call__(self, q, k, v, positions, segment_ids, kv_blocks=None, *, kv_positions=None, causal=True,
+                 sm_scale=None, block_q=None, block_k=None):
         """Attention of the sequence-sharded q over the whole sequence's k/v.
 
         q [B, T, Hq, Dqk], k [B, T, Hkv, Dqk], v [B, T, Hkv, Dv] (T in permuted order), positions and
-        segment_ids [B, T] int32. kv_blocks: None (dense: every visible block) or
+        segment_ids [B, T] int32 (kv_positions [B, T]: the keys' positions when they differ from the
+        queries'; the causal rule is kv_pos <= q_pos). kv_blocks: None (dense: every visible block) or
         (kv_indices [B or 1, Hl, T/block_q, K], kv_counts [B or 1, Hl, T/block_q]) in sharded block
         coordinates (`block_order`). Returns out [B, T, Hq, Dv] and lse [B, Hq, T] float32.
         """
         spec = self._spec(q.shape[-1], block_q=block_q, block_k=block_k, sm_scale=sm_scale, causal=causal)
         fn = allgather_attention if self.scheme == "allgather" else ring_attention
-        tokens, seq, blocks = self._specs(kv_blocks)
+        tokens, seq, blocks = self.specs(kv_blocks)
         b, h = self.batch_axes or None, self.head_axes or None
 
-        def local(q, k, v, pos, seg, kv_blocks):
-            return fn(q, k, v, pos, pos, seg, seg, kv_blocks, spec=spec)
+        def local(q, k, v, pos, kv_pos, seg, kv_blocks):
+            return fn(q, k, v, pos, kv_pos, seg, seg, kv_blocks, spec=spec)
 
-        return jax.shard_map(local, mesh=self._mesh(), in_specs=(tokens, tokens, tokens, seq, seq, blocks),
+        kv_positions = positions if kv_positions is None else kv_positions
+        return jax.shard_map(local, mesh=self.mesh(), in_specs=(tokens, tokens, tokens, seq, seq, seq, blocks),
                              out_specs=(tokens, P(b, h, "sequence")), check_vma=False)(
-            q, k, v, positions, segment_ids, kv_blocks)
+            q, k, v, positions, kv_positions, segment_ids, kv_blocks)
+
+    def attend_gathered(self, q, k, v, positions, segment_ids, kv_positions, kv_segment_ids, *, block_q: int,
+                        block_k: int, causal=True, sm_scale=None):
+        """Attention of the sequence-sharded q over small K/V that every device holds whole (NSA's
+        compressed tokens): no ring, one kernel call per device, dense layout from positions/segments.
+
+        q [B, T, Hq, D], positions / segment_ids [B, T]; k, v [B, N, Hkv, D], kv_positions /
+        kv_segment_ids [B, N] (any N; padded here to whole blocks with keys nobody sees).
+        Returns out [B, T, Hq, Dv] and lse [B, Hq, T] float32.
+        """
+        spec = self._spec(q.shape[-1], block_q=block_q, block_k=block_k, sm_scale=sm_scale, causal=causal)
+        pad = -k.shape[1] % block_k
+        if pad:
+            grow = lambda x, value: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+            k, v = grow(k, 0), grow(v, 0)
+            kv_positions = grow(kv_positions, jnp.iinfo(jnp.int32).max)
+            kv_segment_ids = grow(kv_segment_ids, -2)          # matches no query (documents >= 1, padding 0)
+        tokens, seq, _ = self.specs()
+        b, h = self.batch_axes or None, self.head_axes or None
+        whole, whole_seq = P(b, None, h, None), P(b, None)
+
+        def local(q, k, v, pos, seg, kv_pos, kv_seg):
+            layout = step_layout(block_ranges(pos, seg, spec.block_q), kv_pos, kv_seg, None, 0, spec=spec,
+                                 num_kv_heads=k.shape[2])
+            return block_sparse_attention(q, k, v, layout, sm_scale=spec.sm_scale, causal=spec.causal,
+                                          q_positions=pos, kv_positions=kv_pos, q_segment_ids=seg,
+                                          kv_segment_ids=kv_seg, implementation=spec.implementation,
+                                          interpret=spec.interpret)
+
+        return jax.shard_map(local, mesh=self.mesh(), in_specs=(tokens, whole, whole, seq, seq, whole_seq, whole_seq),
+                             out_specs=(tokens, P(b, h, "sequence")), check_vma=False)(
+            q, k, v, positions, segment_ids, kv_positions, kv_segment_ids)
 
     def block_counts(self, positions, segment_ids, num_kv_heads: int, kv_blocks=None, *, causal=True,
                      block_q=None, block_k=None):
@@ -206,9 +249,9 @@ class ContextParallel:
         spec = self._spec(1, block_q=block_q, block_k=block_k, sm_scale=1.0, causal=causal)
         if self.scheme == "allgather":
             spec = spec._replace(inner=1)
-        _, seq, blocks = self._specs(kv_blocks)
+        _, seq, blocks = self.specs(kv_blocks)
         axes = tuple(a for a in self.batch_axes + self.head_axes)
-        mesh = self._mesh()
+        mesh = self.mesh()
         num_kv_heads //= math.prod(mesh.shape[a] for a in self.head_axes)
 
         def local(pos, seg, kv_blocks):

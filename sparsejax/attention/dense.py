@@ -13,9 +13,13 @@ Implementations (`config.attention.dense.implementation`):
   (ragged) layout* through `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention` with
   `q_offsets`/`kv_offsets` [B, M+1] and `q_seqlen`/`kv_seqlen` [B, M] (M = `max_segments`, static),
   derived on device from the segment ids: no [T, T] array exists on this path, and cuDNN skips the
-  blocks between documents. A row with more than M runs of segment ids takes, through `lax.cond`, the
-  exact but slower masked cuDNN path; the aux statistic `stats/dense_segment_overflow` reports the
-  fraction of layers that did. The packed layout needs a Hopper or newer GPU.
+  blocks between documents. `lax.switch` picks, from the largest number of runs of segment ids in a
+  row: one run everywhere -> plain causal cuDNN (fastest); up to M -> packed; more than M -> the exact
+  but slower masked cuDNN path, whose use the aux statistic `stats/dense_segment_overflow` reports
+  (the fraction of layers that took it). The packed layout needs a Hopper or newer GPU. Measured on an
+  H200 (jax 0.11.2, cuDNN 9.19, B=1, T=8192, 16 heads of 128, 8 KV heads, bf16, fwd+bwd): plain causal
+  2.62 ms; packed one document 3.08 ms (M=64), 2.57 ms (M=4); packed 8 documents 1.42 ms (M=64);
+  masked 8 documents 5.08 ms.
 - `"auto"` (default): `"cudnn"` on GPU when the compute dtype is bfloat16 or float16, else `"xla"`.
 
 Segment semantics (both paths): query i sees key j iff j <= i and segment_ids[i] == segment_ids[j].
@@ -97,21 +101,30 @@ def packed_segments(segment_ids: jax.Array, max_segments: int):
     return offsets, lengths, count
 
 
-def _cudnn_packed(q, k, v, segment_ids, max_segments):
+# jax < 0.11 scales the packed KV offsets by the *query* head count (jax 0.11 uses the KV head count),
+# so there K/V must be repeated to the query heads on the packed path.
+_PACKED_NEEDS_MHA = tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 11)
+
+
+def _cudnn_single(q, k, v, segment_ids, offsets, lengths):
+    del segment_ids, offsets, lengths      # every row is one run of one id: plain causal attention
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def _cudnn_packed(q, k, v, segment_ids, offsets, lengths):
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
 
-    offsets, lengths, _ = packed_segments(segment_ids, max_segments)
-    # jax's packed-layout stride fix-up multiplies the KV offsets by the *query* head count, so K/V
-    # must have as many heads as Q on this path (checked on jax 0.10.2 and 0.11.2 source).
+    del segment_ids
     group = q.shape[2] // k.shape[2]
-    if group > 1:
+    if _PACKED_NEEDS_MHA and group > 1:
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     return cudnn_attention(q, k, v, None, None, lengths, lengths, offsets, offsets,
                            scale=q.shape[-1] ** -0.5, mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
 
 
-def _cudnn_masked(q, k, v, segment_ids):
+def _cudnn_masked(q, k, v, segment_ids, offsets, lengths):
+    del offsets, lengths
     return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
                                         implementation="cudnn")
 
@@ -119,14 +132,21 @@ def _cudnn_masked(q, k, v, segment_ids):
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, implementation: str,
            max_segments: int) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Causal, segment-isolated attention. q [B, T, H, D], k/v [B, T, K, D], segment_ids [B, T] int32
-    -> (out [B, T, H, D] in q's dtype, aux). `implementation` is "xla" or "cudnn" (already resolved)."""
+    -> (out [B, T, H, D] in q's dtype, aux). `implementation` is "xla" or "cudnn" (already resolved).
+
+    cuDNN picks one of three exact paths at run time from the largest number of runs of segment ids
+    in a row: 1 -> plain causal; 2..max_segments -> packed layout; more -> masked (slow, counted in
+    `stats/dense_segment_overflow`)."""
     if implementation == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
                                             implementation="xla"), {}
     if implementation == "cudnn":
-        overflow = jnp.max(packed_segments(segment_ids, max_segments)[2]) > max_segments
-        out = jax.lax.cond(overflow, _cudnn_masked, lambda *a: _cudnn_packed(*a, max_segments), q, k, v, segment_ids)
-        return out, {"stats/dense_segment_overflow": overflow.astype(jnp.float32)}
+        offsets, lengths, count = packed_segments(segment_ids, max_segments)
+        most = jnp.max(count)
+        branch = jnp.where(most == 1, 0, jnp.where(most <= max_segments, 1, 2))
+        out = jax.lax.switch(branch, (_cudnn_single, _cudnn_packed, _cudnn_masked),
+                             q, k, v, segment_ids, offsets, lengths)
+        return out, {"stats/dense_segment_overflow": (branch == 2).astype(jnp.float32)}
     raise ValueError(f"attend: implementation must be 'xla' or 'cudnn', got {implementation!r}")
 
 

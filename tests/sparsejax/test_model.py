@@ -236,14 +236,18 @@ def test_registry():
         get_attention("nope")
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
-@pytest.mark.parametrize("max_segments", [8, 2])           # 2 < the 4 runs below: the masked fallback
-def test_cudnn_matches_xla_forward_and_grads(max_segments):
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU (run with JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("rows, max_segments, branch", [
+    ([[1] * 256, [0] * 256], 8, "single"),                           # one run per row: plain causal
+    ([[1] * 100 + [2] * 60 + [3] * 60 + [0] * 36, [5] * 256], 8, "packed"),
+    ([[1] * 100 + [2] * 60 + [3] * 60 + [0] * 36, [5] * 256], 2, "masked"),   # 4 runs > 2
+])
+def test_cudnn_matches_xla_forward_and_grads(rows, max_segments, branch):
     rng = np.random.default_rng(9)
     b, t, h, kh, d = 2, 256, 8, 2, 64
     q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
     k, v = (jnp.asarray(x, jnp.bfloat16) for x in rng.standard_normal((2, b, t, kh, d)))
-    seg = jnp.asarray(np.array([[1] * 100 + [2] * 60 + [3] * 60 + [0] * 36, [5] * 256], np.int32))
+    seg = jnp.asarray(np.array(rows, np.int32))
 
     def run(impl):
         def f(q, k, v):
@@ -254,7 +258,7 @@ def test_cudnn_matches_xla_forward_and_grads(max_segments):
 
     out_x, _, grads_x = run("xla")
     out_c, aux, grads_c = run("cudnn")
-    assert float(aux["stats/dense_segment_overflow"]) == float(max_segments < 4)
+    assert float(aux["stats/dense_segment_overflow"]) == float(branch == "masked")
     np.testing.assert_allclose(np.asarray(out_c, np.float32), np.asarray(out_x, np.float32), atol=2e-2)
     for gc, gx in zip(grads_c, grads_x):
         np.testing.assert_allclose(np.asarray(gc, np.float32), np.asarray(gx, np.float32), atol=5e-2)

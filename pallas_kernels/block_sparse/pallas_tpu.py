@@ -72,6 +72,7 @@ def _round_up(a: int, b: int) -> int:
 # ---------------------------------------------------------------------------------------- support
 def check_supported(q, k, v, layout) -> None:
     """Raise ValueError if this implementation cannot tile the call (api.py has checked the shapes)."""
+    del k, v
     if q.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"pallas_tpu supports dtypes float32 and bfloat16, got {q.dtype}")
     if layout.block_k % LANES and LANES % layout.block_k:
@@ -79,7 +80,6 @@ def check_supported(q, k, v, layout) -> None:
             f"pallas_tpu needs block_k to be a multiple of {LANES} (the TPU lane width; the score tile "
             f"is [rows, block_k]) or a divisor of {LANES} (computed on a {LANES}-key tile), got "
             f"block_k={layout.block_k}; valid: 1, 2, 4, 8, 16, 32, 64, 128, 256, 384, ...")
-    del k, v
 
 
 # ---------------------------------------------------------------------------------------- geometry
@@ -156,13 +156,14 @@ def _geometry(q, k, v, layout) -> _Geometry:
 
 
 # ---------------------------------------------------------------------------------------- relayouts
-def _pad_axis(x, axis: int, size: int, value=0):
+def _pad_axis(x, axis: int, size: int):
+    """Zero-pad axis `axis` of x up to `size`."""
     extra = size - x.shape[axis]
     if extra == 0:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
+    return jnp.pad(x, widths)
 
 
 def _to_rows(x, g: _Geometry, units: int, depth: int):

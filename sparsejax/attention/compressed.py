@@ -34,7 +34,8 @@ per (token, KV group), with the first `num_initial` blocks of the query's docume
 blocks after the query's block or before its document are −inf and never selected.
 
 The importance pass never materialises [T, N] in memory: `select_blocks` walks query chunks with
-`lax.map`, recomputes the logits, takes the softmax, maps to blocks and keeps only the top-n
+`lax.map`, recomputes the logits, turns them into probabilities with the compression branch's own
+log-sum-exp (p = exp(s − lse): no second reduction), maps to blocks and keeps only the top-n
 indices [B, K, T, n]. It is not differentiable (indices); it reads its inputs through stop_gradient.
 """
 from __future__ import annotations
@@ -120,7 +121,8 @@ def compressed_attention(q, k_cmp, v_cmp, q_segment_ids, *, block: int, stride: 
     """Branch output over the compressed tokens.
 
     q [B, T, H, D]; k_cmp, v_cmp [B, N, K, D] (N ≥ 1); q_segment_ids [B, T] int32.
-    Returns out [B, T, H, D] in q's dtype (rows that see no compressed token: 0).
+    Returns out [B, T, H, D] in q's dtype (rows that see no compressed token: 0) and lse [B, H, T]
+    float32 (−inf for those rows), which the importance pass reuses.
     """
     b, t, _, _ = q.shape
     n, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
@@ -129,10 +131,8 @@ def compressed_attention(q, k_cmp, v_cmp, q_segment_ids, *, block: int, stride: 
     q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     kv_pos = jnp.broadcast_to(compressed_positions(n, block, stride), (b, n))
     kv_seg = compressed_segments(q_segment_ids, n, block, stride)
-    out, _ = block_sparse_attention(q, k_cmp, v_cmp, layout, q_positions=q_pos, kv_positions=kv_pos,
-                                    q_segment_ids=q_segment_ids, kv_segment_ids=kv_seg,
-                                    implementation=implementation)
-    return out
+    return block_sparse_attention(q, k_cmp, v_cmp, layout, q_positions=q_pos, kv_positions=kv_pos,
+                                  q_segment_ids=q_segment_ids, kv_segment_ids=kv_seg, implementation=implementation)
 
 
 def overlap_weights(select_block: int, block: int, stride: int) -> tuple[int, ...]:
@@ -187,17 +187,19 @@ def top_blocks(scores: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     return keys, (keys < num_blocks).sum(-1, dtype=jnp.int32)
 
 
-def select_blocks(q, k_cmp, segment_ids, *, block: int, stride: int, select_block: int, num_selected: int,
+def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select_block: int, num_selected: int,
                   num_initial: int, num_local: int, chunk_elements: int = 1 << 26,
                   sm_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
     """Per (token, KV group) selected blocks from the compression probabilities.
 
-    q [B, T, H, D] (rotated), k_cmp [B, N, K, D] (rotated; N may be 0), segment_ids [B, T] int32.
+    q [B, T, H, D] (rotated), k_cmp [B, N, K, D] (rotated; N may be 0), lse [B, H, T] float32 of the
+    compression branch (`compressed_attention`; None when N = 0), segment_ids [B, T] int32. The
+    probabilities are recomputed as p = exp(q·k̃ᵀ·scale − lse) per chunk, one pass over the logits.
     Returns indices [B, K, T, n'] int32 (ascending; entries past the count hold S) and counts
     [B, K, T] int32, n' = min(n, S), S = ⌈T / l'⌉. Query chunks of C tokens keep the largest
     intermediate [B, H, C, max(N, S)] float32 under `chunk_elements`.
     """
-    q, k_cmp = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_cmp)
+    q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
     b, t, h, d = q.shape
     n, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
     g = h // kv_heads
@@ -214,18 +216,18 @@ def select_blocks(q, k_cmp, segment_ids, *, block: int, stride: int, select_bloc
     if n:
         kv_pos = compressed_positions(n, block, stride)
         kv_seg = compressed_segments(segment_ids, n, block, stride)
+        lse = jnp.pad(lse, ((0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf)
+        lse_c = lse.reshape(b, kv_heads, g, num_chunks, chunk).transpose(3, 0, 1, 2, 4)   # [nc, B, K, G, C]
+    else:
+        lse_c = jnp.zeros((num_chunks,), jnp.float32)
 
     def one_chunk(args):
-        qc, segc, startc, tc = args                    # [B, C, K, G, D], [B, C], [B, C], [C]
+        qc, lc, segc, startc, tc = args                # [B, C, K, G, D], [B, K, G, C], [B, C], [B, C], [C]
         if n:
-            logits = jnp.einsum("bckgd,bnkd->bkgcn", qc, k_cmp, preferred_element_type=jnp.float32) * scale
+            logits = jnp.einsum("bckgd,bnkd->bkgcn", qc, k_cmp, preferred_element_type=jnp.float32)
             seen = (kv_pos[None, None, None, None, :] <= tc[None, None, None, :, None]) & (
-                kv_seg[:, None, None, None, :] == segc[:, None, None, :, None])
-            logits = jnp.where(seen, logits, -jnp.inf)
-            peak = logits.max(-1, keepdims=True)
-            e = jnp.where(seen, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
-            total = e.sum(-1, keepdims=True)
-            p = (e / jnp.where(total > 0, total, 1.0)).sum(2)                       # [B, K, C, N]
+                kv_seg[:, None, None, None, :] == segc[:, None, None, :, None]) & jnp.isfinite(lc)[..., None]
+            p = jnp.where(seen, jnp.exp(logits * scale - jnp.where(seen, lc[..., None], 0.0)), 0.0).sum(2)
             p_slc = block_importance(p, num_blocks, select_block=select_block, block=block, stride=stride)
         else:
             p_slc = jnp.zeros((b, kv_heads, chunk, num_blocks), jnp.float32)
@@ -233,7 +235,7 @@ def select_blocks(q, k_cmp, segment_ids, *, block: int, stride: int, select_bloc
                               num_local=num_local)
         return top_blocks(scores, num_selected)
 
-    xs = (q_c.swapaxes(0, 1), seg_c.swapaxes(0, 1), start_c.swapaxes(0, 1), t_all.reshape(num_chunks, chunk))
+    xs = (q_c.swapaxes(0, 1), lse_c, seg_c.swapaxes(0, 1), start_c.swapaxes(0, 1), t_all.reshape(num_chunks, chunk))
     idx, cnt = jax.lax.map(one_chunk, xs)              # [nc, B, K, C, n'], [nc, B, K, C]
     idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, kv_heads, num_chunks * chunk, -1)[:, :, :t]
     cnt = cnt.transpose(1, 2, 0, 3).reshape(b, kv_heads, num_chunks * chunk)[:, :, :t]

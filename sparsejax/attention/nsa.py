@@ -35,6 +35,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from pallas_kernels import BlockLayout, block_sparse_attention, merge_attention
@@ -230,13 +231,13 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k
         kc = compress(k_cmp, compress_k, block=l, stride=d, activation=spec.compress_activation)
         vc = compress(v_cmp, compress_v, block=l, stride=d, activation=spec.compress_activation)
         kc = apply_rope(kc, rope_positions[:, compressed_positions(n, l, d)], rope_theta)
-        o_cmp = compressed_attention(q, kc, vc, segment_ids, block=l, stride=d,
-                                     block_q=spec.compress_kernel_block_q, block_k=spec.compress_kernel_block_k,
-                                     implementation=impl)
+        o_cmp, lse_cmp = compressed_attention(q, kc, vc, segment_ids, block=l, stride=d,
+                                              block_q=spec.compress_kernel_block_q,
+                                              block_k=spec.compress_kernel_block_k, implementation=impl)
     else:
-        kc = jnp.zeros((b, 0) + k_cmp.shape[2:], q.dtype)
+        kc, lse_cmp = jnp.zeros((b, 0) + k_cmp.shape[2:], q.dtype), None
         o_cmp = jnp.zeros(q.shape[:3] + v_cmp.shape[3:], q.dtype)
-    indices, counts = select_blocks(q, kc, segment_ids, block=l, stride=d, select_block=spec.select_block,
+    indices, counts = select_blocks(q, kc, lse_cmp, segment_ids, block=l, stride=d, select_block=spec.select_block,
                                     num_selected=spec.num_selected, num_initial=spec.num_initial,
                                     num_local=spec.num_local, chunk_elements=spec.score_chunk_elements)
     o_slc = selected_attention(q, k_slc, v_slc, segment_ids, indices, counts, select_block=spec.select_block,
@@ -299,11 +300,8 @@ class Gate(nnx.Module):
         kw = dict(std=m.init_std, dtype=dtype_from_name(m.dtype), param_dtype=dtype_from_name(m.param_dtype),
                   rngs=rngs)
         self.activation = c.gate_activation
-        width = m.d_model
-        self.hidden = None
-        if c.gate_hidden:
-            self.hidden = Linear((m.d_model,), (c.gate_hidden,), names=("embed", None), **kw)
-            width = c.gate_hidden
+        self.hidden = Linear((m.d_model,), (c.gate_hidden,), names=("embed", None), **kw) if c.gate_hidden else None
+        width = c.gate_hidden or m.d_model
         self.proj = Linear((width,), (m.num_heads, 3), names=(None if c.gate_hidden else "embed", "heads", None),
                            **kw)
         init = jnp.asarray(tuple(c.gate_bias_init), jnp.float32)
@@ -342,6 +340,26 @@ class NSAAttention(nnx.Module):
         self.compress_v = CompressionMLP(c.compress_block, m.head_dim, c.compress_hidden, param_dtype=pd, rngs=rngs)
         self.gate = Gate(config, rngs=rngs)
         self.out = OutputProjection(config, rngs=rngs)
+
+    @staticmethod
+    def attention_flops(config, seq_len: int) -> float:
+        """Forward FLOPs of one layer over one causal sequence of `seq_len` tokens (no packing), of
+        everything NSA computes beyond the standard q/k/v/o projections (read by
+        `sparsejax.training.metrics`): the window and compression K/V projections, the compression
+        MLPs, the gate, the importance pass (q·k̃ᵀ again), and the three branches' attention (4·H·D per
+        key: scores and values) over the keys each query sees — whole blocks for the selection."""
+        m, c = config.model, config.attention.nsa
+        e, h, k, d = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
+        t = np.arange(seq_len)
+        l, s, ls, f, gh = c.compress_block, c.compress_stride, c.select_block, c.compress_hidden, c.gate_hidden
+        n_cmp = np.maximum((t - l + 1) // s + 1, 0).sum()
+        n_slc = (np.minimum(c.num_selected, t // ls + 1) * ls).sum()
+        n_win = np.minimum(c.window, t + 1).sum()
+        projections = seq_len * 2 * e * 4 * k * d
+        mlps = 2 * num_compressed(seq_len, l, s) * 2 * (l * d * f + f * d)
+        gate = seq_len * 2 * (e * gh + gh * 3 * h if gh else e * 3 * h)
+        attention = 4 * h * d * (n_cmp + n_slc + n_win) + 2 * h * d * n_cmp
+        return float(projections + mlps + gate + attention)
 
     def __call__(self, x, positions, segment_ids):
         q, k_slc, v_slc = self.qkv(x, positions)

@@ -1,0 +1,198 @@
+"""Speed of the whole NSA attention (compression MLPs, compression branch, importance pass + top-n,
+selection branch, window branch, gates) against cuDNN dense causal attention with the same head
+shapes, timed in the same run. Prints a table and writes every number to JSON.
+
+Inputs are the projected tensors of one layer (`nsa.nsa_attention`'s arguments), bf16, B=1, the NSA
+paper's head layout (64 query heads, 4 KV heads, D=128) and hyper-parameters (l=32, d=16, l'=64,
+n=16, w=512), one document per row. Forward = the output; forward+backward = the gradient of
+sum(out · cotangent) with respect to every float input (q, the six K/V, gates, MLP weights). Dense:
+`jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`, forward and the
+gradient with respect to q, k, v. `--breakdown` also times each NSA piece forward at the longest T.
+
+    python benchmarks/nsa.py --out $OUT/nsa.json                      # GPU: 8k 16k 32k 64k
+    python benchmarks/nsa.py --lengths 256 --heads 4 --kv-heads 2 --head-dim 16 --dense xla \
+        --implementation xla --dtype float32 --l 8 --d 4 --lp 16 --n 4 --w 32 --wb 16   # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sparsejax.attention import compressed as cmp_lib  # noqa: E402
+from sparsejax.attention.compressed import CompressionParams  # noqa: E402
+from sparsejax.attention.nsa import NSASpec, nsa_attention, selected_attention, window_attention  # noqa: E402
+
+RESULTS: dict = {"rows": [], "errors": {}}
+
+
+def bench(fn, *args, reps=10, warmup=2, max_s=15.0):
+    """(median ms, compile s) of the jitted `fn(*args)`, synchronised after every call."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        jax.block_until_ready(fn(*args))
+    times, start = [], time.perf_counter()
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t) * 1e3)
+        if time.perf_counter() - start > max_s:
+            break
+    return statistics.median(times), compile_s
+
+
+def guarded(name, fn):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a failed row is reported, the run goes on
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        print(f"  [{name}] FAILED: {msg}", flush=True)
+        RESULTS["errors"][name] = msg + "\n" + traceback.format_exc()[-2000:]
+        return None
+
+
+def make_inputs(args, t, dtype):
+    ks = iter(jax.random.split(jax.random.key(t), 24))
+    r = lambda shape, s=1.0: (s * jax.random.normal(next(ks), shape, jnp.float32)).astype(dtype)
+    h, k, d, l, f = args.heads, args.kv_heads, args.head_dim, args.l, args.hidden
+    cp = lambda: CompressionParams(r((l, d), 0.02), r((l, d, f), (l * d) ** -0.5), r((f,), 0.0),
+                                   r((f, d), f ** -0.5), r((d,), 0.0))
+    inputs = dict(q=r((1, t, h, d)), k_cmp=r((1, t, k, d)), v_cmp=r((1, t, k, d)), k_slc=r((1, t, k, d)),
+                  v_slc=r((1, t, k, d)), k_win=r((1, t, k, d)), v_win=r((1, t, k, d)),
+                  gates=jax.nn.sigmoid(r((1, t, h, 3)).astype(jnp.float32)).astype(dtype),
+                  compress_k=cp(), compress_v=cp(),
+                  rope_positions=jnp.arange(t, dtype=jnp.int32)[None], segment_ids=jnp.ones((1, t), jnp.int32))
+    return inputs
+
+
+INTS = ("rope_positions", "segment_ids")
+
+
+def nsa_fns(spec):
+    def forward(inputs):
+        return nsa_attention(**inputs, spec=spec, rope_theta=500000.0)[0]
+
+    def forward_backward(inputs, cot):
+        ints = {n: inputs[n] for n in INTS}
+        floats = {n: x for n, x in inputs.items() if n not in INTS}
+        loss = lambda fl: (forward({**fl, **ints}).astype(jnp.float32) * cot).sum()
+        return jax.grad(loss)(floats)
+    return jax.jit(forward), jax.jit(forward_backward)
+
+
+def dense_fns(kind):
+    def forward(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kind)
+
+    def forward_backward(q, k, v, cot):
+        return jax.grad(lambda q, k, v: (forward(q, k, v).astype(jnp.float32) * cot).sum(), argnums=(0, 1, 2))(q, k, v)
+    return jax.jit(forward), jax.jit(forward_backward)
+
+
+def breakdown(args, spec, t, dtype):
+    """Forward time of each NSA piece at length t."""
+    x = make_inputs(args, t, dtype)
+    impl = spec.kernel_implementation
+    l, s = spec.compress_block, spec.compress_stride
+    pieces = {}
+    comp = jax.jit(lambda x: cmp_lib.compress(x["k_cmp"], x["compress_k"], block=l, stride=s))
+    pieces["compress_mlp_k"] = bench(comp, x)[0]
+    kc = comp(x)
+    vc = jax.jit(lambda x: cmp_lib.compress(x["v_cmp"], x["compress_v"], block=l, stride=s))(x)
+    cmp_attention = jax.jit(lambda q, kc, vc, seg: cmp_lib.compressed_attention(
+        q, kc, vc, seg, block=l, stride=s, block_q=spec.compress_kernel_block_q,
+        block_k=spec.compress_kernel_block_k, implementation=impl))
+    pieces["cmp_attention"] = bench(cmp_attention, x["q"], kc, vc, x["segment_ids"])[0]
+    lse = cmp_attention(x["q"], kc, vc, x["segment_ids"])[1]
+    select = jax.jit(lambda q, kc, lse, seg: cmp_lib.select_blocks(
+        q, kc, lse, seg, block=l, stride=s, select_block=spec.select_block, num_selected=spec.num_selected,
+        num_initial=spec.num_initial, num_local=spec.num_local, chunk_elements=spec.score_chunk_elements))
+    pieces["importance_topn"] = bench(select, x["q"], kc, lse, x["segment_ids"])[0]
+    idx, cnt = select(x["q"], kc, lse, x["segment_ids"])
+    pieces["slc_attention"] = bench(jax.jit(lambda x, i, c: selected_attention(
+        x["q"], x["k_slc"], x["v_slc"], x["segment_ids"], i, c, select_block=spec.select_block,
+        implementation=impl)), x, idx, cnt)[0]
+    pieces["win_attention"] = bench(jax.jit(lambda x: window_attention(
+        x["q"], x["k_win"], x["v_win"], x["segment_ids"], window=spec.window, block=spec.window_block,
+        implementation=impl)), x)[0]
+    return pieces
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    p.add_argument("--heads", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=256, help="compression MLP width F")
+    p.add_argument("--l", type=int, default=32)
+    p.add_argument("--d", type=int, default=16)
+    p.add_argument("--lp", type=int, default=64)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--w", type=int, default=512)
+    p.add_argument("--wb", type=int, default=64, help="window kernel block")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--implementation", default="auto", help="block_sparse_attention implementation")
+    p.add_argument("--dense", default="cudnn", help="jax.nn.dot_product_attention implementation")
+    p.add_argument("--breakdown", action="store_true", help="time each NSA piece at the longest length")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    spec = NSASpec(compress_block=args.l, compress_stride=args.d, select_block=args.lp, num_selected=args.n,
+                   window=args.w, window_block=args.wb, implementation=args.implementation)
+    RESULTS["meta"] = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), jax=jax.__version__,
+                           device=jax.devices()[0].device_kind, python=platform.python_version(), args=vars(args))
+    print(f"# {RESULTS['meta']['device']}, jax {jax.__version__}, B=1 H={args.heads} K={args.kv_heads} "
+          f"D={args.head_dim} {args.dtype}; NSA l={args.l} d={args.d} l'={args.lp} n={args.n} w={args.w}", flush=True)
+    print("| T | NSA fwd ms | NSA fwd+bwd ms | dense fwd ms | dense fwd+bwd ms | speed-up fwd | speed-up fwd+bwd |")
+    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    nsa_fwd, nsa_fb = nsa_fns(spec)
+    dense_fwd, dense_fb = dense_fns(args.dense)
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(RESULTS, f, indent=1)
+
+    for t in args.lengths:
+        x = make_inputs(args, t, dtype)
+        cot = jax.random.normal(jax.random.key(1), x["q"].shape, jnp.float32)
+        row = {"T": t}
+        for name, fn, fargs in (("nsa_fwd", nsa_fwd, (x,)), ("nsa_fwd_bwd", nsa_fb, (x, cot)),
+                                ("dense_fwd", dense_fwd, (x["q"], x["k_slc"], x["v_slc"])),
+                                ("dense_fwd_bwd", dense_fb, (x["q"], x["k_slc"], x["v_slc"], cot))):
+            res = guarded(f"{name}@{t}", lambda: bench(fn, *fargs))
+            if res:
+                row[name], row[name + "_compile_s"] = res
+        RESULTS["rows"].append(row)
+        fmt = lambda k: f"{row[k]:.2f}" if k in row else "—"
+        ratio = lambda a, b: f"{row[b] / row[a]:.2f}×" if a in row and b in row else "—"
+        print(f"| {t:,} | {fmt('nsa_fwd')} | {fmt('nsa_fwd_bwd')} | {fmt('dense_fwd')} | {fmt('dense_fwd_bwd')} | "
+              f"{ratio('nsa_fwd', 'dense_fwd')} | {ratio('nsa_fwd_bwd', 'dense_fwd_bwd')} |", flush=True)
+        del x, cot
+        save()
+    if args.breakdown:
+        t = max(args.lengths)
+        pieces = guarded(f"breakdown@{t}", lambda: breakdown(args, spec, t, dtype))
+        if pieces:
+            RESULTS["breakdown"] = {"T": t, **pieces}
+            print(f"# forward pieces at T={t}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in pieces.items()), flush=True)
+        save()
+
+
+if __name__ == "__main__":
+    main()

@@ -120,3 +120,29 @@ def test_rejects_what_it_cannot_tile():
     half = lambda x: x.astype(jnp.float16)
     with pytest.raises(ValueError, match=r"float32 and bfloat16.*float16"):
         pallas_tpu.check_supported(half(q), half(kv), half(kv), wide)
+
+
+def test_dkv_schedule_groups_every_entry_by_kv_tile():
+    """The dK/dV grid's entries: exactly the (head unit, query unit, KV block) triples of the
+    query-major lists, each KV group's entries in ascending KV-tile order (so a tile's dK/dV block is
+    one run of consecutive steps), padding repeating the last entry."""
+    case = random_case(3, batch=2, seq_len_q=40, seq_len_k=300, num_kv_heads=2, group=3,
+                       head_unit="query", block_q=8, block_k=32, dqk=16, dv=16, layout_batch=2)
+    layout = case.layout
+    g = pallas_tpu._geometry(case.q, case.k, case.v, layout)
+    kv, row, totals, visited = (np.asarray(x) for x in pallas_tpu._dkv_schedule(layout, g))
+    idx, cnt = np.asarray(layout.kv_indices), np.asarray(layout.kv_counts)
+    lb, hl, nq, cap = idx.shape
+    ug = hl // g.hkv
+    for b in range(lb):
+        for h in range(g.hkv):
+            want = {(u, i, int(idx[b, h * ug + u, i, s])) for u in range(ug) for i in range(nq)
+                    for s in range(cnt[b, h * ug + u, i])}
+            n = int(totals[b, h])
+            got = [(int(r) // nq, int(r) % nq, int(j)) for r, j in zip(row[b, h, :n], kv[b, h, :n])]
+            assert len(got) == len(want) and set(got) == want
+            tiles = kv[b, h, :n] // g.sub
+            assert np.all(np.diff(tiles) >= 0)
+            if n:
+                assert np.all(kv[b, h, n:] == kv[b, h, n - 1]) and np.all(row[b, h, n:] == row[b, h, n - 1])
+            assert set(np.flatnonzero(visited[b, h])) == {j // g.sub for _, _, j in want}

@@ -66,5 +66,18 @@ def main(argv):
                  result.train_metrics.get("loss"), result.last_checkpoint)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with a one-line error (not a traceback) for a bad flag, an unknown
+    --config.KEY override or a value of the wrong type."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: invalid flag: {e}")
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config lacks
+        while e.args and isinstance(e.args[0], BaseException):
+            e = e.args[0]
+        sys.exit(f"error: invalid --config override: unknown key {e.args[0] if e.args else e}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

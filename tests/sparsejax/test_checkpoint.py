@@ -250,6 +250,7 @@ def test_kill9_mid_save_resumes_exactly_and_sigterm_saves(tmp_path):
     assert sorted(history) == list(range(1, last + 1))
     assert (checkpoints / str(last)).is_dir(), f"no checkpoint at the SIGTERM step {last}: {os.listdir(checkpoints)}"
     assert not [p for p in os.listdir(checkpoints) if "tmp" in p]
+    assert len(os.listdir(checkpoints)) <= 2  # keep_checkpoints
     for step, record in killed_history.items():
         assert history[step]["loss"] == record["loss"], step
         assert history[step]["grad_norm"] == record["grad_norm"], step

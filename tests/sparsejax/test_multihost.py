@@ -1,0 +1,90 @@
+"""Multi-process training: two CPU processes on localhost (2 devices each, one 4-device mesh) run
+train.py with explicit coordinator flags, train a few steps of a tiny config, checkpoint, and end
+with the same losses; each process saves its own data-iterator position."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsejax import distributed
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
+        "--config.model.num_kv_heads=2", "--config.model.head_dim=16", "--config.model.mlp_dim=64",
+        "--config.data.seq_len=32", "--config.data.global_batch_size=8", "--config.data.max_documents=40",
+        "--config.train.num_steps=4", "--config.train.warmup_steps=1", "--config.train.log_every=1",
+        "--config.train.eval_every=4", "--config.train.eval_batches=1", "--config.train.checkpoint_every=2"]
+FINISHED = re.compile(r"finished: completed at step (\d+), loss ([0-9.eE+-]+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_equal_losses(tmp_path):
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    processes = [
+        subprocess.Popen([sys.executable, "train.py", "--config=configs/dense_tiny.py", f"--workdir={tmp_path}",
+                          f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+                          *TINY], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=300)[1])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    for i, (process, stderr) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"process {i}:\n{stderr[-4000:]}"
+    assert "2 processes, 4 devices" in outputs[0], outputs[0][-2000:]
+    finals = [FINISHED.search(stderr) for stderr in outputs]
+    assert all(finals), [o[-2000:] for o in outputs]
+    assert finals[0].group(1) == finals[1].group(1) == "4"
+    assert finals[0].group(2) == finals[1].group(2)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert float(finals[0].group(2)) == losses[4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [4]
+    data = sorted(os.listdir(tmp_path / "checkpoints" / "4" / "data"))
+    assert "process_0-of-2.json" in data and "process_1-of-2.json" in data
+
+
+def test_single_process_launch_does_not_initialize(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
+                 "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    assert distributed.maybe_initialize() is False
+    assert distributed.maybe_initialize("localhost:1234", 1, 0) is False
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.maybe_initialize() is False
+    assert calls == []
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert distributed.maybe_initialize() is True
+    assert calls == [((), {})]
+
+
+def test_incomplete_explicit_flags_are_an_error(monkeypatch):
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a, **k: None)
+    with pytest.raises(ValueError, match="needs all of coordinator_address, num_processes and process_id"):
+        distributed.maybe_initialize("localhost:1234", None, None)
+    with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, num_processes=2\)"):
+        distributed.maybe_initialize("localhost:1234", 2, 2)

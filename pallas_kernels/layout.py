@@ -14,7 +14,7 @@ values are concrete; shape checks always run.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -115,15 +115,8 @@ class BlockLayout:
                 raise ValueError(
                     f"KV block index {int(idx[where])} at [b, unit, q_block, slot] = {list(where)} is out "
                     f"of range [0, num_kv_blocks={num_kv_blocks})")
-        indices = indices.astype(jnp.int32)
-        counts = jnp.clip(counts.astype(jnp.int32), 0, cap)
-        used = jnp.arange(cap, dtype=jnp.int32) < counts[..., None]
-        in_range = (indices >= 0) & (indices < num_kv_blocks)
-        keys = jnp.sort(jnp.where(used & in_range, indices, num_kv_blocks), axis=-1)
-        previous = jnp.concatenate([jnp.full_like(keys[..., :1], -1), keys[..., :-1]], axis=-1)
-        keep = (keys != previous) & (keys < num_kv_blocks)
-        keys = jnp.sort(jnp.where(keep, keys, num_kv_blocks), axis=-1)
-        return cls._from_sorted(keys, keep.sum(-1, dtype=jnp.int32), block_q, block_k, num_kv_blocks)
+        keys, counts = _normalize_lists(indices, counts, int(num_kv_blocks))
+        return cls._from_sorted(keys, counts, block_q, block_k, num_kv_blocks)
 
     @classmethod
     def from_block_mask(cls, mask, *, block_q: int, block_k: int, max_kv_blocks: int | None = None) -> "BlockLayout":
@@ -146,9 +139,7 @@ class BlockLayout:
             most = int(np.asarray(mask).sum(-1).max(initial=0))
             if most > cap:
                 raise ValueError(f"a query unit visits {most} KV blocks, more than max_kv_blocks={cap}")
-        keys = jnp.where(mask, jnp.arange(nk, dtype=jnp.int32), nk)
-        keys = jnp.sort(keys, axis=-1)[..., :cap]
-        counts = (keys < nk).sum(-1, dtype=jnp.int32)
+        keys, counts = _mask_to_lists(mask, cap)
         return cls._from_sorted(keys, counts, block_q, block_k, nk)
 
     @classmethod
@@ -167,9 +158,7 @@ class BlockLayout:
         nk = scores.shape[3]
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= nk:
             raise ValueError(f"k must be an int in [1, nk={nk}], got {k!r}")
-        values, picked = jax.lax.top_k(scores, int(k))
-        keys = jnp.sort(jnp.where(values > -jnp.inf, picked.astype(jnp.int32), nk), axis=-1)
-        counts = (keys < nk).sum(-1, dtype=jnp.int32)
+        keys, counts = _top_k_lists(scores, int(k))
         return cls._from_sorted(keys, counts, block_q, block_k, nk)
 
     @classmethod
@@ -197,29 +186,29 @@ class BlockLayout:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if window is not None and (not isinstance(window, (int, np.integer)) or window < 1):
             raise ValueError(f"window must be a positive int or None, got {window!r}")
+        # Everything here is static, so the lists are computed in numpy.
         nq, nk = _cdiv(seq_len_q, block_q), _cdiv(seq_len_k, block_k)
-        first_pos = seq_len_k - seq_len_q + jnp.arange(nq, dtype=jnp.int32) * block_q
-        last_pos = jnp.minimum(first_pos + block_q, seq_len_k) - 1                # last query's position
-        hi = jnp.minimum(jnp.floor_divide(last_pos, block_k), nk - 1)       # last block (may be < 0)
+        first_pos = seq_len_k - seq_len_q + np.arange(nq) * block_q           # first query's position
+        last_pos = np.minimum(first_pos + block_q, seq_len_k) - 1              # last query's position
+        hi = np.minimum(last_pos // block_k, nk - 1)                           # last block (may be < 0)
         if window is None:
-            lo = jnp.zeros_like(hi)
+            lo = np.zeros_like(hi)
             cap = nk
         else:
-            lo = jnp.floor_divide(jnp.maximum(first_pos - window + 1, 0), block_k)
+            lo = np.maximum(first_pos - window + 1, 0) // block_k
             cap = min(nk, _cdiv(block_q + window - 1, block_k) + 1)
-        counts = jnp.clip(hi - lo + 1, 0, cap).astype(jnp.int32)              # [nq]
-        slots = lo[:, None] + jnp.arange(cap, dtype=jnp.int32)[None, :]
-        keys = jnp.where(jnp.arange(cap)[None, :] < counts[:, None], slots, nk).astype(jnp.int32)
+        counts = np.clip(hi - lo + 1, 0, cap)                                  # [nq]
+        slot = np.arange(cap)[None, :]
+        keys = np.where(slot < counts[:, None], lo[:, None] + slot, nk)
         shape = (batch, num_head_units, nq, cap)
-        return cls._from_sorted(jnp.broadcast_to(keys, shape), jnp.broadcast_to(counts, shape[:3]),
-                                block_q, block_k, nk)
+        return cls._from_sorted(jnp.asarray(np.broadcast_to(keys, shape), jnp.int32),
+                                jnp.asarray(np.broadcast_to(counts, shape[:3]), jnp.int32), block_q, block_k, nk)
 
     @classmethod
     def _from_sorted(cls, keys, counts, block_q, block_k, num_kv_blocks) -> "BlockLayout":
         """keys: int32 [B, Hl, nq, K] ascending valid indices followed by `num_kv_blocks` sentinels."""
-        kv_indices = _pad_with_last(keys, counts)
-        q_indices, kv_offsets = _inverse(keys, counts, num_kv_blocks)
-        return cls(kv_indices, counts.astype(jnp.int32), q_indices, kv_offsets,
+        kv_indices, q_indices, kv_offsets = _finish(keys, counts, int(num_kv_blocks))
+        return cls(kv_indices, jnp.asarray(counts, jnp.int32), q_indices, kv_offsets,
                    int(block_q), int(block_k), int(num_kv_blocks))
 
     # ------------------------------------------------------------------ checks and debugging
@@ -288,6 +277,47 @@ jax.tree_util.register_dataclass(
 )
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _mask_to_lists(mask, cap):
+    """bool [B, Hl, nq, nk] -> (keys [B, Hl, nq, cap] ascending then nk sentinels, counts)."""
+    nk = mask.shape[-1]
+    keys = jnp.sort(jnp.where(mask, jnp.arange(nk, dtype=jnp.int32), nk), axis=-1)[..., :cap]
+    return keys, (keys < nk).sum(-1, dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _top_k_lists(scores, k):
+    """float [B, Hl, nq, nk] -> the k best finite blocks as (keys ascending then nk sentinels, counts)."""
+    nk = scores.shape[-1]
+    values, picked = jax.lax.top_k(scores, k)
+    keys = jnp.sort(jnp.where(values > -jnp.inf, picked.astype(jnp.int32), nk), axis=-1)
+    return keys, (keys < nk).sum(-1, dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _normalize_lists(indices, counts, num_kv_blocks):
+    """Sort each list's first `counts` entries, drop duplicates and out-of-range entries.
+    -> (keys int32 [B, Hl, nq, K] ascending then `num_kv_blocks` sentinels, counts int32 [B, Hl, nq])."""
+    cap = indices.shape[-1]
+    indices = indices.astype(jnp.int32)
+    counts = jnp.clip(counts.astype(jnp.int32), 0, cap)
+    used = jnp.arange(cap, dtype=jnp.int32) < counts[..., None]
+    in_range = (indices >= 0) & (indices < num_kv_blocks)
+    keys = jnp.sort(jnp.where(used & in_range, indices, num_kv_blocks), axis=-1)
+    previous = jnp.concatenate([jnp.full_like(keys[..., :1], -1), keys[..., :-1]], axis=-1)
+    keep = (keys != previous) & (keys < num_kv_blocks)
+    keys = jnp.sort(jnp.where(keep, keys, num_kv_blocks), axis=-1)
+    return keys, keep.sum(-1, dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _finish(keys, counts, num_kv_blocks):
+    """-> kv_indices (padded with the last valid index), q_indices, kv_offsets."""
+    keys, counts = keys.astype(jnp.int32), counts.astype(jnp.int32)
+    q_indices, kv_offsets = _inverse(keys, counts, num_kv_blocks)
+    return _pad_with_last(keys, counts), q_indices, kv_offsets
+
+
 def _pad_with_last(keys, counts):
     """Replace the sentinels past each count by the last valid index (0 when the count is 0)."""
     cap = keys.shape[-1]
@@ -302,16 +332,17 @@ def _inverse(keys, counts, num_kv_blocks):
     used = jnp.arange(cap) < counts[..., None]
     flat = jnp.where(used, keys, num_kv_blocks).reshape(b, hl, nq * cap)
     order = jnp.argsort(flat, axis=-1, stable=True)               # by KV block, then query unit
-    sorted_keys = jnp.take_along_axis(flat, order, axis=-1)
     q_units = (order // cap).astype(jnp.int32)
     total = counts.sum(-1, dtype=jnp.int32)                        # [B, Hl]
     last = jnp.take_along_axis(q_units, jnp.clip(total - 1, 0, nq * cap - 1)[..., None], axis=-1)
     last = jnp.where(total[..., None] > 0, last, 0)
     q_indices = jnp.where(jnp.arange(nq * cap) < total[..., None], q_units, last)
-    boundaries = jnp.arange(num_kv_blocks + 1, dtype=sorted_keys.dtype)
-    search = lambda row: jnp.searchsorted(row, boundaries, side="left")
-    kv_offsets = jax.vmap(jax.vmap(search))(sorted_keys).astype(jnp.int32)
-    return q_indices.astype(jnp.int32), kv_offsets
+    # Entries per KV block by an integer scatter-add (exact in any order), then a prefix sum.
+    rows = jnp.arange(b * hl)[:, None]
+    per_block = jnp.zeros((b * hl, num_kv_blocks + 1), jnp.int32).at[rows, flat.reshape(b * hl, -1)].add(1)
+    kv_offsets = jnp.cumsum(per_block[:, :num_kv_blocks], axis=-1, dtype=jnp.int32)
+    kv_offsets = jnp.concatenate([jnp.zeros((b * hl, 1), jnp.int32), kv_offsets], axis=-1)
+    return q_indices.astype(jnp.int32), kv_offsets.reshape(b, hl, num_kv_blocks + 1)
 
 
 __all__ = ["BlockLayout"]

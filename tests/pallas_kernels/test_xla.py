@@ -1,0 +1,69 @@
+"""`xla` against `reference`: random cases (hypothesis) and the shapes the variants rely on."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from kernel_cases import assert_matches_reference, cases, random_case, run_case
+from pallas_kernels import BlockLayout, block_sparse_attention
+from pallas_kernels.block_sparse import xla
+
+
+@settings(max_examples=8, deadline=None)
+@given(cases())
+def test_xla_matches_reference_random(case):
+    assert_matches_reference("xla", case)
+
+
+@pytest.mark.parametrize("params", [
+    # NSA selection: one token per query unit, the 16 heads of a group stacked as rows, Dqk != Dv.
+    dict(block_q=1, group=16, num_kv_heads=1, head_unit="kv", block_k=8, seq_len_q=12, seq_len_k=40,
+         dqk=24, dv=16, dtype="bfloat16", layout_kind="top_k"),
+    # SeerAttention-like: 128-token query blocks, one list per query head, ragged ends, Tq < Tk.
+    dict(block_q=128, group=1, num_kv_heads=2, head_unit="query", block_k=32, seq_len_q=130, seq_len_k=150,
+         layout_kind="causal"),
+    # Packed documents with permuted (ring / zigzag) positions, batch-specific layouts.
+    dict(block_q=4, group=4, head_unit="query", block_k=8, seq_len_q=24, seq_len_k=24, batch=2,
+         layout_kind="random", positions="permuted", segments=True),
+], ids=["nsa", "seer", "packed"])
+def test_xla_variant_shapes(params):
+    assert_matches_reference("xla", random_case(7, **params))
+
+
+def test_xla_chunked_scan(monkeypatch):
+    """A tiny chunk budget forces many chunks (and a padded last one); results must not change."""
+    case = random_case(3, block_q=2, block_k=4, seq_len_q=23, seq_len_k=30, group=2, layout_kind="random",
+                       segments=True)
+    monkeypatch.setattr(xla, "_CHUNK_ELEMENTS", 1)
+    positions = jnp.zeros((1, 23), jnp.int32), jnp.zeros((1, 30), jnp.int32)
+    assert xla._Plan(case.q, case.k, case.v, case.layout, *positions, None, None).num_chunks == 12
+    assert_matches_reference("xla", case)
+
+
+def test_xla_empty_layout_gives_zeros():
+    case = random_case(1, layout_kind="empty", seq_len_q=10, seq_len_k=17, block_q=4, block_k=8)
+    out, lse, dq, dk, dv = run_case("xla", case, False)
+    assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
+    for grad in (dq, dk, dv):
+        assert np.all(np.asarray(grad) == 0)
+
+
+def test_xla_deterministic_and_jit_compatible():
+    case = random_case(5, block_q=16, block_k=8, seq_len_q=40, seq_len_k=48, group=4, head_unit="kv",
+                       layout_kind="causal")
+    first, second = run_case("xla", case, False), run_case("xla", case, False)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The layout is built inside the jitted function from traced scores.
+    scores = jax.random.normal(jax.random.key(0), (1, 2, 3, 6))
+
+    @jax.jit
+    def attend(q, k, v, scores):
+        layout = BlockLayout.top_k(scores, 2, block_q=16, block_k=8)
+        return block_sparse_attention(q, k, v, layout, implementation="xla", return_lse=False)
+
+    q, k, v = case.q, case.k, case.v
+    eager = block_sparse_attention(q, k, v, BlockLayout.top_k(scores, 2, block_q=16, block_k=8),
+                                   implementation="reference", return_lse=False)
+    np.testing.assert_allclose(attend(q, k, v, scores), eager, rtol=2e-5, atol=2e-5)

@@ -116,6 +116,13 @@ def validate(config, num_devices: int | None = None) -> None:
     except ValueError as e:
         raise ValueError(f"config.data.seq_len = {config.data.seq_len} with config.mesh.sequence = {n} and "
                          f"config.parallel.balance = {p.balance!r}: {e}") from None
+    if config.attention.kind == "nsa":
+        c = config.attention.nsa
+        unit = balance_lib.unit_size(config.data.seq_len, n, p.balance, stripe=p.stripe_size)
+        if unit < c.compress_block - c.compress_stride:
+            raise ValueError(f"config.parallel.balance = {p.balance!r} cuts the sequence into runs of {unit} tokens, "
+                             f"fewer than NSA's compress_block - compress_stride = "
+                             f"{c.compress_block - c.compress_stride} (the compression halo)")
     rules = mesh_lib.rules_from_config(config)
     if "sequence" in rules["heads"] or "sequence" in rules["batch"]:
         raise ValueError("sharding_rules: the 'sequence' mesh axis must shard only the sequence under "

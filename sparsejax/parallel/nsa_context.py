@@ -33,11 +33,6 @@ from sparsejax.parallel import balance as balance_lib
 from sparsejax.parallel.context import ContextParallel
 
 
-def sequence_blocks(spec) -> tuple[int, ...]:
-    """Token counts that the balance units must be whole multiples of for NSA (`spec`: NSASpec)."""
-    return (spec.compress_stride, spec.select_block, spec.window_block, spec.compress_kernel_block_q)
-
-
 def _unit_tables(perm: np.ndarray, unit: int, num_shards: int):
     """Static tables of the runs of `unit` original tokens (units) in permuted order.
 

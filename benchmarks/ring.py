@@ -1,0 +1,281 @@
+"""Sequence-parallel attention on the visible GPUs: ring scaling, load balance, longest NSA context.
+
+    python benchmarks/ring.py --sections=scaling,balance,longest --out=/tmp/ring.json
+    python benchmarks/ring.py --smoke          # tiny shapes on 8 fake CPU devices (checks the script)
+
+Sections:
+- `scaling`: dense causal attention, forward + backward, at a fixed number of tokens per GPU
+  (`--tokens_per_gpu`) on sub-meshes of the first 1, 2, 4, ... devices: the ring (`--scheme`,
+  `--balance`) through `ContextParallel`, the single-device kernel on one GPU, the cuDNN anchor
+  (`jax.nn.dot_product_attention`) on one GPU at the same shape. With n GPUs the sequence is n times
+  longer, so each GPU computes about n times the blocks of the 1-GPU run (the exact counts come from
+  the balance report); efficiency = t_1 · (max blocks per device on n / blocks on 1) / t_n.
+- `balance`: the per-device, per-step blocks of the balance report, max/mean per device, for dense
+  causal attention (zigzag, striped, none) and for NSA's ring branches (selection from real
+  compression scores of random projections, window) at `--balance_tokens` over `--balance_shards`.
+  Counting only: the numbers are the same on any backend.
+- `longest`: train steps of `configs/nsa_1b_long.py` (`--layers` layers, all devices on `sequence`)
+  at each length of `--lengths` (ascending); records step time and peak memory, or the error
+  (out of memory) where a length fails, and stops at the first failure or at `--deadline_s`.
+
+Timing: jitted, `--warmup` untimed calls, then the median of `--steps` calls, each with
+`jax.block_until_ready`. Progress lines with timestamps go to stderr.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+flags.DEFINE_list("sections", ["scaling", "balance", "longest"], "Sections to run.")
+flags.DEFINE_integer("tokens_per_gpu", 32768, "scaling: sequence tokens per GPU.")
+flags.DEFINE_list("gpus", ["1", "2", "4"], "scaling: device counts (sub-meshes of the first devices).")
+flags.DEFINE_string("scheme", "ring", "scaling: context scheme.")
+flags.DEFINE_string("balance", "zigzag", "scaling: balance scheme.")
+flags.DEFINE_integer("heads", 16, "scaling: query heads.")
+flags.DEFINE_integer("kv_heads", 8, "scaling: KV heads.")
+flags.DEFINE_integer("head_dim", 128, "scaling: head dim.")
+flags.DEFINE_integer("block", 128, "scaling: kernel block size (block_q = block_k).")
+flags.DEFINE_integer("balance_tokens", 65536, "balance: sequence length.")
+flags.DEFINE_integer("balance_shards", 4, "balance: sequence shards.")
+flags.DEFINE_list("lengths", ["262144", "524288", "1048576"], "longest: sequence lengths, ascending.")
+flags.DEFINE_integer("layers", 2, "longest: model layers (nsa_1b has 16).")
+flags.DEFINE_float("deadline_s", 240.0, "longest: start no new length after this many seconds of the script.")
+flags.DEFINE_integer("steps", 5, "Timed calls.")
+flags.DEFINE_integer("warmup", 2, "Untimed calls.")
+flags.DEFINE_bool("smoke", False, "Tiny shapes on 8 fake CPU devices.")
+flags.DEFINE_string("out", None, "Write the results as JSON here.")
+FLAGS = flags.FLAGS
+
+_T0 = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def timed(fn, *args, steps: int, warmup: int) -> dict:
+    import jax
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    for _ in range(max(warmup - 1, 0)):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return {"first_call_s": first, "median_s": statistics.median(times), "min_s": min(times)}
+
+
+def context_config(n: int, t: int, scheme: str, balance: str, block: int, kind: str = "dense", stripe: int = 0):
+    import ml_collections
+    from sparsejax.parallel import context
+    cfg = ml_collections.ConfigDict(dict(
+        mesh=dict(data=1, fsdp=1, sequence=n, tensor=1), parallel=context.default_config(),
+        data=dict(seq_len=t), attention=dict(kind=kind)))
+    cfg.parallel.update(context_scheme=scheme, balance=balance, block_q=block, block_k=block,
+                        stripe_size=stripe or block)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------- scaling
+def scaling() -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from pallas_kernels import BlockLayout, block_sparse_attention
+    from sparsejax.parallel import context, mesh as mesh_lib
+
+    dtype = jnp.float32 if FLAGS.smoke else jnp.bfloat16
+    h, hkv, d, blk = FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim, FLAGS.block
+    rows = []
+    base = None
+    for n in (int(x) for x in FLAGS.gpus):
+        if n > jax.device_count():
+            progress(f"scaling: skip {n} GPUs (only {jax.device_count()})")
+            continue
+        t = n * FLAGS.tokens_per_gpu
+        key = jax.random.key(n)
+        q, k, v = (jax.random.normal(kk, (1, t, hh, d), dtype) for kk, hh in zip(jax.random.split(key, 3), (h, hkv, hkv)))
+        pos = jnp.arange(t, dtype=jnp.int32)[None]
+        seg = jnp.ones((1, t), jnp.int32)
+        row = {"gpus": n, "seq_len": t, "tokens_per_gpu": FLAGS.tokens_per_gpu}
+        if n == 1:
+            layout = BlockLayout.causal(t, t, block_q=blk, block_k=blk, num_head_units=hkv)
+
+            def loss(q, k, v):
+                return block_sparse_attention(q, k, v, layout, q_segment_ids=seg, kv_segment_ids=seg,
+                                              return_lse=False).astype(jnp.float32).sum()
+            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+            row.update(timed(step, q, k, v, steps=FLAGS.steps, warmup=FLAGS.warmup))
+            row["blocks_max_per_device"] = int(layout.kv_counts.sum())
+            if jax.default_backend() == "gpu":
+                anchor = jax.jit(jax.value_and_grad(lambda q, k, v: jax.nn.dot_product_attention(
+                    q, k, v, is_causal=True, implementation="cudnn").astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+                try:
+                    row["cudnn"] = timed(anchor, q, k, v, steps=FLAGS.steps, warmup=FLAGS.warmup)
+                except Exception as e:  # noqa: BLE001 - the anchor is reported, not required
+                    row["cudnn"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        else:
+            cfg = context_config(n, t, FLAGS.scheme, FLAGS.balance, blk)
+            context.validate(cfg, num_devices=n)
+            cp = context.from_config(cfg, num_devices=n)
+            mesh = mesh_lib.make_mesh(cfg, devices=jax.devices()[:n])
+            perm = cp.permutation(t)
+            with jax.set_mesh(mesh):
+                q, k, v, ppos, pseg = (jnp.take(x, jnp.asarray(perm), axis=1) for x in (q, k, v, pos, seg))
+                step = jax.jit(jax.value_and_grad(
+                    lambda q, k, v: cp(q, k, v, ppos, pseg)[0].astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+                row.update(timed(step, q, k, v, steps=FLAGS.steps, warmup=FLAGS.warmup))
+                counts = np.asarray(jax.jit(lambda p, s: cp.block_counts(p, s, num_kv_heads=hkv))(ppos, pseg))
+            row["blocks_per_device_step"] = counts.tolist()
+            row["blocks_max_per_device"] = int(counts.sum(1).max())
+            row["balance_max_over_mean"] = float(counts.sum(1).max() / counts.sum(1).mean())
+            row["step_bound"] = float(counts.mean(0).sum() / counts.max(0).sum())
+        if base is None and n == 1:
+            base = row
+        if base is not None:
+            ideal = base["median_s"] * row["blocks_max_per_device"] / base["blocks_max_per_device"]
+            row["efficiency"] = ideal / row["median_s"]
+        rows.append(row)
+        progress(f"scaling: {row}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- balance
+def balance_section() -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from sparsejax.attention import nsa
+    from sparsejax.attention.compressed import CompressionParams, compressed_segments, document_starts
+    from sparsejax.parallel import balance as balance_lib, context, mesh as mesh_lib, nsa_context
+
+    t, n = FLAGS.balance_tokens, FLAGS.balance_shards
+    out = {"seq_len": t, "shards": n}
+    ratio = lambda c: float(c.sum(1).max() / c.sum(1).mean())
+    # every ring step waits for its slowest device: the work-bound efficiency is sum_s mean / sum_s max
+    steps_bound = lambda c: float(c.mean(0).sum() / c.max(0).sum())
+    for bal in ("zigzag", "striped", "none"):
+        cfg = context_config(n, t, "ring", bal, FLAGS.block)
+        cp = context.from_config(cfg, num_devices=n)
+        perm = cp.permutation(t)
+        pos = jnp.asarray(perm)[None]
+        with jax.set_mesh(mesh_lib.make_mesh(cfg, devices=jax.devices()[:n])):
+            c = np.asarray(jax.jit(lambda p, s: cp.block_counts(p, s, num_kv_heads=1))(pos, jnp.ones_like(pos)))
+        out[f"dense_{bal}"] = {"blocks": c.tolist(), "max_over_mean": ratio(c), "step_bound": steps_bound(c)}
+        progress(f"balance dense {bal}: {out[f'dense_{bal}']['max_over_mean']:.3f}")
+
+    spec = nsa.NSASpec()                                # the paper's sizes (nsa_1b)
+    heads, dh = 16, 128
+    key = jax.random.split(jax.random.key(0), 8)
+    q = jax.random.normal(key[0], (1, t, heads, dh), jnp.float32)
+    k = jax.random.normal(key[1], (1, t, 1, dh), jnp.float32)
+    params = CompressionParams(*(0.02 * jax.random.normal(kk, s) for kk, s in zip(
+        key[2:7], ((32, dh), (32, dh, 256), (256,), (256, dh), (dh,)))))
+    seg = jnp.ones((1, t), jnp.int32)
+    for bal in ("zigzag", "striped"):
+        cfg = context_config(n, t, "ring", bal, FLAGS.block, stripe=max(FLAGS.block, 128))
+        cp = context.from_config(cfg, num_devices=n)
+        perm = cp.permutation(t)
+        rows = jnp.asarray(perm)
+        with jax.set_mesh(mesh_lib.make_mesh(cfg, devices=jax.devices()[:n])):
+            def counts(q, k):
+                qp, kp = (jnp.take(x, rows, axis=1) for x in (q, k))
+                kc, _ = nsa_context.compress_sharded(kp, kp, params, params, spec=spec, cp=cp)
+                kv_seg = compressed_segments(seg, kc.shape[1], spec.compress_block, spec.compress_stride)
+                start = jnp.take(document_starts(seg), rows, axis=1)
+                idx, cnt = nsa_context.select_sharded(qp, kc, kv_seg, seg, rows, start, spec=spec, cp=cp)
+                order = jnp.asarray(cp.block_order(t, spec.select_block))
+                blocks = (jnp.take(order, jnp.minimum(idx, order.shape[0] - 1)), cnt)
+                pos = jnp.broadcast_to(rows, (1, t))
+                slc = cp.block_counts(pos, seg, 1, blocks, block_q=1, block_k=spec.select_block)
+                per, nb = spec.window // spec.window_block, t // spec.window_block
+                own = perm[::spec.window_block] // spec.window_block
+                wo = cp.block_order(t, spec.window_block)
+                lo = np.maximum(own - per, 0)
+                win_idx = wo[np.minimum(lo[:, None] + np.arange(per + 1), nb - 1)][None, None]
+                win_cnt = np.minimum(own - lo + 1, per + 1)[None, None]
+                win = cp.block_counts(pos, seg, 1, (jnp.asarray(win_idx, jnp.int32), jnp.asarray(win_cnt, jnp.int32)),
+                                      block_q=spec.window_block, block_k=spec.window_block)
+                return slc, win
+            slc, win = (np.asarray(x) for x in jax.jit(counts)(q, k))
+        # selection blocks hold 64 keys for one query; window blocks 64 x 64: weigh by key-query pairs
+        total = slc * spec.select_block + win * spec.window_block ** 2
+        out[f"nsa_{bal}"] = {"selection_blocks": slc.tolist(), "window_blocks": win.tolist(),
+                             "selection_max_over_mean": ratio(slc), "window_max_over_mean": ratio(win),
+                             "ring_pairs_max_over_mean": ratio(total), "selection_step_bound": steps_bound(slc),
+                             "ring_pairs_step_bound": steps_bound(total)}
+        progress(f"balance nsa {bal}: {out[f'nsa_{bal}']}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- longest
+def longest() -> list[dict]:
+    import jax
+    from configs import nsa_1b_long
+    from benchmarks.train_step import run
+
+    rows = []
+    for t in (int(x) for x in FLAGS.lengths):
+        if time.perf_counter() - _T0 > FLAGS.deadline_s:
+            rows.append({"seq_len": t, "skipped": f"deadline {FLAGS.deadline_s} s reached"})
+            break
+        config = nsa_1b_long.get_config()
+        config.model.num_layers = FLAGS.layers
+        config.data.seq_len = t
+        if FLAGS.smoke:
+            config.model.update(d_model=64, num_heads=4, head_dim=16, mlp_dim=128, dtype="float32")
+            config.attention.nsa.update(window=128, compress_hidden=32)
+            config.parallel.block_q = config.parallel.block_k = 64
+        try:
+            record = run(config, steps=2, warmup=1, label=f"nsa_1b_long L{FLAGS.layers} T{t}")
+            record.pop("config")
+            rows.append(record)
+            progress(f"longest: T={t} ok, step {record['step_time_s']:.2f} s, "
+                     f"peak {record['peak_memory_bytes']} bytes")
+        except Exception as e:  # noqa: BLE001 - a failing length (OOM) is the measurement
+            rows.append({"seq_len": t, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+            progress(f"longest: T={t} failed: {rows[-1]['error'][:200]}")
+            break
+        del config
+        jax.clear_caches()
+    return rows
+
+
+def main(argv):
+    del argv
+    if FLAGS.smoke:
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        FLAGS.tokens_per_gpu, FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim, FLAGS.block = 256, 4, 2, 16, 32
+        FLAGS.balance_tokens, FLAGS.lengths, FLAGS.layers, FLAGS.steps, FLAGS.warmup = 4096, ["2048"], 1, 1, 1
+    import jax
+    result = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+              "jax_version": jax.__version__, "devices": jax.device_count(),
+              "device_kind": jax.devices()[0].device_kind, "flags": {k: getattr(FLAGS, k) for k in (
+                  "tokens_per_gpu", "scheme", "balance", "heads", "kv_heads", "head_dim", "block", "layers")}}
+    for section, fn in (("scaling", scaling), ("balance", balance_section), ("longest", longest)):
+        if section in FLAGS.sections:
+            try:
+                result[section] = fn()
+            except Exception as e:  # noqa: BLE001 - keep the other sections' numbers
+                result[section] = {"error": f"{type(e).__name__}: {str(e)[:800]}"}
+                progress(f"{section} failed: {result[section]['error']}")
+            if FLAGS.out:
+                with open(FLAGS.out, "w") as f:
+                    json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -41,8 +41,10 @@ zero gradients.
 
 Supported (checked by `check_supported`): float32 and bfloat16 (q, k, v of one dtype); `block_k` a
 multiple or a divisor of 128 (the score tile is [rows, tile_k]); any `block_q >= 1`; any head dims;
-any head unit the layout allows. The block lists live in SMEM, which is small: very long lists
-(nq·K in the tens of thousands per head unit) need larger blocks.
+any head unit the layout allows. The block lists live in SMEM (1 MiB per TensorCore from TPU v4 on):
+a call holds at most `SMEM_BUDGET_BYTES` of them, so larger layouts run as several calls over
+disjoint head units (forward, dQ) or KV heads (dK/dV); one head unit's lists (layout batch x nq x K)
+or one KV group's merged inverse beyond the budget is rejected (use larger blocks or a smaller K).
 """
 from __future__ import annotations
 
@@ -59,6 +61,10 @@ LANES = 128
 SUBLANES = 8
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite "minus infinity" for running maxima
+# Scalar-prefetch bytes one pallas_call may hold in SMEM: half of the 1 MiB per TensorCore of TPU v4
+# and later (v2/v3 have 16 KiB and are not served). Larger layouts are split over head units (forward,
+# dQ) or KV heads (dK/dV) into several calls.
+SMEM_BUDGET_BYTES = 512 * 1024
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -69,10 +75,31 @@ def _round_up(a: int, b: int) -> int:
     return _cdiv(a, b) * b
 
 
+def _query_major_smem(lbatch: int, nq: int, cap: int) -> int:
+    """SMEM bytes of the forward / dQ lists of one head unit (kv_indices and kv_counts, int32)."""
+    return 4 * lbatch * nq * (cap + 1)
+
+
+def _dkv_smem(lbatch: int, units_per_group: int, nq: int, cap: int) -> int:
+    """SMEM bytes of the dK/dV entries of one KV head (two int32 per entry, plus the total)."""
+    return 4 * lbatch * (2 * units_per_group * nq * cap + 1)
+
+
+def _chunks(count: int, item_bytes: int):
+    """Split range(count) into equal (start, size) chunks of at most SMEM_BUDGET_BYTES each (equal
+    sizes: one compilation). check_supported guarantees that one item fits."""
+    size = max((d for d in range(1, count + 1) if count % d == 0 and d * item_bytes <= SMEM_BUDGET_BYTES),
+               default=1)
+    return [(start, size) for start in range(0, count, size)]
+
+
+def _concat(parts, axis: int):
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
 # ---------------------------------------------------------------------------------------- support
 def check_supported(q, k, v, layout) -> None:
     """Raise ValueError if this implementation cannot tile the call (api.py has checked the shapes)."""
-    del k, v
     if q.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"pallas_tpu supports dtypes float32 and bfloat16, got {q.dtype}")
     if layout.block_k % LANES and LANES % layout.block_k:
@@ -80,6 +107,15 @@ def check_supported(q, k, v, layout) -> None:
             f"pallas_tpu needs block_k to be a multiple of {LANES} (the TPU lane width; the score tile "
             f"is [rows, block_k]) or a divisor of {LANES} (computed on a {LANES}-key tile), got "
             f"block_k={layout.block_k}; valid: 1, 2, 4, 8, 16, 32, 64, 128, 256, 384, ...")
+    lbatch, hl, nq, cap = layout.kv_indices.shape
+    per_unit = _query_major_smem(lbatch, nq, cap)
+    per_group = _dkv_smem(lbatch, hl // k.shape[2], nq, cap)
+    if max(per_unit, per_group) > SMEM_BUDGET_BYTES:
+        raise ValueError(
+            f"pallas_tpu keeps the block lists of one head unit ({per_unit} bytes: layout batch {lbatch} x "
+            f"nq={nq} x K={cap}) and the merged inverse of one KV group ({per_group} bytes) in SMEM, "
+            f"limit {SMEM_BUDGET_BYTES} bytes per call; use larger block_q/block_k or a smaller list "
+            f"capacity K, or call per batch row")
 
 
 # ---------------------------------------------------------------------------------------- geometry
@@ -276,19 +312,23 @@ def _load_row(ref):
 
 
 # ---------------------------------------------------------------------------------------- specs
-def _query_major_specs(g: _Geometry, causal: bool, segmented: bool):
-    """Index maps of the query-major kernels (grid (b, u, i, s); prefetch idx, cnt): the map of
-    per-unit blocks, the map of KV blocks, and the BlockSpecs of the position / segment vectors.
+def _query_major_specs(g: _Geometry, causal: bool, segmented: bool, u0: int, nu: int):
+    """Index maps of a query-major call over head units [u0, u0 + nu) (grid (b, u, i, s); prefetch
+    idx, cnt holding those units' lists): the map of per-unit input blocks, of per-unit output blocks
+    (the call's own outputs), of KV blocks, and the BlockSpecs of the position / segment vectors.
     Traced integer arithmetic uses lax.div / lax.rem (non-negative operands), which lower to Mosaic
     without the sign computation of Python's floor division."""
     def kv_block(b, u, i, s, idx):
-        return idx[((g.lb(b) * g.hl + u) * g.nq + i) * g.cap + s]
+        return idx[((g.lb(b) * nu + u) * g.nq + i) * g.cap + s]
 
     def unit_map(b, u, i, s, idx, cnt):
+        return (b, u0 + u, i, 0)
+
+    def out_map(b, u, i, s, idx, cnt):
         return (b, u, i, 0)
 
     def kv_map(b, u, i, s, idx, cnt):
-        return (b, lax.div(u, g.units_per_group), g.tile(kv_block(b, u, i, s, idx)), 0)
+        return (b, lax.div(u0 + u, g.units_per_group), g.tile(kv_block(b, u, i, s, idx)), 0)
 
     def pair():
         return [pl.BlockSpec((None, g.rows, LANES), lambda b, u, i, s, idx, cnt: (b, i, 0)),
@@ -296,7 +336,7 @@ def _query_major_specs(g: _Geometry, causal: bool, segmented: bool):
                              lambda b, u, i, s, idx, cnt: (b, 0, g.tile(kv_block(b, u, i, s, idx))))]
 
     specs = (pair() if causal else []) + (pair() if segmented else [])
-    return unit_map, kv_map, specs
+    return unit_map, out_map, kv_map, specs
 
 
 def _query_major_vectors(g: _Geometry, q_pos, kv_pos, q_seg, kv_seg, causal: bool):
@@ -315,12 +355,12 @@ def _params(semantics):
 
 
 # ---------------------------------------------------------------------------------------- forward
-def _forward_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, g: _Geometry, sm_scale: float,
-                    causal: bool, segmented: bool):
+def _forward_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, g: _Geometry, nu: int,
+                    sm_scale: float, causal: bool, segmented: bool):
     (q_pos, kv_pos, q_seg, kv_seg), (o_ref, lse_ref, m_scr, l_scr, acc_scr) = _split_vector_refs(
         refs, causal, segmented)
     b, u, i, s = (pl.program_id(a) for a in range(4))
-    head = (g.lb(b) * g.hl + u) * g.nq + i
+    head = (g.lb(b) * nu + u) * g.nq + i
     count = cnt_ref[head]
 
     @pl.when(s == 0)
@@ -359,38 +399,51 @@ def _forward_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, g: _Geometry, 
         lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
 
-def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret):
-    """out [B, Tq, Hq, Dv] in q's dtype, lse [B, Hq, Tq] float32."""
-    g = _geometry(q, k, v, layout)
-    segmented = q_seg is not None
-    unit_map, kv_map, vector_specs = _query_major_specs(g, causal, segmented)
+def _query_major_lists(layout, u0: int, nu: int):
+    """The scalar-prefetch operands (kv_indices, kv_counts) of head units [u0, u0 + nu), flattened."""
+    return (layout.kv_indices[:, u0:u0 + nu].reshape(-1), layout.kv_counts[:, u0:u0 + nu].reshape(-1))
+
+
+def _forward_call(g: _Geometry, layout, u0: int, nu: int, q_rows, k_l, v_l, vectors, *, sm_scale,
+                  causal, segmented, interpret, dtype):
+    """out rows [B, nu, nq*rows, Dv'] and lse rows [B, nu, nq*rows, 128] of head units [u0, u0+nu)."""
+    unit_map, out_map, kv_map, vector_specs = _query_major_specs(g, causal, segmented, u0, nu)
     in_specs = [pl.BlockSpec((None, None, g.rows, g.dqk_p), unit_map),
                 pl.BlockSpec((None, None, g.tile_k, g.dqk_p), kv_map),
                 pl.BlockSpec((None, None, g.tile_k, g.dv_p), kv_map)] + vector_specs
-    out_specs = [pl.BlockSpec((None, None, g.rows, g.dv_p), unit_map),
-                 pl.BlockSpec((None, None, g.rows, LANES), unit_map)]
+    out_specs = [pl.BlockSpec((None, None, g.rows, g.dv_p), out_map),
+                 pl.BlockSpec((None, None, g.rows, LANES), out_map)]
     rows_total = g.nq * g.rows
-    out_shape = [jax.ShapeDtypeStruct((g.batch, g.hl, rows_total, g.dv_p), q.dtype),
-                 jax.ShapeDtypeStruct((g.batch, g.hl, rows_total, LANES), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((g.batch, nu, rows_total, g.dv_p), dtype),
+                 jax.ShapeDtypeStruct((g.batch, nu, rows_total, LANES), jnp.float32)]
     scratch = [pltpu.VMEM((g.rows, LANES), jnp.float32), pltpu.VMEM((g.rows, LANES), jnp.float32),
                pltpu.VMEM((g.rows, g.dv_p), jnp.float32)]
-    kernel = functools.partial(_forward_kernel, g=g, sm_scale=float(sm_scale), causal=causal,
+    kernel = functools.partial(_forward_kernel, g=g, nu=nu, sm_scale=float(sm_scale), causal=causal,
                                segmented=segmented)
-    steps = g.batch * g.hl * g.nq * g.cap
     call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(g.batch, g.hl, g.nq, g.cap), in_specs=in_specs,
+            num_scalar_prefetch=2, grid=(g.batch, nu, g.nq, g.cap), in_specs=in_specs,
             out_specs=out_specs, scratch_shapes=scratch),
         out_shape=out_shape,
         compiler_params=_params(("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(g, steps, q.dtype, matmuls=2, exps=1),
+        cost_estimate=_cost(g, g.batch * nu * g.nq * g.cap, dtype, matmuls=2, exps=1),
         interpret=interpret,
         name="block_sparse_tpu_fwd")
+    return call(*_query_major_lists(layout, u0, nu), q_rows, k_l, v_l, *vectors)
+
+
+def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret):
+    """out [B, Tq, Hq, Dv] in q's dtype, lse [B, Hq, Tq] float32."""
+    g = _geometry(q, k, v, layout)
+    rows_total = g.nq * g.rows
     q_rows = _to_rows(q, g, g.hl, g.dqk_p).reshape(g.batch, g.hl, rows_total, g.dqk_p)
-    out, lse = call(layout.kv_indices.reshape(-1), layout.kv_counts.reshape(-1), q_rows,
-                    _kv_layout(k, g, g.dqk_p), _kv_layout(v, g, g.dv_p),
-                    *_query_major_vectors(g, q_pos, kv_pos, q_seg, kv_seg, causal))
+    k_l, v_l = _kv_layout(k, g, g.dqk_p), _kv_layout(v, g, g.dv_p)
+    vectors = _query_major_vectors(g, q_pos, kv_pos, q_seg, kv_seg, causal)
+    parts = [_forward_call(g, layout, u0, nu, q_rows, k_l, v_l, vectors, sm_scale=sm_scale,
+                           causal=causal, segmented=q_seg is not None, interpret=interpret, dtype=q.dtype)
+             for u0, nu in _chunks(g.hl, _query_major_smem(g.layout_batch, g.nq, g.cap))]
+    out, lse = _concat([p[0] for p in parts], 1), _concat([p[1] for p in parts], 1)
     out = _from_rows(out.reshape(g.batch, g.hl, g.nq, g.rows, g.dv_p), g, g.dv)
     lse = _from_rows(lse[..., :1].reshape(g.batch, g.hl, g.nq, g.rows, 1), g, 1)[..., 0]
     return out, lse.transpose(0, 2, 1)
@@ -408,10 +461,10 @@ def _cost(g: _Geometry, steps: int, dtype, *, matmuls: int, exps: int):
 
 # ---------------------------------------------------------------------------------------- dQ
 def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, g: _Geometry,
-               sm_scale: float, causal: bool, segmented: bool):
+               nu: int, sm_scale: float, causal: bool, segmented: bool):
     (q_pos, kv_pos, q_seg, kv_seg), (dq_ref, acc_scr) = _split_vector_refs(refs, causal, segmented)
     b, u, i, s = (pl.program_id(a) for a in range(4))
-    head = (g.lb(b) * g.hl + u) * g.nq + i
+    head = (g.lb(b) * nu + u) * g.nq + i
     count = cnt_ref[head]
 
     @pl.when(s == 0)
@@ -439,30 +492,31 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         dq_ref[...] = (acc_scr[...] * sm_scale).astype(dq_ref.dtype)
 
 
-def _dq(g: _Geometry, layout, q_rows, k_l, v_l, do_rows, lse_col, delta_col, vectors, *, sm_scale,
-        causal, segmented, interpret, dtype):
-    unit_map, kv_map, vector_specs = _query_major_specs(g, causal, segmented)
+def _dq_call(g: _Geometry, layout, u0: int, nu: int, q_rows, k_l, v_l, do_rows, lse_col, delta_col,
+             vectors, *, sm_scale, causal, segmented, interpret, dtype):
+    """dq rows [B, nu, nq*rows, Dqk'] of head units [u0, u0 + nu)."""
+    unit_map, out_map, kv_map, vector_specs = _query_major_specs(g, causal, segmented, u0, nu)
     in_specs = [pl.BlockSpec((None, None, g.rows, g.dqk_p), unit_map),
                 pl.BlockSpec((None, None, g.tile_k, g.dqk_p), kv_map),
                 pl.BlockSpec((None, None, g.tile_k, g.dv_p), kv_map),
                 pl.BlockSpec((None, None, g.rows, g.dv_p), unit_map),
                 pl.BlockSpec((None, None, g.rows, LANES), unit_map),
                 pl.BlockSpec((None, None, g.rows, LANES), unit_map)] + vector_specs
-    kernel = functools.partial(_dq_kernel, g=g, sm_scale=float(sm_scale), causal=causal,
+    kernel = functools.partial(_dq_kernel, g=g, nu=nu, sm_scale=float(sm_scale), causal=causal,
                                segmented=segmented)
     call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(g.batch, g.hl, g.nq, g.cap), in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, g.rows, g.dqk_p), unit_map),
+            num_scalar_prefetch=2, grid=(g.batch, nu, g.nq, g.cap), in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, None, g.rows, g.dqk_p), out_map),
             scratch_shapes=[pltpu.VMEM((g.rows, g.dqk_p), jnp.float32)]),
-        out_shape=jax.ShapeDtypeStruct((g.batch, g.hl, g.nq * g.rows, g.dqk_p), dtype),
+        out_shape=jax.ShapeDtypeStruct((g.batch, nu, g.nq * g.rows, g.dqk_p), dtype),
         compiler_params=_params(("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(g, g.batch * g.hl * g.nq * g.cap, dtype, matmuls=3, exps=1),
+        cost_estimate=_cost(g, g.batch * nu * g.nq * g.cap, dtype, matmuls=3, exps=1),
         interpret=interpret,
         name="block_sparse_tpu_dq")
-    return call(layout.kv_indices.reshape(-1), layout.kv_counts.reshape(-1), q_rows, k_l, v_l, do_rows,
-                lse_col, delta_col, *vectors)
+    return call(*_query_major_lists(layout, u0, nu), q_rows, k_l, v_l, do_rows, lse_col, delta_col,
+                *vectors)
 
 
 # ---------------------------------------------------------------------------------------- dK/dV
@@ -501,12 +555,12 @@ def _dkv_schedule(layout, g: _Geometry):
 
 
 def _dkv_kernel(kv_ref, row_ref, tot_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                g: _Geometry, sm_scale: float, causal: bool, segmented: bool, num_entries: int):
+                g: _Geometry, nh: int, sm_scale: float, causal: bool, segmented: bool, num_entries: int):
     (q_pos, kv_pos, q_seg, kv_seg), (dk_ref, dv_ref, dk_scr, dv_scr) = _split_vector_refs(
         refs, causal, segmented)
     b, h, e = (pl.program_id(a) for a in range(3))
-    base = (g.lb(b) * g.hkv + h) * num_entries
-    total = tot_ref[g.lb(b) * g.hkv + h]
+    base = (g.lb(b) * nh + h) * num_entries
+    total = tot_ref[g.lb(b) * nh + h]
     kv_block = kv_ref[base + e]
     tile = g.tile(kv_block)    # entries of one tile are consecutive: its dK/dV block stays resident
     first = jnp.logical_or(e == 0, g.tile(kv_ref[base + jnp.maximum(e - 1, 0)]) != tile)
@@ -541,20 +595,24 @@ def _dkv_kernel(kv_ref, row_ref, tot_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _dkv(g: _Geometry, layout, q_rows, k_l, v_l, do_rows, lse_row, delta_row, q_pos, kv_pos, q_seg,
-         kv_seg, *, sm_scale, causal, interpret, k_dtype, v_dtype):
-    entry_kv, entry_row, totals, visited = _dkv_schedule(layout, g)
+def _dkv_call(g: _Geometry, schedule, h0: int, nh: int, q_rows, k_l, v_l, do_rows, lse_row, delta_row,
+              vectors, *, sm_scale, causal, segmented, interpret, k_dtype, v_dtype):
+    """dk [B, nh, Tk', Dqk'] and dv [B, nh, Tk', Dv'] of KV heads [h0, h0 + nh) (tiles that no entry
+    visits hold garbage; the caller zeroes them)."""
+    entry_kv, entry_row, totals = (x[:, h0:h0 + nh] for x in schedule)
     num_entries = entry_kv.shape[-1]
-    segmented = q_seg is not None
 
     def flat(b, h, e):
-        return (g.lb(b) * g.hkv + h) * num_entries + e
+        return (g.lb(b) * nh + h) * num_entries + e
 
     def unit_map(b, h, e, kv_ref, row_ref, tot_ref):
         row = row_ref[flat(b, h, e)]
-        return (b, h * g.units_per_group + lax.div(row, g.nq), lax.rem(row, g.nq), 0, 0)
+        return (b, (h0 + h) * g.units_per_group + lax.div(row, g.nq), lax.rem(row, g.nq), 0, 0)
 
     def kv_map(b, h, e, kv_ref, row_ref, tot_ref):
+        return (b, h0 + h, g.tile(kv_ref[flat(b, h, e)]), 0)
+
+    def out_map(b, h, e, kv_ref, row_ref, tot_ref):
         return (b, h, g.tile(kv_ref[flat(b, h, e)]), 0)
 
     def q_vec_map(b, h, e, kv_ref, row_ref, tot_ref):
@@ -569,33 +627,36 @@ def _dkv(g: _Geometry, layout, q_rows, k_l, v_l, do_rows, lse_row, delta_row, q_
                 pl.BlockSpec((None, None, None, g.rows, g.dv_p), unit_map),
                 pl.BlockSpec((None, None, None, SUBLANES, g.rows), unit_map),
                 pl.BlockSpec((None, None, None, SUBLANES, g.rows), unit_map)]
-    operands = [q_rows, k_l, v_l, do_rows, lse_row, delta_row]
-    pairs = ([(q_pos, kv_pos)] if causal else []) + ([(q_seg, kv_seg)] if segmented else [])
-    for qv, kvv in pairs:
-        in_specs += [pl.BlockSpec((None, None, SUBLANES, g.rows), q_vec_map),
-                     pl.BlockSpec((None, g.tile_k, LANES), kv_vec_map)]
-        operands += [_as_row(_token_vector_to_rows(qv.astype(jnp.int32), g)),
-                     _as_column(_pad_axis(kvv.astype(jnp.int32), 1, g.tk_p))]
-    kernel = functools.partial(_dkv_kernel, g=g, sm_scale=float(sm_scale), causal=causal,
+    in_specs += [pl.BlockSpec((None, None, SUBLANES, g.rows), q_vec_map),
+                 pl.BlockSpec((None, g.tile_k, LANES), kv_vec_map)] * (len(vectors) // 2)
+    kernel = functools.partial(_dkv_kernel, g=g, nh=nh, sm_scale=float(sm_scale), causal=causal,
                                segmented=segmented, num_entries=num_entries)
     call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(g.batch, g.hkv, num_entries), in_specs=in_specs,
-            out_specs=[pl.BlockSpec((None, None, g.tile_k, g.dqk_p), kv_map),
-                       pl.BlockSpec((None, None, g.tile_k, g.dv_p), kv_map)],
+            num_scalar_prefetch=3, grid=(g.batch, nh, num_entries), in_specs=in_specs,
+            out_specs=[pl.BlockSpec((None, None, g.tile_k, g.dqk_p), out_map),
+                       pl.BlockSpec((None, None, g.tile_k, g.dv_p), out_map)],
             scratch_shapes=[pltpu.VMEM((g.tile_k, g.dqk_p), jnp.float32),
                             pltpu.VMEM((g.tile_k, g.dv_p), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct((g.batch, g.hkv, g.tk_p, g.dqk_p), k_dtype),
-                   jax.ShapeDtypeStruct((g.batch, g.hkv, g.tk_p, g.dv_p), v_dtype)],
+        out_shape=[jax.ShapeDtypeStruct((g.batch, nh, g.tk_p, g.dqk_p), k_dtype),
+                   jax.ShapeDtypeStruct((g.batch, nh, g.tk_p, g.dv_p), v_dtype)],
         compiler_params=_params(("parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(g, g.batch * g.hkv * num_entries, k_dtype, matmuls=4, exps=1),
+        cost_estimate=_cost(g, g.batch * nh * num_entries, k_dtype, matmuls=4, exps=1),
         interpret=interpret,
         name="block_sparse_tpu_dkv")
-    dk, dv = call(entry_kv.reshape(-1), entry_row.reshape(-1), totals.reshape(-1), *operands)
-    visited = jnp.broadcast_to(visited, (g.batch, g.hkv, visited.shape[-1]))
-    keep = jnp.repeat(visited, g.tile_k, axis=2)[..., None]                # [B, Hkv, Tk', 1]
-    return jnp.where(keep, dk, 0).astype(k_dtype), jnp.where(keep, dv, 0).astype(v_dtype)
+    return call(entry_kv.reshape(-1), entry_row.reshape(-1), totals.reshape(-1), q_rows, k_l, v_l,
+                do_rows, lse_row, delta_row, *vectors)
+
+
+def _dkv_vectors(g: _Geometry, q_pos, kv_pos, q_seg, kv_seg, causal: bool):
+    """The position / segment operands of the dK/dV kernel: query rows as rows, keys as columns."""
+    out = []
+    pairs = ([(q_pos, kv_pos)] if causal else []) + ([(q_seg, kv_seg)] if q_seg is not None else [])
+    for qv, kvv in pairs:
+        out += [_as_row(_token_vector_to_rows(qv.astype(jnp.int32), g)),
+                _as_column(_pad_axis(kvv.astype(jnp.int32), 1, g.tk_p))]
+    return out
 
 
 # ---------------------------------------------------------------------------------------- backward
@@ -604,22 +665,29 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
     """(dq, dk, dv) in the dtypes of q, k, v. lse, delta [B, Hq, Tq] float32 (delta = rowsum(dO·O) - dlse)."""
     del out
     g = _geometry(q, k, v, layout)
-    segmented = q_seg is not None
     q_rows = _to_rows(q, g, g.hl, g.dqk_p)                                 # [B, Hl, nq, rows, Dqk']
     do_rows = _to_rows(d_out.astype(q.dtype), g, g.hl, g.dv_p)
     lse_rows = _head_vector_to_rows(lse.astype(jnp.float32), g)            # [B, Hl, nq, rows]
     delta_rows = _head_vector_to_rows(delta.astype(jnp.float32), g)
     k_l, v_l = _kv_layout(k, g, g.dqk_p), _kv_layout(v, g, g.dv_p)
-    static = dict(sm_scale=sm_scale, causal=causal, interpret=interpret)
+    static = dict(sm_scale=sm_scale, causal=causal, segmented=q_seg is not None, interpret=interpret)
 
     rows_total = g.nq * g.rows
     flat = lambda x: x.reshape(g.batch, g.hl, rows_total, *x.shape[4:])
-    dq = _dq(g, layout, flat(q_rows), k_l, v_l, flat(do_rows),
-             _as_column(flat(lse_rows)), _as_column(flat(delta_rows)),
-             _query_major_vectors(g, q_pos, kv_pos, q_seg, kv_seg, causal),
-             segmented=segmented, dtype=q.dtype, **static)
+    dq_inputs = (flat(q_rows), k_l, v_l, flat(do_rows), _as_column(flat(lse_rows)),
+                 _as_column(flat(delta_rows)), _query_major_vectors(g, q_pos, kv_pos, q_seg, kv_seg, causal))
+    dq = _concat([_dq_call(g, layout, u0, nu, *dq_inputs, dtype=q.dtype, **static)
+                  for u0, nu in _chunks(g.hl, _query_major_smem(g.layout_batch, g.nq, g.cap))], 1)
     dq = _from_rows(dq.reshape(g.batch, g.hl, g.nq, g.rows, g.dqk_p), g, g.dqk)
 
-    dk, dv = _dkv(g, layout, q_rows, k_l, v_l, do_rows, _as_row(lse_rows), _as_row(delta_rows),
-                  q_pos, kv_pos, q_seg, kv_seg, k_dtype=k.dtype, v_dtype=v.dtype, **static)
+    *schedule, visited = _dkv_schedule(layout, g)
+    dkv_inputs = (q_rows, k_l, v_l, do_rows, _as_row(lse_rows), _as_row(delta_rows),
+                  _dkv_vectors(g, q_pos, kv_pos, q_seg, kv_seg, causal))
+    item = _dkv_smem(g.layout_batch, g.units_per_group, g.nq, g.cap)
+    parts = [_dkv_call(g, schedule, h0, nh, *dkv_inputs, k_dtype=k.dtype, v_dtype=v.dtype, **static)
+             for h0, nh in _chunks(g.hkv, item)]
+    dk, dv = _concat([p[0] for p in parts], 1), _concat([p[1] for p in parts], 1)
+    keep = jnp.repeat(jnp.broadcast_to(visited, (g.batch, *visited.shape[1:])), g.tile_k, axis=2)
+    keep = keep[..., None]                                                 # [B, Hkv, Tk', 1]
+    dk, dv = jnp.where(keep, dk, 0).astype(k.dtype), jnp.where(keep, dv, 0).astype(v.dtype)
     return dq, _kv_layout_back(dk, g, g.dqk), _kv_layout_back(dv, g, g.dv)

@@ -146,3 +146,20 @@ def test_dkv_schedule_groups_every_entry_by_kv_tile():
             if n:
                 assert np.all(kv[b, h, n:] == kv[b, h, n - 1]) and np.all(row[b, h, n:] == row[b, h, n - 1])
             assert set(np.flatnonzero(visited[b, h])) == {j // g.sub for _, _, j in want}
+
+
+def test_layouts_beyond_the_smem_budget_split_into_several_calls(monkeypatch):
+    """With a budget that fits two head units' lists and one KV group's inverse, the forward and dQ
+    run as two calls of two units and dK/dV as two calls of one KV head; results are unchanged."""
+    case = random_case(11, **CASES["per_head_gqa2_ragged"])
+    lb, hl, nq, cap = case.layout.kv_indices.shape
+    per_unit = pallas_tpu._query_major_smem(lb, nq, cap)
+    per_group = pallas_tpu._dkv_smem(lb, hl // case.k.shape[2], nq, cap)
+    budget = max(per_group, 2 * per_unit)
+    assert budget < min(2 * per_group, hl * per_unit)
+    monkeypatch.setattr(pallas_tpu, "SMEM_BUDGET_BYTES", budget)
+    assert _lower_for_tpu(case).count("tpu_custom_call") == 6
+    assert_matches_reference(case)
+    monkeypatch.setattr(pallas_tpu, "SMEM_BUDGET_BYTES", per_group - 1)
+    with pytest.raises(ValueError, match=rf"SMEM, limit {per_group - 1} bytes"):
+        pallas_tpu.check_supported(case.q, case.k, case.v, case.layout)

@@ -54,11 +54,16 @@ class KernelConfig:
   num_warps, num_stages: Triton's warps per program and software-pipelining depth.
   skip_full_masks: compute the in-block mask only for blocks that need one (a block-level test on
     the loaded positions; without segment ids); otherwise every block is masked element-wise.
+  list_chunk: dK/dV only: CSR entries per program. None picks by shape (split only when one KV
+    block's list can be much longer than the mean, e.g. NSA's always-selected block 0, which would
+    otherwise serialise the whole backward on one program); 0 never splits. Split lists write
+    float32 partial tiles that a second kernel sums in a fixed order (deterministic).
   """
   rows: int
   num_warps: int
   num_stages: int
   skip_full_masks: bool = False
+  list_chunk: int | None = None
 
   def __post_init__(self):
     if self.rows < _MIN_ROWS or self.rows & (self.rows - 1):
@@ -322,12 +327,23 @@ def _lse_base2(lse):
 # dK / dV
 
 
-def _dkv_kernel(q_idx_ref, kv_off_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometry):
+def _per_step(g: _Geometry) -> int:
+  """Query units per dK/dV step: several small units packed into one tile, else 1."""
+  return max(1, g.rows // g.unit_rows)
+
+
+def _split_act_refs(g: _Geometry, refs):
+  """(q_seg, kv_seg, q, k, v, do, lse, delta, rest) from the refs that follow the positions."""
   if g.has_seg:
-    (q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref) = refs
-  else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
-  block, kv_head = pl.program_id(0), pl.program_id(1)
+    return refs[:8] + (refs[8:],)
+  return (None, None) + refs[:6] + (refs[6:],)
+
+
+def _dkv_block(g: _Geometry, acts, block, kv_head, ranges):
+  """dK [bk, Dqk] (scaled) and dV [bk, Dv] chunk tiles of one KV block, accumulated over the CSR
+  entry ranges that `ranges(visit, carry)` walks (it calls `visit(u, start, end, carry)`)."""
+  q_idx_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, \
+      delta_ref = acts
   k_rows, k_tok, k_valid = _kv_block_rows(g, block, kv_head)
   k = _load_rows(k_ref, k_rows, k_valid, g.dqk_chunks)
   v = _load_rows(v_ref, k_rows, k_valid, g.dv_chunks)
@@ -336,10 +352,9 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometr
 
   # A step covers `per_step` query units (several small units packed into one tile) or one row
   # tile of one unit (units larger than a tile).
-  per_step = max(1, g.rows // g.unit_rows)
+  per_step = _per_step(g)
   tiles = g.tiles_per_unit if per_step == 1 else 1
   r_local = jnp.arange(g.rows)
-  units_per_group = g.hl // g.hkv
 
   def step(u, n0, end, tile, carry):
     dk, dv = carry
@@ -372,24 +387,73 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometr
     dk = [a + plgpu.dot(ds_t, qc) for a, qc in zip(dk, q)]
     return dk, dv
 
-  def over_unit(i, carry):
-    u = kv_head * units_per_group + i
-    start, end = kv_off_ref[u, block], kv_off_ref[u, block + 1]
-    n_steps = (end - start + per_step - 1) // per_step
-
+  def visit(u, start, end, carry):
     def over_entries(s, carry):
       n0 = start + s * per_step
       if tiles == 1:
         return step(u, n0, end, 0, carry)
       return jax.lax.fori_loop(0, tiles, lambda t, c: step(u, n0, end, t, c), carry)
-
-    return jax.lax.fori_loop(0, n_steps, over_entries, carry)
+    return jax.lax.fori_loop(0, (end - start + per_step - 1) // per_step, over_entries, carry)
 
   dk0 = [jnp.zeros((g.block_k, w), jnp.float32) for _, w in g.dqk_chunks]
   dv0 = [jnp.zeros((g.block_k, w), jnp.float32) for _, w in g.dv_chunks]
-  dk, dv = jax.lax.fori_loop(0, units_per_group, over_unit, (dk0, dv0))
+  dk, dv = ranges(visit, (dk0, dv0))
   sm_scale = g.scale_log2 / _LOG2E
-  _store_rows(dk_ref, k_rows, k_valid, g.dqk_chunks, [a * sm_scale for a in dk])
+  return [a * sm_scale for a in dk], dv, k_rows, k_valid
+
+
+def _dkv_kernel(q_idx_ref, kv_off_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometry):
+  """One program per KV block: every CSR entry of every head unit of its KV group."""
+  *acts, (dk_ref, dv_ref) = _split_act_refs(g, refs)
+  block, kv_head = pl.program_id(0), pl.program_id(1)
+  units_per_group = g.hl // g.hkv
+
+  def ranges(visit, carry):
+    def over_unit(i, carry):
+      u = kv_head * units_per_group + i
+      return visit(u, kv_off_ref[u, block], kv_off_ref[u, block + 1], carry)
+    return jax.lax.fori_loop(0, units_per_group, over_unit, carry)
+
+  dk, dv, k_rows, k_valid = _dkv_block(g, (q_idx_ref, q_pos_ref, kv_pos_ref, *acts), block, kv_head,
+                                       ranges)
+  _store_rows(dk_ref, k_rows, k_valid, g.dqk_chunks, dk)
+  _store_rows(dv_ref, k_rows, k_valid, g.dv_chunks, dv)
+
+
+def _dkv_partial_kernel(table_ref, q_idx_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometry,
+                        num_programs: int):
+  """One program per chunk of one CSR list (table row: KV block, head unit, start, end); writes a
+  partial dK/dV tile in float32 to row block (kv_head * num_programs + program)."""
+  *acts, (dk_part_ref, dv_part_ref) = _split_act_refs(g, refs)
+  prog, kv_head = pl.program_id(0), pl.program_id(1)
+  block, u = table_ref[0, prog], table_ref[1, prog]
+  start, end = table_ref[2, prog], table_ref[3, prog]
+  dk, dv, _, _ = _dkv_block(g, (q_idx_ref, q_pos_ref, kv_pos_ref, *acts), block, kv_head,
+                            lambda visit, carry: visit(u, start, end, carry))
+  rows = (kv_head * num_programs + prog) * g.block_k + jnp.arange(g.block_k)
+  every = jnp.ones((g.block_k,), jnp.bool_)
+  _store_rows(dk_part_ref, rows, every, g.dqk_chunks, dk)
+  _store_rows(dv_part_ref, rows, every, g.dv_chunks, dv)
+
+
+def _dkv_reduce_kernel(first_ref, dk_part_ref, dv_part_ref, dk_ref, dv_ref, *, g: _Geometry,
+                       num_programs: int):
+  """dK/dV of one KV block: the sum, in program order, of its partial tiles (deterministic)."""
+  block, kv_head = pl.program_id(0), pl.program_id(1)
+  every = jnp.ones((g.block_k,), jnp.bool_)
+
+  def add(p, carry):
+    rows = (kv_head * num_programs + p) * g.block_k + jnp.arange(g.block_k)
+    dk, dv = carry
+    dk = [a + t for a, t in zip(dk, _load_rows(dk_part_ref, rows, every, g.dqk_chunks))]
+    dv = [a + t for a, t in zip(dv, _load_rows(dv_part_ref, rows, every, g.dv_chunks))]
+    return dk, dv
+
+  dk0 = [jnp.zeros((g.block_k, w), jnp.float32) for _, w in g.dqk_chunks]
+  dv0 = [jnp.zeros((g.block_k, w), jnp.float32) for _, w in g.dv_chunks]
+  dk, dv = jax.lax.fori_loop(first_ref[block], first_ref[block + 1], add, (dk0, dv0))
+  k_rows, _, k_valid = _kv_block_rows(g, block, kv_head)
+  _store_rows(dk_ref, k_rows, k_valid, g.dqk_chunks, dk)
   _store_rows(dv_ref, k_rows, k_valid, g.dv_chunks, dv)
 
 
@@ -471,7 +535,6 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   del out  # the probabilities are recomputed from lse; delta already carries rowsum(dO * O)
   cfgs = dict(default_configs(q, k, v, layout), **(configs or {}))
   b, tq, hq, dqk = q.shape
-  tk, hkv = k.shape[1], k.shape[2]
   has_seg = q_seg is not None
   aux = _aux_inputs(q_pos, kv_pos, q_seg, kv_seg)
   acts = [_flat(q), _flat(k), _flat(v), _flat(d_out.astype(q.dtype)),
@@ -489,14 +552,95 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   )(*ins)
 
   g = _geometry(q, k, v, layout, cfgs["dkv"], sm_scale, causal, has_seg)
-  nk = layout.num_kv_blocks
+  chunk = _list_chunk(g, layout, cfgs["dkv"])
+  dkv = _dkv_split if chunk else _dkv_whole
+  dk, dv = dkv(g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk)
+  return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape))
+
+
+def _dkv_whole(g, layout, aux, acts, b, cfg, interpret, chunk):
+  """dK/dV with one program per (KV block, KV head, batch)."""
+  del chunk
   ins = [layout.q_indices, layout.kv_offsets, *aux, *acts]
-  out_shape = [jax.ShapeDtypeStruct((b, tk * hkv, dqk), k.dtype),
-               jax.ShapeDtypeStruct((b, tk * hkv, v.shape[-1]), v.dtype)]
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, g=g), grid=(nk, hkv, b),
+  out_shape = _dkv_shapes(g, b, jnp.dtype(acts[1].dtype), jnp.dtype(acts[2].dtype))
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, g=g), grid=(layout.num_kv_blocks, g.hkv, b),
       in_specs=[_whole(x, 2) for x in ins], out_specs=[_whole(o, 2) for o in out_shape],
-      out_shape=out_shape, compiler_params=_compiler_params(cfgs["dkv"]), interpret=interpret,
+      out_shape=out_shape, compiler_params=_compiler_params(cfg), interpret=interpret,
       name="block_sparse_dkv",
   )(*ins)
-  return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape))
+
+
+def _dkv_shapes(g, b, k_dtype, v_dtype, rows=None):
+  rows = g.tk * g.hkv if rows is None else rows
+  return [jax.ShapeDtypeStruct((b, rows, sum(w for _, w in g.dqk_chunks)), k_dtype),
+          jax.ShapeDtypeStruct((b, rows, sum(w for _, w in g.dv_chunks)), v_dtype)]
+
+
+def _list_chunk(g: _Geometry, layout, cfg: KernelConfig) -> int:
+  """CSR entries per dK/dV program (0: one program per KV block); see KernelConfig.list_chunk."""
+  if cfg.list_chunk is not None:
+    return int(cfg.list_chunk)
+  nq, cap = layout.kv_indices.shape[2:]
+  per = _per_step(g)
+  mean = -(-nq * cap // layout.num_kv_blocks)
+  chunk = per * -(-2 * mean // per)
+  return chunk if nq > 2 * chunk else 0
+
+
+def _chunk_table(layout, hkv: int, chunk: int, num_programs: int):
+  """Programs of the split dK/dV pass, per (layout batch, KV head).
+
+  Returns table int32 [Bl, Hkv, 4, P] (KV block, head unit, first entry, end entry of each
+  program; unused programs get an empty range) and first int32 [Bl, Hkv, nk+1] (the programs of
+  KV block j are first[j] .. first[j+1]-1: ordered by block, then head unit, then chunk)."""
+  off = layout.kv_offsets                                        # [Bl, Hl, nk+1]
+  bl, hl, nk = off.shape[0], off.shape[1], off.shape[2] - 1
+  upg = hl // hkv
+  n_chunks = (off[..., 1:] - off[..., :-1] + chunk - 1) // chunk  # [Bl, Hl, nk]
+  n_chunks = n_chunks.reshape(bl, hkv, upg, nk).transpose(0, 1, 3, 2).reshape(bl, hkv, nk * upg)
+  ends = jnp.cumsum(n_chunks, axis=-1)
+  prog = jnp.arange(num_programs, dtype=jnp.int32)
+  owner = jax.vmap(jax.vmap(lambda e: jnp.searchsorted(e, prog, side="right")))(ends)
+  live = owner < nk * upg
+  owner = jnp.minimum(owner, nk * upg - 1)
+  nth = prog - jnp.take_along_axis(ends - n_chunks, owner, axis=-1)
+  block = owner // upg
+  unit = jnp.arange(hkv, dtype=jnp.int32)[None, :, None] * upg + owner % upg
+  flat_off = off.reshape(bl, 1, hl * (nk + 1))
+  lo = jnp.take_along_axis(flat_off, unit * (nk + 1) + block, axis=-1)
+  hi = jnp.take_along_axis(flat_off, unit * (nk + 1) + block + 1, axis=-1)
+  start = jnp.where(live, lo + nth * chunk, 0)
+  end = jnp.where(live, jnp.minimum(lo + (nth + 1) * chunk, hi), 0)
+  table = jnp.stack([block, unit, start, end], axis=2).astype(jnp.int32)
+  first = jnp.concatenate([jnp.zeros((bl, hkv, 1), ends.dtype), ends[..., upg - 1::upg]], axis=-1)
+  return table, first.astype(jnp.int32)
+
+
+def _dkv_split(g, layout, aux, acts, b, cfg, interpret, chunk):
+  """dK/dV with long CSR lists split into chunks: partial tiles, then an ordered sum per block."""
+  nq, cap = layout.kv_indices.shape[2:]
+  nk, upg = layout.num_kv_blocks, g.hl // g.hkv
+  num_programs = nk * upg + -(-upg * nq * cap // chunk)
+  table, first = _chunk_table(layout, g.hkv, chunk, num_programs)
+  n_t = table.shape[0]
+  ins = [table, layout.q_indices, *aux, *acts]
+  specs = [pl.BlockSpec((None, None, 4, num_programs), lambda p, h, b_: (_pick(n_t, b_), h, 0, 0))]
+  specs += [_whole(x, 2) for x in ins[1:]]
+  part_shape = _dkv_shapes(g, b, jnp.float32, jnp.float32, rows=g.hkv * num_programs * g.block_k)
+  dk_part, dv_part = pl.pallas_call(
+      functools.partial(_dkv_partial_kernel, g=g, num_programs=num_programs),
+      grid=(num_programs, g.hkv, b), in_specs=specs, out_specs=[_whole(o, 2) for o in part_shape],
+      out_shape=part_shape, compiler_params=_compiler_params(cfg), interpret=interpret,
+      name="block_sparse_dkv_partial",
+  )(*ins)
+  out_shape = _dkv_shapes(g, b, jnp.dtype(acts[1].dtype), jnp.dtype(acts[2].dtype))
+  return pl.pallas_call(
+      functools.partial(_dkv_reduce_kernel, g=g, num_programs=num_programs),
+      grid=(nk, g.hkv, b),
+      in_specs=[pl.BlockSpec((None, None, nk + 1), lambda j, h, b_: (_pick(n_t, b_), h, 0)),
+                _whole(dk_part, 2), _whole(dv_part, 2)],
+      out_specs=[_whole(o, 2) for o in out_shape], out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
+      name="block_sparse_dkv_reduce",
+  )(first, dk_part, dv_part)

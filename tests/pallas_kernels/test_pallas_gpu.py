@@ -108,6 +108,31 @@ def test_empty_rows_give_zero_and_neg_inf():
     assert np.all(np.asarray(g) == 0)
 
 
+def test_split_kv_lists(monkeypatch, chunk=2, rows=64):
+  """dK/dV with the CSR lists cut into chunks of `chunk` entries (partial tiles, then an ordered
+  sum); one-token units of 16 heads packed four to a 64-row tile."""
+  configs = pallas_gpu.default_configs
+  monkeypatch.setattr(pallas_gpu, "default_configs", lambda *a: dict(
+      configs(*a), dkv=pallas_gpu.KernelConfig(rows=rows, num_warps=4, num_stages=2,
+                                               list_chunk=chunk)))
+  _check(_case(11, batch=2, tq=9, tk=40, hq=32, hkv=2, hl=2, dqk=48, dv=32, block_q=1,
+               block_k=16, density=0.7, dtype=jnp.float32))
+
+
+def test_split_is_chosen_for_skewed_lists():
+  """NSA-like shapes (many one-token units, short lists) split; dense causal ones do not."""
+  t = 8192
+  nsa = BlockLayout.from_indices(jnp.zeros((1, 4, t, 16), jnp.int32), jnp.ones((1, 4, t), jnp.int32),
+                                 block_q=1, block_k=64, num_kv_blocks=t // 64)
+  dense = BlockLayout.causal(t, t, block_q=128, block_k=64, num_head_units=16)
+  for layout, hq, hkv, split in ((nsa, 64, 4, True), (dense, 16, 16, False)):
+    q = jax.ShapeDtypeStruct((1, t, hq, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, t, hkv, 128), jnp.bfloat16)
+    cfg = pallas_gpu.default_configs(q, k, k, layout)["dkv"]
+    g = pallas_gpu._geometry(q, k, k, layout, cfg, 1.0, True, False)
+    assert bool(pallas_gpu._list_chunk(g, layout, cfg)) == split
+
+
 @settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 2**31 - 1), g=st.sampled_from([1, 2, 4]), per_head=st.booleans(),
        block_q=st.sampled_from([1, 4, 16]), tq=st.integers(1, 24), extra_k=st.integers(0, 20),
@@ -120,9 +145,15 @@ def test_random_layouts(seed, g, per_head, block_q, tq, extra_k, density):
                empty_unit=False))
 
 
-def test_lowers_for_cuda_without_gpu():
-  """The three kernels lower to Triton custom calls for the CUDA platform (Triton IR only: the PTX
-  compile happens in the GPU runtime and is exercised by benchmarks/kernels.py on the device)."""
+@pytest.mark.parametrize("list_chunk, kernels", [(0, 3), (2, 4)])
+def test_lowers_for_cuda_without_gpu(monkeypatch, list_chunk, kernels):
+  """The kernels lower to Triton custom calls for the CUDA platform (Triton IR only: the PTX
+  compile happens in the GPU runtime and is exercised by benchmarks/kernels.py on the device):
+  forward, dQ and dK/dV, or forward, dQ, partial dK/dV and their sum."""
+  configs = pallas_gpu.default_configs
+  monkeypatch.setattr(pallas_gpu, "default_configs", lambda *a: dict(
+      configs(*a), dkv=pallas_gpu.KernelConfig(rows=64, num_warps=4, num_stages=2,
+                                               list_chunk=list_chunk)))
   q, k, v, layout, kw, cot = _case(0, batch=1, tq=5, tk=70, hq=32, hkv=2, hl=2, dqk=192, dv=128,
                                    block_q=1, block_k=64, density=0.6, dtype=jnp.bfloat16,
                                    segments=True)
@@ -133,7 +164,7 @@ def test_lowers_for_cuda_without_gpu():
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
       lowering_platforms=("cuda",))
-  assert lowered.as_text().count("xla.gpu.triton") == 3
+  assert lowered.as_text().count("xla.gpu.triton") == kernels
 
 
 @pytest.mark.parametrize("change, message", [

@@ -14,12 +14,14 @@ Implementations (`config.attention.dense.implementation`):
   `q_offsets`/`kv_offsets` [B, M+1] and `q_seqlen`/`kv_seqlen` [B, M] (M = `max_segments`, static),
   derived on device from the segment ids: no [T, T] array exists on this path, and cuDNN skips the
   blocks between documents. `lax.switch` picks, from the largest number of runs of segment ids in a
-  row: one run everywhere -> plain causal cuDNN (fastest); up to M -> packed; more than M -> the exact
-  but slower masked cuDNN path, whose use the aux statistic `stats/dense_segment_overflow` reports
-  (the fraction of layers that took it). The packed layout needs a Hopper or newer GPU. Measured on an
-  H200 (jax 0.11.2, cuDNN 9.19, B=1, T=8192, 16 heads of 128, 8 KV heads, bf16, fwd+bwd): plain causal
-  2.62 ms; packed one document 3.08 ms (M=64), 2.57 ms (M=4); packed 8 documents 1.42 ms (M=64);
-  masked 8 documents 5.08 ms.
+  row: one run everywhere -> plain causal cuDNN (fastest); up to M -> packed; more than M -> exact
+  flash attention with segment ids from the block-sparse Pallas kernel (`flash_segments`), whose use
+  the aux statistic `stats/dense_segment_overflow` reports (the fraction of layers that took it).
+  The packed layout needs a Hopper or newer GPU. Every empty slot of the [B, M] table costs cuDNN a
+  pass over a full-length grid, so M is small: measured on an H200 (jax 0.11.2, cuDNN 9.19, B=8,
+  T=8192, 16 heads of 128, 8 KV heads, bf16, fwd+bwd): plain causal 15.0 ms; two documents per row,
+  packed, 9.7 ms with M=16 and 14.2 ms with M=64. cuDNN's own masked path (`mask=` -> a [B, 1, T, T]
+  bias) was 2x slower than plain causal at B=1 and ran the 1B model out of memory, so it is not used.
 - `"auto"` (default): `"cudnn"` on GPU when the compute dtype is bfloat16 or float16, else `"xla"`.
 
 Segment semantics (both paths): query i sees key j iff j <= i and segment_ids[i] == segment_ids[j].
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from pallas_kernels import BlockLayout, block_sparse_attention
 from sparsejax.attention import register_attention
 from sparsejax.attention.projection import OutputProjection, QKVProjection
 from sparsejax.layers import dtype_from_name
@@ -39,12 +42,13 @@ from sparsejax.parallel.mesh import constrain, rules_from_config
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla")
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_FLASH_BLOCK = 64   # block_q = block_k of the overflow path's causal layout
 
 
 def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "implementation": "auto",   # "auto" | "cudnn" | "xla"
-        "max_segments": 64,         # cuDNN packed layout: documents (runs of segment ids) per row
+        "max_segments": 16,         # cuDNN packed layout: documents (runs of segment ids) per row
     })
 
 
@@ -123,10 +127,19 @@ def _cudnn_packed(q, k, v, segment_ids, offsets, lengths):
                            scale=q.shape[-1] ** -0.5, mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
 
 
-def _cudnn_masked(q, k, v, segment_ids, offsets, lengths):
+def flash_segments(q, k, v, segment_ids, *, implementation: str | None = None):
+    """Exact causal + segment attention through `pallas_kernels.block_sparse_attention` with a causal
+    layout (flash-style: no [T, T] array). q [B, T, H, D], k/v [B, T, K, D] -> [B, T, H, D].
+    `implementation=None` is the kernel library's best for the backend (pallas_gpu on GPU)."""
+    t, kv_heads = q.shape[1], k.shape[2]
+    layout = BlockLayout.causal(t, t, block_q=_FLASH_BLOCK, block_k=_FLASH_BLOCK, num_head_units=kv_heads)
+    return block_sparse_attention(q, k, v, layout, causal=True, return_lse=False, q_segment_ids=segment_ids,
+                                  kv_segment_ids=segment_ids, implementation=implementation)
+
+
+def _cudnn_overflow(q, k, v, segment_ids, offsets, lengths):
     del offsets, lengths
-    return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
-                                        implementation="cudnn")
+    return flash_segments(q, k, v, segment_ids)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, implementation: str,
@@ -135,8 +148,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, 
     -> (out [B, T, H, D] in q's dtype, aux). `implementation` is "xla" or "cudnn" (already resolved).
 
     cuDNN picks one of three exact paths at run time from the largest number of runs of segment ids
-    in a row: 1 -> plain causal; 2..max_segments -> packed layout; more -> masked (slow, counted in
-    `stats/dense_segment_overflow`)."""
+    in a row: 1 -> plain causal; 2..max_segments -> packed layout; more -> `flash_segments` (the
+    block-sparse Pallas kernel; counted in `stats/dense_segment_overflow`)."""
     if implementation == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
                                             implementation="xla"), {}
@@ -144,7 +157,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, 
         offsets, lengths, count = packed_segments(segment_ids, max_segments)
         most = jnp.max(count)
         branch = jnp.where(most == 1, 0, jnp.where(most <= max_segments, 1, 2))
-        out = jax.lax.switch(branch, (_cudnn_single, _cudnn_packed, _cudnn_masked),
+        out = jax.lax.switch(branch, (_cudnn_single, _cudnn_packed, _cudnn_overflow),
                              q, k, v, segment_ids, offsets, lengths)
         return out, {"stats/dense_segment_overflow": (branch == 2).astype(jnp.float32)}
     raise ValueError(f"attend: implementation must be 'xla' or 'cudnn', got {implementation!r}")

@@ -1,8 +1,8 @@
 """Block-sparse flash attention in Pallas with the Mosaic TPU lowering.
 
 Three kernels, all driven by a `BlockLayout` (docs/contracts.md §1), in the manner of splash attention:
-the block lists travel as scalar-prefetch operands (SMEM, flattened to 1-d so they are not padded to
-SMEM tiles) and the BlockSpec index maps read them, so the pipeline fetches only listed KV blocks.
+the block lists travel as scalar-prefetch operands (SMEM, flattened to 1-d) and the BlockSpec index
+maps read them, so the pipeline fetches only listed KV blocks.
 
 * forward: grid (batch, head unit, query unit, list slot). Slot `s` loads KV block `kv_indices[s]`;
   slots past the unit's count are skipped with `pl.when` and, because the layout pads each list with
@@ -10,34 +10,36 @@ SMEM tiles) and the BlockSpec index maps read them, so the pipeline fetches only
   VMEM scratch; `out` and `lse` are written at the last slot.
 * dQ: the same grid and walk, recomputing the probabilities from `lse`.
 * dK/dV: grid (batch, KV head, entry) over the *flattened* KV-major inverse of the KV group. The
-  entries of the group's head units are merged so that all entries of one KV block are consecutive;
-  the dK/dV output block index follows the entry's KV block, so the block stays resident in VMEM
-  while its entries accumulate into float32 scratch, and is written once at the block's last entry.
-  Every dK/dV block is thus produced by one run of consecutive grid steps: deterministic, no atomics.
+  entries of the group's head units are merged so that all entries of one KV tile (below) are
+  consecutive; the dK/dV output block index follows the entry's tile, so the block stays resident in
+  VMEM while its entries accumulate into float32 scratch, and is written once at the tile's last
+  entry. Every dK/dV block is thus produced by one run of consecutive grid steps: deterministic, no
+  atomics. The grid has as many steps as the forward's (Hl·nq·K per batch row), padding included.
   With one head unit per KV head the merged list is the layout's CSR (`q_indices`, `kv_offsets`)
   as is; with several it is a stable sort of their entries by KV block (on device, O(Hl·nq·K)).
   KV tiles that no entry visits are zeroed afterwards in XLA.
 
 Rows. The rows of a program are the `block_q` tokens x `R = Hq / Hl` query heads of one query unit
-(token-major, head-minor). The wrapper lays q (and dO) out as `[B, Hl, nq * rows, D]`; the row count of
-a unit is padded to the sublane tile (8 rows for float32, 16 for bfloat16) with zero rows, which are
-masked in-kernel and dropped afterwards: correct, at the cost of computing the padded rows (NSA's
-one-token units with 4 heads compute 8 or 16 rows). K and V are laid out `[B, Hkv, Tk', D]` in KV
-tiles of `tile_k = max(block_k, 128)` keys, the ragged end zero-padded and masked. A `block_k` below
-the 128-lane width (NSA's 64) is served from the 128-key tile that holds it, with the tile's other keys
-masked: exact, no new DMA between the blocks of one tile, but 128/block_k times the score FLOPs.
-Head dims that are not multiples of 128 lanes are
-zero-padded to the next multiple: zero columns leave q·k unchanged and produce output columns that are
-dropped, so this is exact (it costs bandwidth for head dim 64).
+(token-major, head-minor). The wrapper lays q (and dO) out as `[B, Hl, nq * rows, D]`; the row count
+of a unit is padded to the sublane tile (8 rows for float32, 16 for bfloat16) with zero rows, which
+are masked in-kernel and dropped afterwards: correct, at the cost of computing the padded rows (NSA's
+one-token units with 4 heads compute 8 or 16 rows).
+
+KV tiles. K and V are laid out `[B, Hkv, Tk', D]` in tiles of `tile_k = max(block_k, 128)` keys, the
+ragged end zero-padded and masked. A `block_k` below the 128-lane width (NSA's 64) is served from
+the 128-key tile that holds it, with the tile's other keys masked: exact, and no new DMA between the
+blocks of one tile, but 128/block_k times the score FLOPs. Head dims that are not multiples of 128
+are zero-padded to the next multiple: zero columns leave q·k unchanged and produce output columns that
+are dropped, so this is exact (it costs bandwidth for head dim 64).
 
 Per-row vectors (query positions and segment ids, lse, delta) are stored broadcast over the 128 lanes
 (`[.., rows, 128]`) where the kernel needs them as a column and over 8 sublanes (`[.., 8, rows]`)
-where it needs them as a row (the dK/dV kernel computes the transposed scores `k·qᵀ`); per-key
-vectors likewise. This costs 512 bytes per row per column vector in HBM.
+where it needs them as a row (the dK/dV kernel computes the transposed scores `k·qᵀ`, as splash
+attention does); per-key vectors likewise. A column vector costs 512 bytes per row in HBM.
 
-Masking inside a block, from loaded vectors and iotas: causal (`kv_pos <= q_pos`), equal segment ids,
-keys at index >= Tk or outside the block (sub-tile blocks) and padding/ragged query rows. Rows that see nothing give out 0 and lse -inf, and
-zero gradients.
+Masking inside a tile, from loaded vectors and iotas: causal (`kv_pos <= q_pos`), equal segment ids,
+keys at index >= Tk or outside the visited block (sub-tile blocks), and padding or ragged query rows.
+Rows that see nothing give out 0 and lse -inf, and zero gradients.
 
 Supported (checked by `check_supported`): float32 and bfloat16 (q, k, v of one dtype); `block_k` a
 multiple or a divisor of 128 (the score tile is [rows, tile_k]); any `block_q >= 1`; any head dims;

@@ -5,8 +5,10 @@ device holds one shard of the (possibly load-balance-permuted, see `balance.py`)
 and its K/V with their positions and segment ids. K/V rotate around the ring with `lax.ppermute`; at
 every step the same `block_sparse_attention` implementation runs on exactly the blocks of the visiting
 shard that the layout selects, translated from global block indices to the shard's local ones; steps
-with no block to compute skip the kernel (`lax.cond`). Partial results merge in float32 log space
-(the `merge_attention` algebra).
+with no block to compute skip the kernel (`lax.cond`; on GPU, where XLA reads a conditional's
+predicate back to the host and so stalls the stream, the kernel runs instead with all counts 0,
+which launches programs that exit at once). Blocks the layout does not list are never computed.
+Partial results merge in float32 log space (the `merge_attention` algebra).
 
 Ring schedule. The `n` shards form `n_outer` groups of `n_inner` consecutive shards (flat ring:
 `n_outer = 1`). At outer step `o` and inner step `j`, device `r = (ro, ri)` holds the K/V of shard
@@ -56,6 +58,7 @@ class RingSpec(NamedTuple):
     causal: bool
     implementation: str
     interpret: bool
+    skip_empty_steps: bool   # lax.cond around the kernel when a step has no block (see the module docstring)
 
     @property
     def outer(self) -> int:
@@ -64,7 +67,7 @@ class RingSpec(NamedTuple):
 
 def make_spec(*, axis: str, num_shards: int, inner: int | None, block_q: int, block_k: int, head_dim: int,
               sm_scale: float | None = None, causal: bool = True, implementation: str | None = None,
-              interpret: bool = False, for_ring: bool = True) -> RingSpec:
+              interpret: bool = False, for_ring: bool = True, skip_empty_steps: bool | None = None) -> RingSpec:
     """Validated `RingSpec`; `inner=None` is a flat ring, `implementation=None` the backend default.
     `for_ring=False` (all-gather) accepts every kernel implementation."""
     inner = num_shards if inner is None else int(inner)
@@ -77,8 +80,10 @@ def make_spec(*, axis: str, num_shards: int, inner: int | None, block_q: int, bl
         raise ValueError(f"ring attention needs a flash-style kernel backward; implementation {name!r} is not "
                          f"one of {RING_IMPLEMENTATIONS}")
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    if skip_empty_steps is None:
+        skip_empty_steps = jax.default_backend() != "gpu"
     return RingSpec(axis, int(num_shards), inner, int(block_q), int(block_k), scale, bool(causal), name,
-                    bool(interpret))
+                    bool(interpret), bool(skip_empty_steps))
 
 
 # ------------------------------------------------------------------------------------ per-step layouts
@@ -155,6 +160,12 @@ def _outer_shift(x, spec: RingSpec):
 
 
 # ------------------------------------------------------------------------------------ forward / backward
+def _maybe_skip(spec: RingSpec, layout: BlockLayout, compute, skip):
+    if spec.skip_empty_steps:
+        return jax.lax.cond(layout.kv_counts.sum() > 0, compute, skip, None)
+    return compute(None)
+
+
 def _forward(spec: RingSpec, q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_blocks):
     impl = kernel_api.get_implementation(spec.implementation)
     b, tq, hq, _ = q.shape
@@ -177,7 +188,7 @@ def _forward(spec: RingSpec, q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_blocks):
         def skip(_):
             return jnp.zeros((b, tq, hq, dv), jnp.float32), jnp.full((b, hq, tq), -jnp.inf, jnp.float32)
 
-        part = jax.lax.cond(layout.kv_counts.sum() > 0, compute, skip, None)
+        part = _maybe_skip(spec, layout, compute, skip)
         return (merge_attention([acc, part]), kv_next), layout.kv_counts.sum()
 
     def outer_step(carry, o):
@@ -217,7 +228,7 @@ def _backward(spec: RingSpec, residuals, cotangents):
         def skip(_):
             return jnp.zeros_like(q), jnp.zeros_like(k_), jnp.zeros_like(v_)
 
-        dq_i, dk_i, dv_i = jax.lax.cond(layout.kv_counts.sum() > 0, compute, skip, None)
+        dq_i, dk_i, dv_i = _maybe_skip(spec, layout, compute, skip)
         dkv = (dkv[0] + dk_i.astype(jnp.float32), dkv[1] + dv_i.astype(jnp.float32))
         return (dq + dq_i.astype(jnp.float32), kv_next, _inner_shift(dkv, spec)), None
 

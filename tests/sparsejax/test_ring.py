@@ -153,3 +153,29 @@ def test_validation_errors():
     with pytest.raises(ValueError, match=r"implementation 'reference' is not one of"):
         make_spec(axis="sequence", num_shards=4, inner=None, block_q=16, block_k=16, head_dim=16,
                   implementation="reference")
+
+
+def test_ring_without_step_skipping_matches():
+    """The GPU path (no lax.cond: empty steps run the kernel with all counts 0) on contiguous shards,
+    where most steps are empty under the causal mask."""
+    from jax.sharding import PartitionSpec as P
+    from sparsejax.parallel.ring import ring_attention
+
+    rng = np.random.default_rng(3)
+    b, hq, hkv = 1, 4, 2
+    q, k, v = (jnp.asarray(rng.normal(size=(b, T, h, D)), jnp.float32) for h in (hq, hkv, hkv))
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
+    layout = BlockLayout.causal(T, T, block_q=BLOCK, block_k=BLOCK, num_head_units=hkv)
+    spec = make_spec(axis="sequence", num_shards=4, inner=None, block_q=BLOCK, block_k=BLOCK, head_dim=D,
+                     skip_empty_steps=False)
+    mesh = jax.make_mesh((4,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+    ring = jax.shard_map(lambda q, k, v, p: ring_attention(q, k, v, p, p, spec=spec), mesh=mesh,
+                         in_specs=(P(None, "sequence"),) * 4, out_specs=(P(None, "sequence"), P(None, None, "sequence")),
+                         check_vma=False)
+    loss = lambda fn: (lambda q, k, v: (fn(q, k, v)[0] ** 2).sum())
+    single = lambda q, k, v: block_sparse_attention(q, k, v, layout, implementation="reference")
+    g0 = jax.grad(loss(single), argnums=(0, 1, 2))(q, k, v)
+    g1 = jax.jit(jax.grad(loss(lambda q, k, v: ring(q, k, v, pos)), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(jax.jit(ring)(q, k, v, pos)[0], single(q, k, v)[0], atol=2e-5)
+    for a, r in zip(g1, g0):
+        np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)

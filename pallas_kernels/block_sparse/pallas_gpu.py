@@ -85,8 +85,11 @@ def default_configs(q, k, v, layout) -> dict[str, KernelConfig]:
   d_total = q.shape[-1] + v.shape[-1]
   cap = 128 if d_total <= 256 else 64
   rows = min(cap, max(_MIN_ROWS, _next_pow2(ru)))
-  warps = 4 if rows <= 64 else 8
-  fwd = KernelConfig(rows=rows, num_warps=warps, num_stages=3 if d_total <= 256 else 2)
+  warps = 2 if rows <= 16 else 4 if rows <= 64 else 8
+  # Measured on the H200 (benchmarks/notes_kernels.md): 16-row tiles (NSA) run best with 2 warps
+  # and 2 stages (3.83 vs 4.44 ms at T=16k); 128-row tiles were measured with 8 warps, 3 stages.
+  stages = 2 if rows <= 16 or d_total > 256 else 3
+  fwd = KernelConfig(rows=rows, num_warps=warps, num_stages=stages)
   dq = KernelConfig(rows=min(rows, 64), num_warps=4, num_stages=2)
   dkv_rows = 64 if layout.block_k >= 64 else 32
   dkv = KernelConfig(rows=dkv_rows, num_warps=4 if layout.block_k <= 64 else 8, num_stages=2)

@@ -7,12 +7,17 @@ Three ways to launch several processes:
   --process_id`; or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
   JAX_PROCESS_ID);
 - SLURM (`srun` with more than one task): detected from SLURM_JOB_ID / SLURM_NTASKS / SLURM_PROCID;
-- Cloud TPU pods (several TPU VM workers) and Open MPI (`mpirun -n N`): detected from their environment.
-For SLURM, TPU and MPI, jax's own cluster detection fills in the coordinator and the ranks.
+- Open MPI (`mpirun -n N`): detected from OMPI_COMM_WORLD_SIZE;
+- Cloud TPU VMs (`gcloud compute tpus tpu-vm ssh NAME --worker=all --command="python train.py ..."`):
+  detected from libtpu and the TPU device files; jax.distributed.initialize() is then always called
+  (a single-host TPU VM becomes a one-process cluster).
+For SLURM, MPI and TPU, jax's own cluster detection fills in the coordinator and the ranks.
 Must be called before anything touches a jax device.
 """
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 
 import jax
@@ -27,6 +32,11 @@ def _int_env(name: str) -> int | None:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """libtpu is installed and TPU chips are attached (without initialising any jax backend)."""
+    return importlib.util.find_spec("libtpu") is not None and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def _cluster_process_count() -> int:
@@ -73,8 +83,9 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
                                    num_processes=num_processes, process_id=process_id)
         return True
     count = _cluster_process_count()
-    if count > 1:
-        logging.info("cluster launch with %d processes detected; jax.distributed.initialize()", count)
+    if count > 1 or _on_cloud_tpu_vm():
+        logging.info("cluster launch detected (%d processes announced, Cloud TPU VM: %s); "
+                     "jax.distributed.initialize()", count, _on_cloud_tpu_vm())
         jax.distributed.initialize()
         return True
     return False

@@ -13,8 +13,8 @@ deleted by the next run. The last `keep_checkpoints` steps are kept.
 
 A *committed* checkpoint that cannot be read (files deleted or damaged afterwards) is never skipped
 silently: restoring it raises `CheckpointError` naming the directory, the cause and the other
-complete steps, and nothing is deleted, so the user decides (move the damaged step aside to resume
-from the previous one).
+complete steps, and nothing is deleted, so the user decides (move the damaged step out of the
+checkpoints directory to resume from the previous one).
 """
 from __future__ import annotations
 
@@ -118,8 +118,8 @@ class Checkpointer:
 
     def _error(self, step: int, cause: Exception) -> CheckpointError:
         others = [s for s in self.all_steps() if s != step]
-        hint = (f"move {self.step_dir(step)} aside to resume from step {others[-1]}" if others
-                else "no other complete checkpoint exists; move it aside to start from scratch")
+        hint = (f"move {self.step_dir(step)} out of {self.directory} to resume from step {others[-1]}" if others
+                else f"no other complete checkpoint exists; move it out of {self.directory} to start from scratch")
         return CheckpointError(f"checkpoint {self.step_dir(step)} is corrupt or incomplete "
                                f"({type(cause).__name__}: {str(cause)[:500]}); {hint}")
 

@@ -49,7 +49,7 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-    step: int                        # updates completed (and saved, unless stopped_by == "diverged")
+    step: int                        # updates completed (and saved in the last checkpoint)
     stopped_by: str                  # "completed" | "preempted"
     last_checkpoint: int | None      # step of the newest complete checkpoint
     train_metrics: dict[str, Any]    # the last logged train record
@@ -166,9 +166,6 @@ class _Trainer:
         self.global_batch = config.data.global_batch_size
         self.optimizer = make_optimizer(config.train)
         self.factory = StateFactory(config, self.mesh, self.optimizer)
-        self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         keep=config.train.keep_checkpoints,
-                                         async_save=config.train.async_checkpointing)
         self.train_step = make_train_step(config, self.factory.graphdef, self.optimizer, self.mesh,
                                           self.factory.shardings, self.batch_sharding)
         self.eval_step = make_eval_step(self.factory.graphdef, self.mesh, self.factory.shardings,
@@ -205,7 +202,14 @@ class _Trainer:
     # ------------------------------------------------------------------------------------- loop
     def run(self) -> TrainResult:
         iterator = self._data_iterator()
-        state, start = self._initial_state(iterator)
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                         keep=self.train_cfg.keep_checkpoints,
+                                         async_save=self.train_cfg.async_checkpointing)
+        try:
+            state, start = self._initial_state(iterator)
+        except BaseException:
+            self.checkpointer.close()
+            raise
         num_steps = self.train_cfg.num_steps
         self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=start)
         self._log_setup(start)

@@ -2,7 +2,7 @@
 
 The model is split once with `nnx.split(model, nnx.Param, ...)`: the graph definition stays on the
 host (static), the parameters and any other model state travel through `jax.jit` as plain nested
-dicts (`nnx.State.to_pure_dict()`), which is also exactly what the checkpoints hold. Inside the step
+dicts (`nnx.to_pure_dict`), which is also exactly what the checkpoints hold. Inside the step
 `nnx.merge(graphdef, params, rest)` rebuilds the module (jax-ecosystem.md §5).
 """
 from __future__ import annotations
@@ -46,12 +46,12 @@ def build_model(config: ml_collections.ConfigDict):
 def split_model(model) -> tuple[nnx.GraphDef, dict, dict]:
     """(graphdef, params as a pure dict, other variables as a pure dict)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, params.to_pure_dict(), rest.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
 def merge_model(graphdef: nnx.GraphDef, params: dict, rest: dict):
     """Rebuilds the module from `split_model`'s pieces (inside or outside `jit`)."""
-    return nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
+    return nnx.merge(graphdef, params, rest)
 
 
 class StateFactory:
@@ -68,8 +68,8 @@ class StateFactory:
         abstract_model = nnx.eval_shape(lambda: build_model(config))
         self.graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
         rules = rules_from_config(config)
-        param_shardings = model_shardings(abstract_params, mesh, rules).to_pure_dict()
-        rest_shardings = model_shardings(abstract_rest, mesh, rules).to_pure_dict()
+        param_shardings = nnx.to_pure_dict(model_shardings(abstract_params, mesh, rules))
+        rest_shardings = nnx.to_pure_dict(model_shardings(abstract_rest, mesh, rules))
         self.abstract = jax.eval_shape(self._init)
         replicated = NamedSharding(mesh, PartitionSpec())
         opt_shardings = optax.tree_map_params(

@@ -97,7 +97,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": ce, "total_loss": objective, **aux,
-            "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
             "learning_rate": schedule(state.step), "loss_tokens": token_count,
             "params_finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])),
         }

@@ -64,12 +64,13 @@ def test_two_processes_train_with_equal_losses(tmp_path):
     assert "process_0-of-2.json" in data and "process_1-of-2.json" in data
 
 
-def test_single_process_launch_does_not_initialize(monkeypatch):
+def test_launch_detection(monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
                  "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(name, raising=False)
     calls = []
     monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda: False)
     assert distributed.maybe_initialize() is False
     assert distributed.maybe_initialize("localhost:1234", 1, 0) is False
     monkeypatch.setenv("SLURM_JOB_ID", "7")
@@ -80,6 +81,10 @@ def test_single_process_launch_does_not_initialize(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert distributed.maybe_initialize() is True
     assert calls == [((), {})]
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda: True)
+    assert distributed.maybe_initialize() is True
+    assert len(calls) == 2
 
 
 def test_incomplete_explicit_flags_are_an_error(monkeypatch):

@@ -102,7 +102,7 @@ def test_matmul_flops_count_every_weight_matrix_once():
         config = tiny_config()
         config.model.tie_embeddings = tied
         abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-        flat = jax.tree_util.tree_flatten_with_path(nnx.state(abstract, nnx.Param).to_pure_dict())[0]
+        flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))[0]
         weights = sum(x.size for path, x in flat if x.ndim >= 2 and "embed" not in jax.tree_util.keystr(path))
         if tied:
             weights += config.model.vocab_size * config.model.d_model

@@ -56,7 +56,7 @@ def model_defaults() -> ml_collections.ConfigDict:
         "init_std": 0.02,
         "param_dtype": "float32",
         "dtype": "float32",         # compute dtype: "float32" | "bfloat16" | "float16"
-        "remat": "none",            # "none" | "full" | "dots"
+        "remat": "none",            # "none" | "full" | "dots" | "dots_attention" (sparsejax.model)
     })
 
 

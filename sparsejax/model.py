@@ -10,7 +10,9 @@ price; remat keeps the activation memory of one layer at a time either way.
 
 Remat (`config.model.remat`): "none"; "full" (recompute the whole block in the backward pass);
 "dots" (save the outputs of matmuls without batch dimensions, i.e. the projections and the MLP,
-recompute the rest, `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
+recompute the rest, `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`); "dots_attention"
+(as "dots", and also the outputs and softmax statistics of the cuDNN attention kernel, so the
+backward pass does not run the attention forward again; costs [B, T, H, D] per layer).
 
 Initialisation (Llama / torchtitan conventions): truncated normal (±3 std) with `init_std` for the
 embedding and the input projections, `init_std / sqrt(2 L)` for the projections that write into the
@@ -27,10 +29,21 @@ from sparsejax.attention import get_attention
 from sparsejax.layers import Embed, RMSNorm, SwiGLU, dtype_from_name, make_param, output_std, truncated_normal
 from sparsejax.parallel.mesh import constrain, rules_from_config
 
+# Primitives whose outputs are attention results with their softmax statistics (the residuals of the
+# kernel's backward): saving them spares the backward pass a second attention forward.
+ATTENTION_PRIMITIVES = frozenset({"dot_product_attention_fwd_wrapper"})   # cuDNN flash attention (jax)
+
+
+def _dots_and_attention_saveable(prim, *args, **params) -> bool:
+    return (prim.name in ATTENTION_PRIMITIVES
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_attention": _dots_and_attention_saveable,
 }
 
 

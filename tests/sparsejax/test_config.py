@@ -73,7 +73,7 @@ def test_int_accepted_for_float(config):
 @pytest.mark.parametrize("key, value, message", [
     ("dtype", "bf16", r"config\.model\.dtype = 'bf16'; valid choices: \['bfloat16', 'float16', 'float32'\]"),
     ("param_dtype", "bfloat16", r"config\.model\.param_dtype = 'bfloat16'; valid choices: \['float32'\]"),
-    ("remat", "some", r"config\.model\.remat = 'some'; valid choices: \['none', 'full', 'dots'\]"),
+    ("remat", "some", r"config\.model\.remat = 'some'; valid choices: \['none', 'full', 'dots', 'dots_attention'\]"),
     ("num_kv_heads", 3, r"num_heads = 4 is not a multiple of config\.model\.num_kv_heads = 3; valid num_kv_heads: "
                         r"divisors of 4: \[1, 2, 4\]"),
     ("head_dim", 33, r"config\.model\.head_dim = 33 must be even"),

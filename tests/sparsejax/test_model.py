@@ -182,11 +182,11 @@ def loss_and_grads(model, ids, pos, seg):
 def test_remat_policies_give_the_same_loss_and_grads():
     ids, pos, seg = map(jnp.asarray, packed_row_inputs(np.random.default_rng(6), [20, 12], 32))
     results = {}
-    for remat in ("none", "full", "dots"):
+    for remat in ("none", "full", "dots", "dots_attention"):
         model = Transformer(small_config(remat=remat), rngs=nnx.Rngs(7))
         results[remat] = loss_and_grads(model, ids, pos, seg)
     loss0, grads0 = results["none"]
-    for remat in ("full", "dots"):
+    for remat in ("full", "dots", "dots_attention"):
         loss, grads = results[remat]
         np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):

@@ -373,7 +373,7 @@ def main():
   p.add_argument("--nsa-lengths", type=lambda s: [int(x) for x in s.split(",")],
                  default=[8192, 16384, 65536])
   p.add_argument("--tune-length", type=int, default=32768)
-  p.add_argument("--check-length", type=int, default=2048)
+  p.add_argument("--check-length", type=int, default=1024)
   p.add_argument("--tune-nsa-length", type=int, default=16384)
   p.add_argument("--block-q", type=int, default=128)
   p.add_argument("--block-k", type=int, default=64)

@@ -7,7 +7,10 @@ Three kernels, all driven by a `BlockLayout` (docs/contracts.md §1):
 * dQ: the same grid and the same walk, recomputing the probabilities from `lse`;
 * dK/dV: one program per (KV block, KV head, batch); it walks the KV-major CSR inverse
   (`q_indices` / `kv_offsets`) of every head unit of its KV group, so each dK/dV block is written by
-  one program: deterministic, no atomics.
+  one program: deterministic, no atomics. When one block's list can be far longer than the mean
+  (NSA selects block 0 for every token), the lists are cut into chunks instead: one program per
+  chunk writes a float32 partial tile and a second kernel sums each block's partials in a fixed
+  order (still deterministic; see `KernelConfig.list_chunk`).
 
 Rows. The rows of a query unit are its `block_q` tokens times the `R = Hq / Hl` query heads of its head
 unit (token-major, head-minor). They are gathered from the flattened view `q [B, Tq*Hq, D]`, so no
@@ -25,7 +28,11 @@ see nothing give out 0 and lse -inf, and zero gradients.
 
 Supported (checked by `check_supported`): float32, bfloat16 and float16 (q, k, v of one dtype); head
 dims that are multiples of 16 up to 256; `block_k` a power of two in [16, 128]; any `block_q >= 1`;
-any head unit allowed by the layout.
+any head unit allowed by the layout. float32 dots use Triton's default (tf32) precision.
+
+Launch parameters come from `default_configs` (tuned on an H200: benchmarks/notes_kernels.md);
+`forward(config=...)` / `backward(configs=...)` override them. `plgpu.CompilerParams` is spelled the
+same in jax 0.10.2 and 0.11.2.
 """
 from __future__ import annotations
 

@@ -21,8 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _is_concrete(*arrays) -> bool:
-    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+def _concrete(*arrays):
+    """The arrays as numpy arrays, or None when any of them is traced (values unknown)."""
+    try:
+        return [np.asarray(a) for a in arrays]
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -103,11 +107,11 @@ class BlockLayout:
         cap = indices.shape[3]
         if cap < 1:
             raise ValueError(f"indices must have a list capacity K >= 1, got shape {indices.shape}")
-        if _is_concrete(indices, counts):
-            c = np.asarray(counts)
+        values = _concrete(indices, counts)
+        if values is not None:
+            idx, c = values
             if c.size and (c.min() < 0 or c.max() > cap):
                 raise ValueError(f"counts must lie in [0, K={cap}], got values in [{c.min()}, {c.max()}]")
-            idx = np.asarray(indices)
             used = np.arange(cap) < c[..., None]
             bad = used & ((idx < 0) | (idx >= num_kv_blocks))
             if bad.any():
@@ -135,8 +139,9 @@ class BlockLayout:
         cap = nk if max_kv_blocks is None else int(max_kv_blocks)
         if not 1 <= cap <= nk:
             raise ValueError(f"max_kv_blocks must lie in [1, nk={nk}], got {max_kv_blocks!r}")
-        if _is_concrete(mask) and cap < nk:
-            most = int(np.asarray(mask).sum(-1).max(initial=0))
+        values = _concrete(mask) if cap < nk else None
+        if values is not None:
+            most = int(values[0].sum(-1).max(initial=0))
             if most > cap:
                 raise ValueError(f"a query unit visits {most} KV blocks, more than max_kv_blocks={cap}")
         keys, counts = _mask_to_lists(mask, cap)
@@ -241,9 +246,10 @@ class BlockLayout:
     def check_values(self) -> None:
         """Check the invariants of docs/contracts.md on concrete values (no-op under tracing)."""
         arrays = (self.kv_indices, self.kv_counts, self.q_indices, self.kv_offsets)
-        if not _is_concrete(*arrays):
+        values = _concrete(*arrays)
+        if values is None:
             return
-        idx, cnt, qi, off = (np.asarray(a) for a in arrays)
+        idx, cnt, qi, off = values
         cap, nk = idx.shape[3], self.num_kv_blocks
         if cnt.size and (cnt.min() < 0 or cnt.max() > cap):
             raise ValueError(f"layout.kv_counts must lie in [0, K={cap}], got [{cnt.min()}, {cnt.max()}]")

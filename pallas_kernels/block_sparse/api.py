@@ -73,11 +73,13 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, sm_scale=None, causa
     name = default_implementation() if implementation is None else implementation
     impl = get_implementation(name)
     impl.check_supported(q, k, v, layout)
-    if isinstance(sm_scale, jax.core.Tracer) or isinstance(causal, jax.core.Tracer):
+    try:
+        scale = 1.0 / math.sqrt(dqk) if sm_scale is None else float(sm_scale)
+        causal = bool(causal)
+    except jax.errors.ConcretizationTypeError as e:
         raise ValueError("sm_scale and causal must be Python values (static), got a traced value; "
-                         "scale q instead for a learned or traced scale")
-    scale = 1.0 / math.sqrt(dqk) if sm_scale is None else float(sm_scale)
-    attend = _attention_fn(name, scale, bool(causal), bool(interpret))
+                         "scale q instead for a learned or traced scale") from e
+    attend = _attention_fn(name, scale, causal, bool(interpret))
     out, lse = attend(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)
     return (out, lse) if return_lse else out
 

@@ -23,9 +23,9 @@ def test_xla_matches_reference_random(case):
     # SeerAttention-like: 128-token query blocks, one list per query head, ragged ends, Tq < Tk.
     dict(block_q=128, group=1, num_kv_heads=2, head_unit="query", block_k=32, seq_len_q=130, seq_len_k=150,
          layout_kind="causal"),
-    # Packed documents with permuted (ring / zigzag) positions, batch-specific layouts.
+    # Packed documents with permuted (ring / zigzag) positions, batch-specific layouts, float16.
     dict(block_q=4, group=4, head_unit="query", block_k=8, seq_len_q=24, seq_len_k=24, batch=2,
-         layout_kind="random", positions="permuted", segments=True),
+         layout_kind="random", positions="permuted", segments=True, dtype="float16"),
 ], ids=["nsa", "seer", "packed"])
 def test_xla_variant_shapes(params):
     assert_matches_reference("xla", random_case(7, **params))

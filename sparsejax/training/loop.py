@@ -11,7 +11,8 @@ except at steps that log, validate, save or stop (those are checked at once).
   losses then continue exactly as without the interruption (bitwise on CPU).
 - A non-finite loss or gradient norm, or non-finite parameters after the update, at step s stop the run with
   `TrainingDivergedError` naming s and the last good checkpoint; the bad state is never saved.
-- SIGTERM / SIGINT (preemption, Ctrl-C) set a flag; at the end of the current step the loop saves a
+- SIGTERM / SIGINT (preemption, Ctrl-C) set a flag; at the end of the current step (multi-process:
+  of the next step that is a multiple of log_every, where the processes agree) the loop saves a
   checkpoint, waits for it, and returns with `stopped_by="preempted"`. A second SIGINT aborts at once.
 - Outputs in the workdir: `config.json`, `metrics.jsonl` (train lines: step, loss, total_loss,
   learning_rate, grad_norm, param_norm, tokens_per_sec, step_time, mfu, variant auxiliaries; validation
@@ -90,11 +91,15 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def requested(self) -> bool:
-        """Whether any process received a stop signal (a collective across processes)."""
+    def requested(self, step: int, every: int) -> bool:
+        """Whether a stop signal arrived (in any process). With several processes all must stop at
+        the same step, so they agree through a small collective, only every `every` steps (it waits
+        for the device, which would otherwise run ahead of the host)."""
         local = self.signal_name is not None
         if jax.process_count() == 1:
             return local
+        if step % every:
+            return False
         from jax.experimental import multihost_utils
         return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
@@ -226,7 +231,7 @@ class _Trainer:
                     if pending is not None:
                         self._finish(*pending, start, progress)
                     pending = (step, metrics)
-                    stop = stop_request.requested()
+                    stop = stop_request.requested(step, self.train_cfg.log_every)
                     save = (self.train_cfg.checkpoint_every and step % self.train_cfg.checkpoint_every == 0) \
                         or step == num_steps or stop
                     evaluate = self.train_cfg.eval_every and (step % self.train_cfg.eval_every == 0 or step == num_steps)

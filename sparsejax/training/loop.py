@@ -244,8 +244,9 @@ class _Trainer:
                         self._save(step, state, iterator)
                     if stop:
                         stopped_by = "preempted"
-                        logging.warning("stopped by %s after step %d; checkpoint %s", stop_request.signal_name,
-                                        step, self.checkpointer.step_dir(step))
+                        logging.warning("stopped by %s after step %d; checkpoint %s",
+                                        stop_request.signal_name or "a signal to another process", step,
+                                        self.checkpointer.step_dir(step))
                         break
                 if pending is not None:
                     self._finish(*pending, start, progress)

@@ -12,6 +12,6 @@ def get_config():
                        dtype="float32", remat="none")
     config.attention.kind = "dense"
     common.update(config.data, source="embedded", tokenizer="byte", seq_len=256, global_batch_size=16)
-    common.update(config.train, num_steps=300, learning_rate=3e-3, warmup_steps=30, end_lr_ratio=0.1,
+    common.update(config.train, num_steps=200, learning_rate=3e-3, warmup_steps=20, end_lr_ratio=0.1,
                   log_every=10, eval_every=100, eval_batches=4, checkpoint_every=100)
     return config

@@ -278,14 +278,21 @@ def section_nsa(args):
       visited = float(layout.kv_counts.sum())
       flops = 4 * visited * 16 * 64 * 128        # useful work: kept blocks x 16 heads x 64 keys
       t_f, t_fb = bench(fwd, q, k, v, do), bench(fwd_bwd, q, k, v, do)
+      # A/B of the dK/dV list split: the same backward with one program per KV block.
+      base = pallas_gpu.default_configs(q, k, v, layout)
+      whole = dict(base, dkv=dataclasses.replace(base["dkv"], list_chunk=0))
+      t_whole = guarded(f"c/{t}/unsplit", lambda: bench(sparse_fns(layout, configs=whole)[1],
+                                                          q, k, v, do))
       return dict(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=flops / t_f / 1e9,
-                  fwd_bwd_tflops=3.5 * flops / t_fb / 1e9, blocks_per_token=visited / (4 * t))
+                  fwd_bwd_tflops=3.5 * flops / t_fb / 1e9, blocks_per_token=visited / (4 * t),
+                  fwd_bwd_unsplit_ms=t_whole)
     r = guarded(f"c/{t}", run)
     if r:
       rows.append(dict(T=t, **r))
       print(f"  T={t:6d}  fwd {r['fwd_ms']:8.2f} ms ({r['fwd_tflops']:.0f} TF/s useful)   "
             f"fwd+bwd {r['fwd_bwd_ms']:8.2f} ms ({r['fwd_bwd_tflops']:.0f} TF/s)  "
-            f"blocks/token {r['blocks_per_token']:.2f}", flush=True)
+            f"blocks/token {r['blocks_per_token']:.2f}  (fwd+bwd without the dK/dV list split: "
+            f"{r['fwd_bwd_unsplit_ms'] or float('nan'):.2f} ms)", flush=True)
   RESULTS["nsa"] = rows
 
 

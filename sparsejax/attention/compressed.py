@@ -117,7 +117,7 @@ def compressed_layout(seq_len: int, n: int, *, block: int, stride: int, num_kv_h
 
 
 def compressed_attention(q, k_cmp, v_cmp, q_segment_ids, *, block: int, stride: int, block_q: int,
-                         block_k: int, implementation=None):
+                         block_k: int, implementation=None, interpret=False):
     """Branch output over the compressed tokens.
 
     q [B, T, H, D]; k_cmp, v_cmp [B, N, K, D] (N ≥ 1); q_segment_ids [B, T] int32.
@@ -132,7 +132,8 @@ def compressed_attention(q, k_cmp, v_cmp, q_segment_ids, *, block: int, stride: 
     kv_pos = jnp.broadcast_to(compressed_positions(n, block, stride), (b, n))
     kv_seg = compressed_segments(q_segment_ids, n, block, stride)
     return block_sparse_attention(q, k_cmp, v_cmp, layout, q_positions=q_pos, kv_positions=kv_pos,
-                                  q_segment_ids=q_segment_ids, kv_segment_ids=kv_seg, implementation=implementation)
+                                  q_segment_ids=q_segment_ids, kv_segment_ids=kv_seg, implementation=implementation,
+                                  interpret=interpret)
 
 
 def overlap_weights(select_block: int, block: int, stride: int) -> tuple[int, ...]:
@@ -188,7 +189,7 @@ def top_blocks(scores: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
 
 
 def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select_block: int, num_selected: int,
-                  num_initial: int, num_local: int, chunk_elements: int = 1 << 26,
+                  num_initial: int, num_local: int, chunk_elements: int = 1 << 26, causal_parts: int = 8,
                   sm_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
     """Per (token, KV group) selected blocks from the compression probabilities.
 
@@ -197,7 +198,9 @@ def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select
     probabilities are recomputed as p = exp(q·k̃ᵀ·scale − lse) per chunk, one pass over the logits.
     Returns indices [B, K, T, n'] int32 (ascending; entries past the count hold S) and counts
     [B, K, T] int32, n' = min(n, S), S = ⌈T / l'⌉. Query chunks of C tokens keep the largest
-    intermediate [B, H, C, max(N, S)] float32 under `chunk_elements`.
+    intermediate [B, H, C, max(N, S)] float32 under `chunk_elements`. The chunks are split into
+    `causal_parts` consecutive parts, each reading only the compressed tokens its last query can see
+    (static slices): about half of the T·N logits are never computed.
     """
     q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
     b, t, h, d = q.shape
@@ -209,10 +212,10 @@ def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select
     num_chunks = -(-t // chunk)
     pad = num_chunks * chunk - t
     doc_start = document_starts(segment_ids)
-    t_all = jnp.arange(num_chunks * chunk, dtype=jnp.int32)
-    q_c = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, num_chunks, chunk, kv_heads, g, d)
-    seg_c = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(b, num_chunks, chunk)
-    start_c = jnp.pad(doc_start, ((0, 0), (0, pad))).reshape(b, num_chunks, chunk)
+    t_all = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(num_chunks, chunk)
+    q_c = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, num_chunks, chunk, kv_heads, g, d).swapaxes(0, 1)
+    seg_c = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(b, num_chunks, chunk).swapaxes(0, 1)
+    start_c = jnp.pad(doc_start, ((0, 0), (0, pad))).reshape(b, num_chunks, chunk).swapaxes(0, 1)
     if n:
         kv_pos = compressed_positions(n, block, stride)
         kv_seg = compressed_segments(segment_ids, n, block, stride)
@@ -221,22 +224,31 @@ def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select
     else:
         lse_c = jnp.zeros((num_chunks,), jnp.float32)
 
-    def one_chunk(args):
-        qc, lc, segc, startc, tc = args                # [B, C, K, G, D], [B, K, G, C], [B, C], [B, C], [C]
-        if n:
-            logits = jnp.einsum("bckgd,bnkd->bkgcn", qc, k_cmp, preferred_element_type=jnp.float32)
-            seen = (kv_pos[None, None, None, None, :] <= tc[None, None, None, :, None]) & (
-                kv_seg[:, None, None, None, :] == segc[:, None, None, :, None]) & jnp.isfinite(lc)[..., None]
-            p = jnp.where(seen, jnp.exp(logits * scale - jnp.where(seen, lc[..., None], 0.0)), 0.0).sum(2)
-            p_slc = block_importance(p, num_blocks, select_block=select_block, block=block, stride=stride)
-        else:
-            p_slc = jnp.zeros((b, kv_heads, chunk, num_blocks), jnp.float32)
-        scores = block_scores(p_slc, tc, startc, select_block=select_block, num_initial=num_initial,
-                              num_local=num_local)
-        return top_blocks(scores, num_selected)
+    def part(first: int, last: int):
+        """Chunks [first, last): only the compressed tokens complete by the last query of the part."""
+        m = min(n, num_compressed(last * chunk, block, stride))
 
-    xs = (q_c.swapaxes(0, 1), lse_c, seg_c.swapaxes(0, 1), start_c.swapaxes(0, 1), t_all.reshape(num_chunks, chunk))
-    idx, cnt = jax.lax.map(one_chunk, xs)              # [nc, B, K, C, n'], [nc, B, K, C]
+        def one_chunk(args):
+            qc, lc, segc, startc, tc = args            # [B, C, K, G, D], [B, K, G, C], [B, C], [B, C], [C]
+            if m:
+                logits = jnp.einsum("bckgd,bnkd->bkgcn", qc, k_cmp[:, :m], preferred_element_type=jnp.float32)
+                seen = (kv_pos[None, None, None, None, :m] <= tc[None, None, None, :, None]) & (
+                    kv_seg[:, None, None, None, :m] == segc[:, None, None, :, None]) & jnp.isfinite(lc)[..., None]
+                p = jnp.where(seen, jnp.exp(logits * scale - jnp.where(seen, lc[..., None], 0.0)), 0.0).sum(2)
+                p_slc = block_importance(p, num_blocks, select_block=select_block, block=block, stride=stride)
+            else:
+                p_slc = jnp.zeros((b, kv_heads, chunk, num_blocks), jnp.float32)
+            scores = block_scores(p_slc, tc, startc, select_block=select_block, num_initial=num_initial,
+                                  num_local=num_local)
+            return top_blocks(scores, num_selected)
+
+        xs = (q_c[first:last], lse_c[first:last], seg_c[first:last], start_c[first:last], t_all[first:last])
+        return jax.lax.map(one_chunk, xs)              # [c, B, K, C, n'], [c, B, K, C]
+
+    bounds = sorted({round(i * num_chunks / max(1, causal_parts)) for i in range(causal_parts + 1)} | {num_chunks})
+    parts = [part(a, z) for a, z in zip(bounds[:-1], bounds[1:]) if z > a]
+    idx = jnp.concatenate([p[0] for p in parts], axis=0)
+    cnt = jnp.concatenate([p[1] for p in parts], axis=0)
     idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, kv_heads, num_chunks * chunk, -1)[:, :, :t]
     cnt = cnt.transpose(1, 2, 0, 3).reshape(b, kv_heads, num_chunks * chunk)[:, :, :t]
     return idx, cnt

@@ -90,13 +90,14 @@ class NSASpec:
     compress_kernel_block_k: int = 64
     score_chunk_elements: int = 1 << 26
     implementation: str = "auto"
+    interpret: bool = False          # run a Pallas implementation in interpret mode (CPU tests); not a config key
 
     def __post_init__(self):
         check_hyperparameters(self)
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict) -> "NSASpec":
-        return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls) if f.name != "interpret"})
 
     @property
     def kernel_implementation(self) -> str | None:
@@ -166,7 +167,7 @@ def validate(config) -> None:
 
 
 # ------------------------------------------------------------------------------------------ branches
-def window_attention(q, k, v, segment_ids, *, window: int, block: int, implementation=None):
+def window_attention(q, k, v, segment_ids, *, window: int, block: int, implementation=None, interpret=False):
     """Exact sliding-window attention, t − w < j ≤ t and equal segments (see the module docstring).
 
     q [B, T, H, D], k/v [B, T, K, D], segment_ids [B, T] -> out [B, T, H, D] in q's dtype.
@@ -184,7 +185,8 @@ def window_attention(q, k, v, segment_ids, *, window: int, block: int, implement
         jnp.broadcast_to(lo[:, None] + jnp.arange(cap, dtype=jnp.int32), (1, kv_heads, nq, cap)),
         jnp.broadcast_to(jnp.minimum(qb - lo + 1, cap), (1, kv_heads, nq)),
         block_q=block, block_k=block, num_kv_blocks=nq)
-    seg = dict(q_segment_ids=segment_ids, kv_segment_ids=segment_ids, implementation=implementation)
+    seg = dict(q_segment_ids=segment_ids, kv_segment_ids=segment_ids, implementation=implementation,
+               interpret=interpret)
     out, lse = block_sparse_attention(q, k, v, near, **seg)
     if nq <= per:                                                      # no query reaches a far edge
         return out
@@ -200,7 +202,8 @@ def window_attention(q, k, v, segment_ids, *, window: int, block: int, implement
     return merge_attention([(out, lse), (out_far, lse_far)])[0]
 
 
-def selected_attention(q, k, v, segment_ids, indices, counts, *, select_block: int, implementation=None):
+def selected_attention(q, k, v, segment_ids, indices, counts, *, select_block: int, implementation=None,
+                       interpret=False):
     """Attention over the selected blocks: per-token (block_q = 1), per-KV-group lists.
 
     q [B, T, H, D], k/v [B, T, K, D], indices [B, K, T, n], counts [B, K, T] -> out [B, T, H, D].
@@ -209,7 +212,7 @@ def selected_attention(q, k, v, segment_ids, indices, counts, *, select_block: i
     layout = BlockLayout.from_indices(indices, counts, block_q=1, block_k=select_block,
                                       num_kv_blocks=-(-t // select_block))
     return block_sparse_attention(q, k, v, layout, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                                  implementation=implementation)[0]
+                                  implementation=implementation, interpret=interpret)[0]
 
 
 def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k: CompressionParams,
@@ -224,7 +227,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k
     Returns out [B, T, H, D] in q's dtype and (indices [B, K, T, n], counts [B, K, T]) of the selection.
     """
     b, t, h, _ = q.shape
-    impl = spec.kernel_implementation
+    kernel = dict(implementation=spec.kernel_implementation, interpret=spec.interpret)
     l, d = spec.compress_block, spec.compress_stride
     n = num_compressed(t, l, d)
     if n:
@@ -233,7 +236,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k
         kc = apply_rope(kc, rope_positions[:, compressed_positions(n, l, d)], rope_theta)
         o_cmp, lse_cmp = compressed_attention(q, kc, vc, segment_ids, block=l, stride=d,
                                               block_q=spec.compress_kernel_block_q,
-                                              block_k=spec.compress_kernel_block_k, implementation=impl)
+                                              block_k=spec.compress_kernel_block_k, **kernel)
     else:
         kc, lse_cmp = jnp.zeros((b, 0) + k_cmp.shape[2:], q.dtype), None
         o_cmp = jnp.zeros(q.shape[:3] + v_cmp.shape[3:], q.dtype)
@@ -241,9 +244,9 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k
                                     num_selected=spec.num_selected, num_initial=spec.num_initial,
                                     num_local=spec.num_local, chunk_elements=spec.score_chunk_elements)
     o_slc = selected_attention(q, k_slc, v_slc, segment_ids, indices, counts, select_block=spec.select_block,
-                               implementation=impl)
+                               **kernel)
     o_win = window_attention(q, k_win, v_win, segment_ids, window=spec.window, block=spec.window_block,
-                             implementation=impl)
+                             **kernel)
     g = gates.astype(jnp.float32)
     out = sum(g[..., c, None] * o.astype(jnp.float32) for c, o in enumerate((o_cmp, o_slc, o_win)))
     return out.astype(q.dtype), (indices, counts)

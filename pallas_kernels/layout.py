@@ -39,7 +39,7 @@ def _check_block_sizes(block_q, block_k) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class BlockLayout:
     """Block-sparse attention layout (a pytree; the int fields are static metadata).
 
@@ -63,6 +63,11 @@ class BlockLayout:
     block_q: int
     block_k: int
     num_kv_blocks: int
+
+    def __repr__(self):
+        b, hl, nq, cap = self.kv_indices.shape
+        return (f"BlockLayout(B={b}, Hl={hl}, nq={nq}, K={cap}, nk={self.num_kv_blocks}, "
+                f"block_q={self.block_q}, block_k={self.block_k})")
 
     # ------------------------------------------------------------------ shape accessors
     @property
@@ -152,7 +157,8 @@ class BlockLayout:
         """Layout that visits, per query unit, the k highest-scoring KV blocks.
 
         scores: float [B, Hl, nq, nk]; blocks scored -inf are never selected (so a row with fewer
-          than k finite scores visits fewer blocks). Ties go to the lower block index.
+          than k finite scores visits fewer blocks); +inf forces a block in (e.g. the diagonal).
+          Ties go to the lower block index.
         """
         _check_block_sizes(block_q, block_k)
         scores = jnp.asarray(scores)

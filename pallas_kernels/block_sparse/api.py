@@ -72,7 +72,13 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, sm_scale=None, causa
         kv_seg = _int_array(kv_segment_ids, "kv_segment_ids", (batch, tk))
     name = default_implementation() if implementation is None else implementation
     impl = get_implementation(name)
-    impl.check_supported(q, k, v, layout)
+    try:
+        impl.check_supported(q, k, v, layout)
+    except ValueError as e:
+        if implementation is not None:
+            raise
+        raise ValueError(f"{e} (implementation=None chose {name!r} for the {jax.default_backend()!r} backend; "
+                         f"implementation='xla' serves every valid call, more slowly)") from e
     try:
         scale = 1.0 / math.sqrt(dqk) if sm_scale is None else float(sm_scale)
         causal = bool(causal)

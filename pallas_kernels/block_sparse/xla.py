@@ -26,6 +26,11 @@ from pallas_kernels.layout import BlockLayout
 _CHUNK_ELEMENTS = 1 << 24   # float32 elements of the largest per-chunk intermediates
 
 
+def _einsum(spec, a, b):
+    """float32 contraction at full precision (no TF32 / bf16 passes on GPU and TPU)."""
+    return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def check_supported(q, k, v, layout: BlockLayout) -> None:
     """Every block size, head ratio, head dim and supported dtype works here."""
     del q, k, v, layout
@@ -180,7 +185,7 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
     def step(_, xs):
         k_g, v_g = _gather(k_blocks, xs["block_rows"]), _gather(v_blocks, xs["block_rows"])
         mask = _chunk_mask(plan, xs, causal)
-        logits = jnp.einsum("bucrd,buckjd->bucrkj", xs["q"].astype(jnp.float32), k_g) * sm_scale
+        logits = _einsum("bucrd,buckjd->bucrkj", xs["q"].astype(jnp.float32), k_g) * sm_scale
         logits = jnp.where(mask, logits, -jnp.inf)
         peak = logits.max(axis=(-2, -1))
         peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
@@ -188,7 +193,7 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
         total = p.sum(axis=(-2, -1))
         seen = total > 0
         safe_total = jnp.where(seen, total, 1.0)
-        out = jnp.einsum("bucrkj,buckjd->bucrd", p, v_g) / safe_total[..., None]
+        out = _einsum("bucrkj,buckjd->bucrd", p, v_g) / safe_total[..., None]
         lse = jnp.where(seen, peak + jnp.log(safe_total), -jnp.inf)
         return None, (out.astype(q.dtype), lse)
 
@@ -215,14 +220,14 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
         q_c, do_c = xs["q"].astype(jnp.float32), xs["d_out"].astype(jnp.float32)
         lse_c = xs["lse"]
         mask = _chunk_mask(plan, xs, causal) & jnp.isfinite(lse_c)[..., None, None]
-        logits = jnp.einsum("bucrd,buckjd->bucrkj", q_c, k_g) * sm_scale
+        logits = _einsum("bucrd,buckjd->bucrkj", q_c, k_g) * sm_scale
         safe_lse = jnp.where(jnp.isfinite(lse_c), lse_c, 0.0)
         p = jnp.where(mask, jnp.exp(logits - safe_lse[..., None, None]), 0.0)
-        dp = jnp.einsum("bucrd,buckjd->bucrkj", do_c, v_g)
+        dp = _einsum("bucrd,buckjd->bucrkj", do_c, v_g)
         ds = p * (dp - xs["delta"][..., None, None])
-        dq = jnp.einsum("bucrkj,buckjd->bucrd", ds, k_g) * sm_scale
-        dk_g = jnp.einsum("bucrkj,bucrd->buckjd", ds, q_c) * sm_scale
-        dv_g = jnp.einsum("bucrkj,bucrd->buckjd", p, do_c)
+        dq = _einsum("bucrkj,buckjd->bucrd", ds, k_g) * sm_scale
+        dk_g = _einsum("bucrkj,bucrd->buckjd", ds, q_c) * sm_scale
+        dv_g = _einsum("bucrkj,bucrd->buckjd", p, do_c)
         dk_acc = dk_acc.at[batch, xs["block_rows"]].add(dk_g)
         dv_acc = dv_acc.at[batch, xs["block_rows"]].add(dv_g)
         return (dk_acc, dv_acc), dq.astype(q.dtype)

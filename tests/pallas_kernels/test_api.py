@@ -76,8 +76,12 @@ def test_unavailable_and_unsupported_implementations(monkeypatch):
 
     picky.check_supported, picky.forward, picky.backward = check_supported, forward, forward
     monkeypatch.setitem(sys.modules, "pallas_kernels.block_sparse.picky", picky)
-    with pytest.raises(ValueError, match="picky cannot tile block_q=4; valid: 16, 32, 64"):
+    with pytest.raises(ValueError, match="picky cannot tile block_q=4; valid: 16, 32, 64$"):
         block_sparse_attention(q, k, v, lay, implementation="picky")
+    monkeypatch.setattr(api, "default_implementation", lambda: "picky")
+    with pytest.raises(ValueError, match=r"valid: 16, 32, 64 \(implementation=None chose 'picky' .* "
+                                         r"implementation='xla' serves every valid call"):
+        block_sparse_attention(q, k, v, lay)
 
 
 def test_dispatch():

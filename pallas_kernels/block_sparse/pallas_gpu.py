@@ -27,8 +27,9 @@ Masking inside a block is computed from the loaded positions and segment ids: ca
 see nothing give out 0 and lse -inf, and zero gradients.
 
 Supported (checked by `check_supported`): float32, bfloat16 and float16 (q, k, v of one dtype); head
-dims that are multiples of 16 up to 256; `block_k` a power of two in [16, 128]; any `block_q >= 1`;
-any head unit allowed by the layout. float32 dots use Triton's default (tf32) precision.
+dims that are multiples of 16 up to 256; `block_k` a power of two in [16, 128] whose K/V block (plus
+a 16-row tile) fits 200 KB of shared memory (all bf16 shapes; float32 with D=256/256 needs
+block_k <= 64); any `block_q >= 1`; any head unit allowed by the layout. float32 dots use Triton's default (tf32) precision.
 
 Launch parameters come from `default_configs` (tuned on an H200: benchmarks/notes_kernels.md);
 `forward(config=...)` / `backward(configs=...)` override them. `plgpu.CompilerParams` is spelled the
@@ -51,6 +52,7 @@ _MIN_ROWS = 16  # smallest M of a tensor-core tile
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _BLOCK_K_CHOICES = (16, 32, 64, 128)
 _MAX_HEAD_DIM = 256
+_SMEM_BUDGET = 200 * 1024  # bytes of shared memory a program may plan for (the H100/H200 allow 227 KB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,20 +88,32 @@ def _unit_rows(layout, hq: int) -> int:
   return layout.block_q * (hq // layout.kv_indices.shape[1])
 
 
+def _stages(want: int, streamed_rows: int, resident_rows: int, d_total: int, itemsize: int) -> int:
+  """Pipelining depth that keeps `want` stages of the streamed [rows, Dqk+Dv] tiles plus the
+  resident ones inside the shared-memory budget (at least 1)."""
+  per_stage = streamed_rows * d_total * itemsize
+  room = _SMEM_BUDGET - resident_rows * d_total * itemsize
+  return max(1, min(want, room // per_stage))
+
+
 def default_configs(q, k, v, layout) -> dict[str, KernelConfig]:
   """Heuristic launch parameters for the three kernels ("fwd", "dq", "dkv")."""
   ru = _unit_rows(layout, q.shape[2])
   d_total = q.shape[-1] + v.shape[-1]
+  size = jnp.dtype(q.dtype).itemsize
+  bk = layout.block_k
   cap = 128 if d_total <= 256 else 64
   rows = min(cap, max(_MIN_ROWS, _next_pow2(ru)))
   warps = 2 if rows <= 16 else 4 if rows <= 64 else 8
   # Measured on the H200 (benchmarks/notes_kernels.md): 16-row tiles (NSA) run best with 2 warps
   # and 2 stages (3.83 vs 4.44 ms at T=16k); 128-row tiles were measured with 8 warps, 3 stages.
   stages = 2 if rows <= 16 or d_total > 256 else 3
-  fwd = KernelConfig(rows=rows, num_warps=warps, num_stages=stages)
-  dq = KernelConfig(rows=min(rows, 64), num_warps=4, num_stages=2)
-  dkv_rows = 64 if layout.block_k >= 64 else 32
-  dkv = KernelConfig(rows=dkv_rows, num_warps=4 if layout.block_k <= 64 else 8, num_stages=2)
+  fwd = KernelConfig(rows=rows, num_warps=warps, num_stages=_stages(stages, bk, rows, d_total, size))
+  dq_rows = min(rows, 64)
+  dq = KernelConfig(rows=dq_rows, num_warps=4, num_stages=_stages(2, bk, dq_rows, d_total, size))
+  dkv_rows = 64 if bk >= 64 else 32
+  dkv = KernelConfig(rows=dkv_rows, num_warps=4 if bk <= 64 else 8,
+                     num_stages=_stages(2, dkv_rows, bk, d_total, size))
   return {"fwd": fwd, "dq": dq, "dkv": dkv}
 
 
@@ -116,6 +130,12 @@ def check_supported(q, k, v, layout) -> None:
           f"pallas_gpu needs head dims that are multiples of 16 in [16, {_MAX_HEAD_DIM}]; got {name}={d}")
   if layout.block_k not in _BLOCK_K_CHOICES:
     raise ValueError(f"pallas_gpu needs block_k in {_BLOCK_K_CHOICES}; got block_k={layout.block_k}")
+  tile = (layout.block_k + _MIN_ROWS) * (q.shape[-1] + v.shape[-1]) * jnp.dtype(q.dtype).itemsize
+  if tile > _SMEM_BUDGET:
+    raise ValueError(
+        f"pallas_gpu cannot hold one K/V block in shared memory: block_k={layout.block_k} x "
+        f"(Dqk={q.shape[-1]} + Dv={v.shape[-1]}) in {jnp.dtype(q.dtype).name} needs {tile} bytes "
+        f"with the smallest row tile, over {_SMEM_BUDGET}; use a smaller block_k or bfloat16")
   if layout.block_q < 1:
     raise ValueError(f"pallas_gpu needs block_q >= 1; got block_q={layout.block_q}")
 

@@ -168,6 +168,7 @@ def test_lowers_for_cuda_without_gpu(monkeypatch, list_chunk, kernels):
     (dict(dv=512), "multiples of 16"),
     (dict(block_k=8), "block_k in"),
     (dict(block_k=256), "block_k in"),
+    (dict(block_k=128, dqk=256, dv=256, tk=256), "shared memory"),
 ])
 def test_check_supported_rejects(change, message):
   sizes = dict(batch=1, tq=8, tk=16, hq=2, hkv=1, hl=1, dqk=32, dv=32, block_q=8, block_k=16,

@@ -3,14 +3,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 
 from kernel_cases import assert_matches_reference, cases, random_case, run_case
 from pallas_kernels import BlockLayout, block_sparse_attention
 from pallas_kernels.block_sparse import xla
 
 
-@settings(max_examples=8, deadline=None)
+# Drawing a case builds its layout (a jit compilation), which can exceed the generation time limit.
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_xla_matches_reference_random(case):
     assert_matches_reference("xla", case)

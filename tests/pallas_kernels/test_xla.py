@@ -68,3 +68,18 @@ def test_xla_deterministic_and_jit_compatible():
     eager = block_sparse_attention(q, k, v, BlockLayout.top_k(scores, 2, block_q=16, block_k=8),
                                    implementation="reference", return_lse=False)
     np.testing.assert_allclose(attend(q, k, v, scores), eager, rtol=2e-5, atol=2e-5)
+
+
+def test_xla_memory_grows_linearly_with_length():
+    """With a fixed number of blocks per query unit the compiled forward+backward's temporary memory
+    grows linearly in T (the reference's grows quadratically)."""
+    def temp_bytes(t):
+        q = jax.ShapeDtypeStruct((1, t, 4, 32), jnp.float32)
+        k = jax.ShapeDtypeStruct((1, t, 2, 32), jnp.float32)
+        layout = BlockLayout.sliding_window(t, t, 64, block_q=32, block_k=32, num_head_units=2)
+        loss = lambda q, k, v: block_sparse_attention(q, k, v, layout, implementation="xla", return_lse=False).sum()
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(512), temp_bytes(2048)
+    assert large <= 4.4 * small, (small, large)

@@ -33,6 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+import ml_collections
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -57,19 +58,17 @@ Rules = Mapping[str, Sequence[str]] | Sequence[tuple[str, Sequence[str]]]
 
 def default_mesh_config():
     """The `config.mesh` section: all devices on FSDP by default."""
-    import ml_collections
     return ml_collections.ConfigDict({"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1})
 
 
 def default_rules_config():
     """The `config.sharding_rules` section (a ConfigDict of tuples)."""
-    import ml_collections
     return ml_collections.ConfigDict({k: tuple(v) for k, v in DEFAULT_RULES.items()})
 
 
 def rules_from_config(config) -> dict[str, tuple[str, ...]]:
     """`config.sharding_rules` as a plain dict (the defaults when the config has no such section)."""
-    section = config.get("sharding_rules", None) if hasattr(config, "get") else None
+    section = config.get("sharding_rules", None)
     if section is None:
         return dict(DEFAULT_RULES)
     return {k: tuple(v) for k, v in section.items()}

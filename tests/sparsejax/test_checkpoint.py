@@ -214,12 +214,15 @@ def test_kill9_mid_save_resumes_exactly_and_sigterm_saves(tmp_path):
     num_steps = 100000  # never reached: both runs are stopped by signals
 
     def saving_after_20():
+        """A checkpoint of step >= 20 being written (or, should saves be too quick to catch, one of
+        step >= 40 just written)."""
         if not checkpoints.exists():
             return None
-        for name in os.listdir(checkpoints):
+        names = os.listdir(checkpoints)
+        for name in names:
             if "tmp" in name and int(name.split(".")[0]) >= 20:
                 return name
-        return None
+        return next((name for name in names if name.isdigit() and int(name) >= 40), None)
 
     # Run 1: SIGKILL while the checkpoint of step >= 20 is being written.
     first = subprocess.Popen(_command(workdir, num_steps), cwd=REPO, env=_env(cache), text=True,

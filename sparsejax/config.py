@@ -8,11 +8,13 @@ both taking/returning ConfigDicts; `validate` receives the whole config):
     attention          sparsejax.attention (kind + one sub-config per registered variant)
     data               sparsejax.data
     train              sparsejax.training
+    parallel           sparsejax.parallel.context (sequence-parallel scheme)
     mesh               sparsejax.parallel.mesh (data, fsdp, sequence, tensor; one may be -1)
     sharding_rules     sparsejax.parallel.mesh (logical axis -> tuple of mesh axes)
 
-A new section (e.g. `parallel`, `eval`) is added by appending `"<name>": "<module>"` to `SECTIONS`;
-its module provides `default_config()` and `validate(config)`.
+A new section (e.g. `eval`) is added by appending `"<name>": "<module>"` to `SECTIONS`; its module
+provides `default_config()` and `validate(config)` (or `validate(config, num_devices=None)`, which then
+receives the device count when `validate` below is given one).
 
 `validate(config, num_devices=None)` runs before anything is traced: unknown keys anywhere (compared
 with the key set of `default_config()`), wrong types, bad values, then each section's validator; with
@@ -22,6 +24,7 @@ it. Errors name the key, the bad value and the valid choices.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 
 import ml_collections
@@ -199,6 +202,10 @@ def validate(config, num_devices: int | None = None) -> None:
     check_structure(config, default_config())
     validate_model(config)
     validate_attention(config)
-    for name in SECTIONS:
-        section_module(name).validate(config)
     validate_mesh(config, num_devices)
+    for name in SECTIONS:
+        section_validate = section_module(name).validate
+        if "num_devices" in inspect.signature(section_validate).parameters:
+            section_validate(config, num_devices=num_devices)
+        else:
+            section_validate(config)

@@ -164,6 +164,10 @@ def test_section_validators_run(config):
     config.train.warmup_steps = config.train.num_steps + 1
     with pytest.raises(ValueError, match=r"warmup_steps"):
         config_lib.validate(config)
+    config.train.warmup_steps = 0
+    config.parallel.context_scheme = "tree"
+    with pytest.raises(ValueError, match=r"config\.parallel\.context_scheme = 'tree'; valid choices"):
+        config_lib.validate(config)
 
 
 def test_vocab_must_cover_the_tokenizer(config):

@@ -45,11 +45,13 @@ def config_to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 class Checkpointer:
     """Saves and restores train state + data iterator + config under `directory`."""
 
-    def __init__(self, directory: str, *, keep: int, async_save: bool):
+    def __init__(self, directory: str, *, keep: int, async_save: bool, read_only: bool = False):
+        """`read_only=True` (evaluation next to a running training): never writes, deletes nothing,
+        in particular not the temporary directory of a save in progress."""
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-            enable_async_checkpointing=async_save)
+            max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=async_save, read_only=read_only)
         self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "config"),
                                               options=options)
 

@@ -96,6 +96,18 @@ def test_round_trip_restores_state_and_data_position(tmp_path):
     assert checkpointer.saved_config(2)["model"]["d_model"] == 32
     checkpointer.close()
 
+    # Evaluation restores the state alone, read-only: an unfinished save next to it is left alone.
+    in_progress = tmp_path / "3.orbax-checkpoint-tmp-99"
+    in_progress.mkdir()
+    reader = Checkpointer(str(tmp_path), keep=2, async_save=False, read_only=True)
+    assert reader.all_steps() == [2]
+    params_only = reader.restore_state(2, factory.abstract_with_shardings())
+    reader.close()
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params_only.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    time.sleep(0.5)
+    assert in_progress.exists()
+
 
 def test_exact_resume_and_damaged_checkpoints(tmp_path):
     """An uninterrupted run vs a run resumed from its step-3 checkpoint: identical losses, bitwise.

@@ -4,15 +4,16 @@ Sections and the modules that own them (each module has `default_config()` and `
 both taking/returning ConfigDicts; `validate` receives the whole config):
 
     seed, workdir      here
-    model              sparsejax.model
+    model              here (`model_defaults`; remat policies in sparsejax.model)
     attention          sparsejax.attention (kind + one sub-config per registered variant)
     data               sparsejax.data
     train              sparsejax.training
+    eval               sparsejax.evaluation
     parallel           sparsejax.parallel.context (sequence-parallel scheme)
     mesh               sparsejax.parallel.mesh (data, fsdp, sequence, tensor; one may be -1)
     sharding_rules     sparsejax.parallel.mesh (logical axis -> tuple of mesh axes)
 
-A new section (e.g. `eval`) is added by appending `"<name>": "<module>"` to `SECTIONS`; its module
+A new section is added by appending `"<name>": "<module>"` to `SECTIONS`; its module
 provides `default_config()` and `validate(config)` (or `validate(config, num_devices=None)`, which then
 receives the device count when `validate` below is given one).
 
@@ -38,6 +39,7 @@ SECTIONS: dict[str, str] = {
     "data": "sparsejax.data",
     "train": "sparsejax.training",
     "eval": "sparsejax.evaluation",
+    "parallel": "sparsejax.parallel.context",
 }
 
 PARAM_DTYPES = ("float32",)

@@ -288,6 +288,24 @@ def test_cudnn_matches_float32_reference_forward_and_grads(rows, max_segments, b
         assert err <= 2e-2 * scale + 1e-3, f"{branch}: {name} max error {err} vs max |ref| {scale}"
 
 
+def test_initialisers_follow_llama():
+    config = small_config(tie_embeddings=False)
+    common.update(config.model, num_layers=8, d_model=256, num_heads=4, head_dim=64, mlp_dim=512, vocab_size=512)
+    params = params_dict(Transformer(config, rngs=nnx.Rngs(11)))
+    block = params["blocks"][0]
+    out_std = 0.02 / np.sqrt(2 * 8)
+    for name, x, std in [("embedding", params["embed"]["embedding"], 0.02),
+                         ("query", block["attention"]["qkv"]["query"]["kernel"], 0.02),
+                         ("gate", block["mlp"]["gate"]["kernel"], 0.02),
+                         ("attention out", block["attention"]["out"]["proj"]["kernel"], out_std),
+                         ("mlp down", block["mlp"]["down"]["kernel"], out_std),
+                         ("lm_head", params["lm_head"], 256 ** -0.5)]:
+        x = np.asarray(x)
+        assert abs(x.std() / std - 1) < 0.03, (name, x.std(), std)
+        assert np.abs(x).max() <= 3 * std / 0.98658764 + 1e-7, name      # truncated at 3 sigma
+    np.testing.assert_array_equal(np.asarray(block["mlp_norm"]["scale"]), 1.0)
+
+
 def test_dense_1b_parameter_count():
     from configs import dense_1b
     n = count_params(dense_1b.get_config())

@@ -29,7 +29,7 @@ def load_model_state(config: ml_collections.ConfigDict, workdir: str, step: int 
     """(graphdef, params, rest, step) of checkpoint `step` (default: the latest) in `workdir`."""
     factory = StateFactory(config, make_mesh(config), make_optimizer(config.train))
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
-                                async_save=False)
+                                async_save=False, read_only=True)
     steps = checkpointer.all_steps()
     if not steps:
         raise CheckpointError(f"no complete checkpoint in {checkpointer.directory}; train first "

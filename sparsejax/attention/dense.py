@@ -17,7 +17,8 @@ Implementations (`config.attention.dense.implementation`):
   row: one run everywhere -> plain causal cuDNN (fastest); up to M -> packed; more than M -> exact
   flash attention with segment ids from the block-sparse Pallas kernel (`flash_segments`), whose use
   the aux statistic `stats/dense_segment_overflow` reports (the fraction of layers that took it).
-  The packed layout needs a Hopper or newer GPU. Every empty slot of the [B, M] table costs cuDNN a
+  The packed layout needs a Hopper or newer GPU (older GPUs use `flash_segments` for any batch with
+  more than one segment per row). Every empty slot of the [B, M] table costs cuDNN a
   pass over a full-length grid, so M is small: measured on an H200 (jax 0.11.2, cuDNN 9.19, B=8,
   T=8192, 16 heads of 128, 8 KV heads, bf16, fwd+bwd): plain causal 15.0 ms; two documents per row,
   packed, 9.7 ms with M=16 and 14.2 ms with M=64. cuDNN's own masked path (`mask=` -> a [B, 1, T, T]
@@ -110,6 +111,13 @@ def packed_segments(segment_ids: jax.Array, max_segments: int):
 _PACKED_NEEDS_MHA = tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 11)
 
 
+def _packed_layout_supported() -> bool:
+    """cuDNN's packed layout needs compute capability >= 9.0 (Hopper); older GPUs send every row
+    with more than one segment to `flash_segments`."""
+    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+    return tuple(int(x) for x in str(capability).split(".")[:2]) >= (9, 0)
+
+
 def _cudnn_single(q, k, v, segment_ids, offsets, lengths):
     del segment_ids, offsets, lengths      # every row is one run of one id: plain causal attention
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
@@ -156,10 +164,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, 
     if implementation == "cudnn":
         offsets, lengths, count = packed_segments(segment_ids, max_segments)
         most = jnp.max(count)
-        branch = jnp.where(most == 1, 0, jnp.where(most <= max_segments, 1, 2))
-        out = jax.lax.switch(branch, (_cudnn_single, _cudnn_packed, _cudnn_overflow),
-                             q, k, v, segment_ids, offsets, lengths)
-        return out, {"stats/dense_segment_overflow": (branch == 2).astype(jnp.float32)}
+        if _packed_layout_supported():
+            branches = (_cudnn_single, _cudnn_packed, _cudnn_overflow)
+            branch = jnp.where(most == 1, 0, jnp.where(most <= max_segments, 1, 2))
+        else:
+            branches = (_cudnn_single, _cudnn_overflow)
+            branch = jnp.where(most == 1, 0, 1)
+        out = jax.lax.switch(branch, branches, q, k, v, segment_ids, offsets, lengths)
+        overflow = branch == len(branches) - 1
+        return out, {"stats/dense_segment_overflow": overflow.astype(jnp.float32)}
     raise ValueError(f"attend: implementation must be 'xla' or 'cudnn', got {implementation!r}")
 
 

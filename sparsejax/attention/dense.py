@@ -66,15 +66,17 @@ def validate(config) -> None:
         raise ValueError(f"config.attention.dense.max_segments = {c.max_segments!r}: must be a positive int")
 
 
-def resolve_implementation(requested: str, dtype, backend: str | None = None) -> str:
-    """"auto" -> "cudnn" on GPU for bfloat16/float16, else "xla"; checks an explicit "cudnn"."""
+def resolve_implementation(requested: str, dtype, head_dim: int, backend: str | None = None) -> str:
+    """"auto" -> "cudnn" on GPU for bfloat16/float16 and head_dim a multiple of 8 up to 256 (cuDNN's
+    flash-attention limits), else "xla"; an explicit "cudnn" outside those limits raises."""
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"unknown dense attention implementation {requested!r}; valid choices: {list(IMPLEMENTATIONS)}")
     backend = backend or jax.default_backend()
-    cudnn_ok = backend == "gpu" and jnp.dtype(dtype) in CUDNN_DTYPES
+    cudnn_ok = (backend == "gpu" and jnp.dtype(dtype) in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 256)
     if requested == "cudnn" and not cudnn_ok:
-        raise ValueError(f"implementation 'cudnn' needs a GPU and bfloat16/float16 inputs, got backend "
-                         f"{backend!r} and dtype {jnp.dtype(dtype).name}; use 'auto' or 'xla'")
+        raise ValueError(f"implementation 'cudnn' needs a GPU, bfloat16/float16 inputs and head_dim a multiple of 8 "
+                         f"up to 256; got backend {backend!r}, dtype {jnp.dtype(dtype).name}, head_dim {head_dim}; "
+                         f"use 'auto' or 'xla'")
     if requested == "auto":
         return "cudnn" if cudnn_ok else "xla"
     return requested
@@ -182,7 +184,8 @@ class DenseAttention(nnx.Module):
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         dtype = dtype_from_name(config.model.dtype)
-        self.implementation = resolve_implementation(config.attention.dense.implementation, dtype)
+        self.implementation = resolve_implementation(config.attention.dense.implementation, dtype,
+                                                     config.model.head_dim)
         self.max_segments = config.attention.dense.max_segments
         self.rules = tuple(rules_from_config(config).items())   # hashable: static graph data
         self.qkv = QKVProjection(config, rngs=rngs)

@@ -243,13 +243,17 @@ def test_flash_segments_matches_reference():
 
 
 def test_implementation_resolution():
-    assert dense.resolve_implementation("auto", jnp.bfloat16, backend="gpu") == "cudnn"
-    assert dense.resolve_implementation("auto", jnp.float32, backend="gpu") == "xla"
-    assert dense.resolve_implementation("auto", jnp.bfloat16, backend="cpu") == "xla"
-    with pytest.raises(ValueError, match="needs a GPU and bfloat16/float16"):
-        dense.resolve_implementation("cudnn", jnp.float32, backend="gpu")
+    assert dense.resolve_implementation("auto", jnp.bfloat16, 128, backend="gpu") == "cudnn"
+    assert dense.resolve_implementation("auto", jnp.float32, 128, backend="gpu") == "xla"
+    assert dense.resolve_implementation("auto", jnp.bfloat16, 128, backend="cpu") == "xla"
+    assert dense.resolve_implementation("auto", jnp.bfloat16, 12, backend="gpu") == "xla"
+    assert dense.resolve_implementation("xla", jnp.bfloat16, 128, backend="gpu") == "xla"
+    with pytest.raises(ValueError, match="needs a GPU, bfloat16/float16 inputs and head_dim"):
+        dense.resolve_implementation("cudnn", jnp.float32, 128, backend="gpu")
+    with pytest.raises(ValueError, match="head_dim 512"):
+        dense.resolve_implementation("cudnn", jnp.bfloat16, 512, backend="gpu")
     with pytest.raises(ValueError, match="valid choices"):
-        dense.resolve_implementation("flash", jnp.float32)
+        dense.resolve_implementation("flash", jnp.float32, 128)
 
 
 def test_registry():

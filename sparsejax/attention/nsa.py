@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels import BlockLayout, block_sparse_attention, merge_attention
 from sparsejax.attention import register_attention
@@ -243,6 +244,8 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k
     indices, counts = select_blocks(q, kc, lse_cmp, segment_ids, block=l, stride=d, select_block=spec.select_block,
                                     num_selected=spec.num_selected, num_initial=spec.num_initial,
                                     num_local=spec.num_local, chunk_elements=spec.score_chunk_elements)
+    # Under remat, a policy that saves this name spares the backward pass the importance pass.
+    indices, counts = checkpoint_name((indices, counts), "nsa_selection")
     o_slc = selected_attention(q, k_slc, v_slc, segment_ids, indices, counts, select_block=spec.select_block,
                                **kernel)
     o_win = window_attention(q, k_win, v_win, segment_ids, window=spec.window, block=spec.window_block,

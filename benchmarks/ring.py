@@ -15,8 +15,9 @@ Sections:
   compression scores of random projections, window) at `--balance_tokens` over `--balance_shards`.
   Counting only: the numbers are the same on any backend.
 - `longest`: train steps of `configs/nsa_1b_long.py` (`--layers` layers, all devices on `sequence`)
-  at each length of `--lengths` (ascending); records step time and peak memory, or the error
-  (out of memory) where a length fails, and stops at the first failure or at `--deadline_s`.
+  at the lengths of `--lengths` in order (longest first), each in its own `benchmarks/train_step.py`
+  process; records step time and peak memory, or the error (out of memory) of a length that fails,
+  and stops at the first length that trains or at `--deadline_s`.
 
 Timing: jitted, `--warmup` untimed calls, then the median of `--steps` calls, each with
 `jax.block_until_ready`. Progress lines with timestamps go to stderr.
@@ -45,7 +46,7 @@ flags.DEFINE_integer("head_dim", 128, "scaling: head dim.")
 flags.DEFINE_integer("block", 128, "scaling: kernel block size (block_q = block_k).")
 flags.DEFINE_integer("balance_tokens", 65536, "balance: sequence length.")
 flags.DEFINE_integer("balance_shards", 4, "balance: sequence shards.")
-flags.DEFINE_list("lengths", ["262144", "524288", "1048576"], "longest: sequence lengths, ascending.")
+flags.DEFINE_list("lengths", ["1048576", "524288", "262144"], "longest: sequence lengths, longest first.")
 flags.DEFINE_integer("layers", 2, "longest: model layers (nsa_1b has 16).")
 flags.DEFINE_float("deadline_s", 240.0, "longest: start no new length after this many seconds of the script.")
 flags.DEFINE_integer("steps", 5, "Timed calls.")
@@ -221,34 +222,45 @@ def balance_section() -> dict:
 
 # ----------------------------------------------------------------------------------------- longest
 def longest() -> list[dict]:
-    import jax
-    from configs import nsa_1b_long
-    from benchmarks.train_step import run
+    """Each length in its own process (`benchmarks/train_step.py`: memory starts empty every time)."""
+    import subprocess
+    import tempfile
 
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    overrides = [f"--config.model.num_layers={FLAGS.layers}"]
+    if FLAGS.smoke:
+        overrides += ["--config.model.d_model=64", "--config.model.num_heads=4", "--config.model.head_dim=16",
+                      "--config.model.mlp_dim=128", "--config.model.dtype=float32", "--config.attention.nsa.window=128",
+                      "--config.attention.nsa.compress_hidden=32", "--config.parallel.block_q=64",
+                      "--config.parallel.block_k=64"]
     rows = []
     for t in (int(x) for x in FLAGS.lengths):
-        if time.perf_counter() - _T0 > FLAGS.deadline_s:
+        left = FLAGS.deadline_s - (time.perf_counter() - _T0)
+        if left < 30:
             rows.append({"seq_len": t, "skipped": f"deadline {FLAGS.deadline_s} s reached"})
             break
-        config = nsa_1b_long.get_config()
-        config.model.num_layers = FLAGS.layers
-        config.data.seq_len = t
-        if FLAGS.smoke:
-            config.model.update(d_model=64, num_heads=4, head_dim=16, mlp_dim=128, dtype="float32")
-            config.attention.nsa.update(window=128, compress_hidden=32)
-            config.parallel.block_q = config.parallel.block_k = 64
-        try:
-            record = run(config, steps=2, warmup=1, label=f"nsa_1b_long L{FLAGS.layers} T{t}")
-            record.pop("config")
-            rows.append(record)
-            progress(f"longest: T={t} ok, step {record['step_time_s']:.2f} s, "
-                     f"peak {record['peak_memory_bytes']} bytes")
-        except Exception as e:  # noqa: BLE001 - a failing length (OOM) is the measurement
-            rows.append({"seq_len": t, "error": f"{type(e).__name__}: {str(e)[:500]}"})
-            progress(f"longest: T={t} failed: {rows[-1]['error'][:200]}")
-            break
-        del config
-        jax.clear_caches()
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "step.json")
+            cmd = [sys.executable, os.path.join(root, "benchmarks", "train_step.py"),
+                   f"--config={os.path.join(root, 'configs', 'nsa_1b_long.py')}", f"--config.data.seq_len={t}",
+                   *overrides, "--steps=2", "--warmup=1", f"--label=nsa_1b_long_L{FLAGS.layers}_T{t}", f"--out={out}"]
+            progress(f"longest: T={t}: {' '.join(cmd[1:])}")
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+                ok = proc.returncode == 0 and os.path.exists(out)
+                error = None if ok else (proc.stderr or proc.stdout)[-1500:]
+            except subprocess.TimeoutExpired as e:
+                ok, error = False, f"timeout after {left:.0f} s: {(e.stderr or b'')[-800:]!r}"
+            if ok:
+                with open(out) as f:
+                    record = json.load(f)
+                record.pop("config", None)
+                rows.append(record)
+                progress(f"longest: T={t} ok: step {record['step_time_s']:.2f} s, peak memory "
+                         f"{record['peak_memory_bytes']}, compile {record['compile_s']:.0f} s")
+                break
+            rows.append({"seq_len": t, "error": error})
+            progress(f"longest: T={t} failed: {error[-600:]}")
     return rows
 
 

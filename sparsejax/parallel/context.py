@@ -148,13 +148,25 @@ class ContextParallel:
     head_axes: tuple[str, ...]
     interpret: bool = False
 
+    def active(self) -> bool:
+        """True under a mesh (`jax.set_mesh`) whose sequence axis is this config's; variants called
+        without one (e.g. evaluation on one device) take the single-device path."""
+        mesh = jax.sharding.get_abstract_mesh()
+        return not mesh.empty and mesh.shape.get("sequence", 1) == self.num_shards
+
     def permutation(self, seq_len: int) -> np.ndarray:
         """`perm [T]`: original index of each token of the permuted (sharded) sequence."""
         return balance_lib.permutation(seq_len, self.num_shards, self.balance, stripe=self.stripe_size)
 
     def permute_batch(self, batch):
-        """The data boundary: permute a batch's `[B, T]` arrays (contracts §3) once, before sharding."""
-        return balance_lib.permute_batch(batch, self.permutation(batch["inputs"].shape[1]))
+        """The data boundary: permute a batch's `[B, T]` arrays (contracts §3), numpy or jax (inside
+        `jit` the results keep the batch sharding: batch axes x `sequence`)."""
+        out = balance_lib.permute_batch(batch, self.permutation(batch["inputs"].shape[1]))
+        if isinstance(batch["inputs"], np.ndarray) or not self.active():
+            return out
+        spec = P(self.batch_axes or None, "sequence")
+        return {k: jax.lax.with_sharding_constraint(v, spec) if k in balance_lib.BATCH_SEQUENCE_KEYS else v
+                for k, v in out.items()}
 
     def block_order(self, seq_len: int, block: int) -> np.ndarray:
         """`sharded_block [T/block]`: the sharded (permuted) block index of each original block;
@@ -275,11 +287,14 @@ class ContextParallel:
 
 
 def from_config(config, *, num_devices: int | None = None, interpret: bool = False) -> ContextParallel | None:
-    """The `ContextParallel` of a validated config, or None when the mesh has sequence = 1."""
+    """The `ContextParallel` of a validated config, or None when the mesh has sequence = 1 (or the
+    config has no mesh section: a single-device model)."""
+    if "mesh" not in config:
+        return None
     n = sequence_shards(config, num_devices)
     if n == 1:
         return None
-    p = config.parallel
+    p = config.parallel if "parallel" in config else default_config()
     rules = mesh_lib.rules_from_config(config)
     return ContextParallel(
         scheme=p.context_scheme, balance=p.balance, stripe_size=p.stripe_size, num_shards=n,
@@ -287,3 +302,14 @@ def from_config(config, *, num_devices: int | None = None, interpret: bool = Fal
         block_q=p.block_q, block_k=p.block_k,
         implementation=None if p.implementation == "auto" else p.implementation,
         batch_axes=tuple(rules["batch"]), head_axes=tuple(rules["heads"]), interpret=interpret)
+
+
+def data_boundary(config):
+    """`batch -> batch`: the permutation that the train and eval steps apply to every batch when the
+    mesh shards the sequence with a balance scheme (identity otherwise). Model calls under a mesh with
+    sequence > 1 must see batches in this order (NSA reads row indices from it)."""
+    cp = from_config(config)
+    if cp is None or cp.balance == "none":
+        return lambda batch: batch
+    return cp.permute_batch
+

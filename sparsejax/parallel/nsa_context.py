@@ -205,3 +205,11 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k
     g = gates.astype(jnp.float32)
     out = sum(g[..., c, None] * o.astype(jnp.float32) for c, o in enumerate((o_cmp, o_slc, o_win)))
     return out.astype(q.dtype), (indices, counts)
+
+
+def original_order(indices, counts, segment_ids, *, cp: ContextParallel):
+    """The selection and segment ids back in row order (for `nsa.attention_statistics`):
+    indices [B, K, T, n'], counts [B, K, T], segment_ids [B, T] in permuted order -> same, row order."""
+    inverse = jnp.asarray(balance_lib.inverse(cp.permutation(segment_ids.shape[1])))
+    return (jnp.take(indices, inverse, axis=2), jnp.take(counts, inverse, axis=2),
+            jnp.take(segment_ids, inverse, axis=1))

@@ -115,6 +115,9 @@ def test_from_block_mask_capacity():
     assert_layout_matches(layout, mask)
     with pytest.raises(ValueError, match="visits 2 KV blocks, more than max_kv_blocks=1"):
         BlockLayout.from_block_mask(jnp.asarray(mask), block_q=2, block_k=2, max_kv_blocks=1)
+    # Under jit the count cannot be checked: the row keeps its lowest max_kv_blocks blocks.
+    traced = jax.jit(lambda m: BlockLayout.from_block_mask(m, block_q=2, block_k=2, max_kv_blocks=1))(mask)
+    assert_layout_matches(traced, np.array([[[[True, False, False], [False, False, False]]]]))
     with pytest.raises(ValueError, match="must be bool"):
         BlockLayout.from_block_mask(jnp.asarray(mask, jnp.int32), block_q=2, block_k=2)
 

@@ -8,7 +8,9 @@ shard that the layout selects, translated from global block indices to the shard
 with no block to compute skip the kernel (`lax.cond`; on GPU, where XLA reads a conditional's
 predicate back to the host and so stalls the stream, the kernel runs instead with all counts 0,
 which launches programs that exit at once). Blocks the layout does not list are never computed.
-Partial results merge in float32 log space (the `merge_attention` algebra).
+Partial results merge in float32 log space (the `merge_attention` algebra); each step's partial
+arrives in q's dtype (the kernel contract), the running output and lse stay float32, and so do the
+dK/dV accumulators that travel in the backward.
 
 Ring schedule. The `n` shards form `n_outer` groups of `n_inner` consecutive shards (flat ring:
 `n_outer = 1`). At outer step `o` and inner step `j`, device `r = (ro, ri)` holds the K/V of shard
@@ -189,13 +191,13 @@ def _forward(spec: RingSpec, q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_blocks):
             return jnp.zeros((b, tq, hq, dv), jnp.float32), jnp.full((b, hq, tq), -jnp.inf, jnp.float32)
 
         part = _maybe_skip(spec, layout, compute, skip)
-        return (merge_attention([acc, part]), kv_next), layout.kv_counts.sum()
+        return (merge_attention([acc, part]), kv_next), None
 
     def outer_step(carry, o):
         acc, kv = carry
         kv_outer_next = _outer_shift(kv, spec)           # overlaps the whole inner ring
-        (acc, _), counts = jax.lax.scan(functools.partial(inner_step, o=o), (acc, kv), jnp.arange(spec.inner))
-        return (acc, kv_outer_next), counts
+        (acc, _), _ = jax.lax.scan(functools.partial(inner_step, o=o), (acc, kv), jnp.arange(spec.inner))
+        return (acc, kv_outer_next), None
 
     acc0 = (jnp.zeros((b, tq, hq, dv), jnp.float32), jnp.full((b, hq, tq), -jnp.inf, jnp.float32))
     (acc, _), _ = jax.lax.scan(outer_step, (acc0, (k, v, kv_pos, kv_seg)), jnp.arange(spec.outer))

@@ -12,7 +12,8 @@ Sections:
   the balance report); efficiency = t_1 · (max blocks per device on n / blocks on 1) / t_n.
 - `balance`: the per-device, per-step blocks of the balance report, max/mean per device, for dense
   causal attention (zigzag, striped, none) and for NSA's ring branches (selection from real
-  compression scores of random projections, window) at `--balance_tokens` over `--balance_shards`.
+  compression scores of random projections, without the row's first block, which every device
+  serves from a copy; window) at `--balance_tokens` over `--balance_shards`.
   Counting only: the numbers are the same on any backend.
 - `longest`: train steps of `configs/nsa_1b_long.py` (`--layers` layers, all devices on `sequence`)
   at the lengths of `--lengths` in order (longest first), each in its own `benchmarks/train_step.py`
@@ -196,8 +197,7 @@ def balance_section() -> dict:
                 kv_seg = compressed_segments(seg, kc.shape[1], spec.compress_block, spec.compress_stride)
                 start = jnp.take(document_starts(seg), rows, axis=1)
                 idx, cnt = nsa_context.select_sharded(qp, kc, kv_seg, seg, rows, start, spec=spec, cp=cp)
-                order = jnp.asarray(cp.block_order(t, spec.select_block))
-                blocks = (jnp.take(order, jnp.minimum(idx, order.shape[0] - 1)), cnt)
+                blocks = nsa_context.ring_selection(idx, cnt, t, spec=spec, cp=cp)   # what the ring computes
                 pos = jnp.broadcast_to(rows, (1, t))
                 slc = cp.block_counts(pos, seg, 1, blocks, block_q=1, block_k=spec.select_block)
                 per, nb = spec.window // spec.window_block, t // spec.window_block

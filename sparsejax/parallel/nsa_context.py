@@ -12,7 +12,8 @@ static block permutation. Branches:
   (`ContextParallel.attend_gathered`).
 - selection: scores of the local queries over the gathered compressed keys (Eq. 9, forced blocks,
   top-n: `compressed.py`'s pieces, with the queries' row indices and document starts passed
-  explicitly), then the selected blocks through the ring (or all-gather) scheme, block_q = 1.
+  explicitly), then the selected blocks through the ring (or all-gather) scheme, block_q = 1; the
+  row's first block (forced for every query of the first document) from a copy on every device.
 - window: the exact two-part window of `nsa.window_attention` (near blocks with the causal rule; the
   far edge block with negated positions), each through the scheme, merged in log space.
 """
@@ -170,6 +171,39 @@ def window_sharded(q, k, v, segment_ids, row_index, *, window: int, block: int, 
     return merge_attention([(out, lse), (out_far, lse_far)])[0]
 
 
+def ring_selection(indices, counts, t: int, *, spec, cp: ContextParallel):
+    """The selection lists that ride the ring, in sharded block coordinates.
+
+    indices [B, K, T, n'] (original block coordinates, ascending, valid ones first), counts [B, K, T].
+    With `num_initial` >= 1 the row's first block is left out (`selected_sharded` serves it from a copy
+    on every device): every query whose document reaches into block 0 has it forced, and every other
+    query is masked from it by segment ids, so this is exact. It keeps the ring balanced per step:
+    otherwise all queries visit block 0 on shard 0 and one device per step does that extra work."""
+    if spec.num_initial >= 1:
+        first = (indices[..., 0] == 0) & (counts > 0)
+        indices = jnp.where(first[..., None], jnp.roll(indices, -1, axis=-1), indices)
+        counts = counts - first.astype(counts.dtype)
+    order = jnp.asarray(cp.block_order(t, spec.select_block))
+    return jnp.take(order, jnp.minimum(indices, order.shape[0] - 1)), counts
+
+
+def selected_sharded(q, k, v, segment_ids, segments_original, rows, indices, counts, *, spec, cp: ContextParallel):
+    """Selection branch of the sharded sequence: the ring over the selected blocks, and (num_initial >= 1)
+    the row's first block from a gathered copy, merged in log space. q [B, T, H, D], k/v [B, T, K, D],
+    segment_ids and rows [B, T] (permuted order), segments_original [B, T] (row order)."""
+    t, ls = q.shape[1], spec.select_block
+    out, lse = cp(q, k, v, rows, segment_ids, kv_blocks=ring_selection(indices, counts, t, spec=spec, cp=cp),
+                  block_q=1, block_k=ls)
+    if spec.num_initial < 1:
+        return out
+    first = jnp.asarray(balance_lib.inverse(cp.permutation(t))[:ls])           # where row block 0 lives
+    k0, v0 = jnp.take(k, first, axis=1), jnp.take(v, first, axis=1)
+    pos0 = jnp.broadcast_to(jnp.arange(ls, dtype=jnp.int32), (q.shape[0], ls))
+    out0, lse0 = cp.attend_gathered(q, k0, v0, rows, segment_ids, pos0, segments_original[:, :ls],
+                                    block_q=spec.select_block, block_k=ls)
+    return merge_attention([(out, lse), (out0, lse0)])[0]
+
+
 def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k, compress_v, rope_positions,
                   segment_ids, *, spec, rope_theta: float, cp: ContextParallel):
     """`nsa.nsa_attention` for a sequence-sharded, balance-permuted sequence (same arguments, plus `cp`).
@@ -198,9 +232,8 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k
         kv_seg = jnp.zeros((b, 0), jnp.int32)
         o_cmp = jnp.zeros(q.shape[:3] + v_cmp.shape[3:], q.dtype)
     indices, counts = select_sharded(q, kc, kv_seg, segment_ids, row_index, doc_start, spec=spec, cp=cp)
-    order = jnp.asarray(cp.block_order(t, ls))
-    sharded = jnp.take(order, jnp.minimum(indices, order.shape[0] - 1))
-    o_slc, _ = cp(q, k_slc, v_slc, rows, segment_ids, kv_blocks=(sharded, counts), block_q=1, block_k=ls)
+    o_slc = selected_sharded(q, k_slc, v_slc, segment_ids, segments_original, rows, indices, counts, spec=spec,
+                             cp=cp)
     o_win = window_sharded(q, k_win, v_win, segment_ids, rows, window=spec.window, block=spec.window_block, cp=cp)
     g = gates.astype(jnp.float32)
     out = sum(g[..., c, None] * o.astype(jnp.float32) for c, o in enumerate((o_cmp, o_slc, o_win)))

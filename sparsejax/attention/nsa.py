@@ -11,8 +11,9 @@ Three branches with independent keys and values, each its own softmax, combined 
 - win: the last w tokens, t − w < j ≤ t.
 
 Kernels. Every branch goes through `pallas_kernels.block_sparse_attention`; no [T, T] array exists.
-- cmp: one call, queries in blocks of 64 over compressed blocks of 64, block-causal through positions
-  (query t at t, compressed token i at i·d + l − 1).
+- cmp: one call, queries in blocks of `compress_kernel_block_q` over compressed blocks of
+  `compress_kernel_block_k` (64 and 64), block-causal through positions (query t at t, compressed
+  token i at i·d + l − 1); its log-sum-exp feeds the importance pass (`compressed.select_blocks`).
 - slc: one call, a per-token (block_q = 1), per-KV-group (Hl = K) layout from the index lists.
 - win: the window's lower bound t − w < j is not expressible by the kernel's causal rule alone, so the
   branch is two calls with block_q = block_k = b (b | w) merged exactly in log space:
@@ -112,10 +113,10 @@ def _positive_int(name, value):
 
 def check_hyperparameters(c) -> None:
     """Raise ValueError naming the bad value and the valid choices (c: NSASpec or the config section)."""
+    get = (lambda k: c[k]) if isinstance(c, ml_collections.ConfigDict) else (lambda k: getattr(c, k))
     for name in ("compress_block", "compress_stride", "select_block", "num_selected", "window", "window_block",
                  "compress_kernel_block_q", "compress_kernel_block_k", "score_chunk_elements"):
-        _positive_int(name, c[name] if isinstance(c, ml_collections.ConfigDict) else getattr(c, name))
-    get = (lambda k: c[k]) if isinstance(c, ml_collections.ConfigDict) else (lambda k: getattr(c, k))
+        _positive_int(name, get(name))
     l, d, ls = get("compress_block"), get("compress_stride"), get("select_block")
     if l % d:
         raise ValueError(f"config.attention.nsa: compress_stride d={d} must divide compress_block l={l}; "

@@ -30,8 +30,15 @@ from absl import logging
 
 from sparsejax.training.state import TrainState
 
-# Sections whose change makes an old checkpoint unusable (different parameter shapes or meaning).
-_MODEL_SECTIONS = ("model", "attention")
+
+
+def _model_defining(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a config (JSON dict) whose change makes an old checkpoint unusable (different
+    parameter shapes or meaning): `model`, `attention.kind` and the chosen variant's sub-section.
+    The other variants' sub-sections do not describe the saved model."""
+    attention = config.get("attention") or {}
+    kind = attention.get("kind")
+    return {"model": config.get("model"), "attention": {"kind": kind, kind: attention.get(kind)}}
 
 
 class CheckpointError(RuntimeError):
@@ -86,14 +93,12 @@ class Checkpointer:
         config; logs other differences (e.g. a longer num_steps, which is a legitimate resume)."""
         saved = self.saved_config(step)
         current = config_to_json_dict(config)
-        for section in _MODEL_SECTIONS:
-            diffs = _differences(saved.get(section), current.get(section), f"config.{section}")
-            if diffs:
-                raise CheckpointError(
-                    f"the checkpoint {self.step_dir(step)} was written with a different {section} config "
-                    f"({'; '.join(diffs[:5])}); use a fresh --workdir or the checkpoint's config")
-        other = [d for name in sorted(set(saved) | set(current)) if name not in _MODEL_SECTIONS
-                 for d in _differences(saved.get(name), current.get(name), f"config.{name}")]
+        diffs = _differences(_model_defining(saved), _model_defining(current), "config")
+        if diffs:
+            raise CheckpointError(
+                f"the checkpoint {self.step_dir(step)} was written with a different model/attention config "
+                f"({'; '.join(diffs[:5])}); use a fresh --workdir or the checkpoint's config")
+        other = [d for d in _differences(saved, current, "config") if d not in diffs]
         if other:
             logging.info("resuming with config changes: %s", "; ".join(other))
 

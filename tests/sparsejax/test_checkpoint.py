@@ -147,6 +147,10 @@ def test_exact_resume_and_damaged_checkpoints(tmp_path):
     other.model.mlp_dim = 128
     with pytest.raises(CheckpointError, match="config.model.mlp_dim was 64, now 128"):
         train(other, str(full))
+    # Another variant's hyper-parameters do not describe this (dense) model: the run resumes.
+    unrelated = tiny_config(checkpoint_every=3)
+    unrelated.attention.nsa.window = 1024
+    assert train(unrelated, str(full)).step == 6
 
 
 def test_partial_checkpoint_is_ignored_and_cleaned(tmp_path):

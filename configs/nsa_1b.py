@@ -15,7 +15,7 @@ from configs import common
 def get_config():
     config = common.base_config()
     common.llama_model(config, d_model=2048, num_layers=16, num_heads=16, num_kv_heads=1, mlp_dim=8192,
-                       dtype="bfloat16", remat="dots", rope_theta=500000.0)
+                       dtype="bfloat16", remat="dots_attention", rope_theta=500000.0)
     config.attention.kind = "nsa"
     common.update(config.attention.nsa, compress_hidden=256)
     common.update(config.data, source="embedded", tokenizer="byte", seq_len=32768, global_batch_size=2)

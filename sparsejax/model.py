@@ -11,8 +11,9 @@ price; remat keeps the activation memory of one layer at a time either way.
 Remat (`config.model.remat`): "none"; "full" (recompute the whole block in the backward pass);
 "dots" (save the outputs of matmuls without batch dimensions, i.e. the projections and the MLP,
 recompute the rest, `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`); "dots_attention"
-(as "dots", and also the outputs and softmax statistics of the cuDNN attention kernel, so the
-backward pass does not run the attention forward again; costs [B, T, H, D] per layer).
+(as "dots", and also the outputs and softmax statistics of the attention kernels, cuDNN's and the
+Pallas block-sparse ones, plus NSA's block selection, so the backward pass does not run the attention
+forward again; costs about [B, T, H, D] per layer).
 
 Initialisation (Llama / torchtitan conventions): truncated normal (±3 std) with `init_std` for the
 embedding and the input projections, `init_std / sqrt(2 L)` for the projections that write into the
@@ -31,11 +32,18 @@ from sparsejax.parallel.mesh import constrain, rules_from_config
 
 # Primitives whose outputs are attention results with their softmax statistics (the residuals of the
 # kernel's backward): saving them spares the backward pass a second attention forward.
-ATTENTION_PRIMITIVES = frozenset({"dot_product_attention_fwd_wrapper"})   # cuDNN flash attention (jax)
+ATTENTION_PRIMITIVES = frozenset({
+    "dot_product_attention_fwd_wrapper",   # cuDNN flash attention (jax)
+    "pallas_call",                         # pallas_kernels' block-sparse forward (out, lse) on GPU / TPU
+})
+# Values that variants tag with `jax.ad_checkpoint.checkpoint_name` as worth keeping: small results of
+# expensive, non-differentiable passes (NSA's top-n block selection: int32 [B, Hkv, T, n]).
+SAVED_NAMES = frozenset({"nsa_selection"})
 
 
 def _dots_and_attention_saveable(prim, *args, **params) -> bool:
     return (prim.name in ATTENTION_PRIMITIVES
+            or (prim.name == "name" and params.get("name") in SAVED_NAMES)
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 
 

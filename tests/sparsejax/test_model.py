@@ -315,3 +315,20 @@ def test_dense_1b_parameter_count():
     n = count_params(dense_1b.get_config())
     print(f"dense_1b parameters: {n:,}")
     assert 0.95e9 < n < 1.1e9
+
+
+def test_dots_attention_policy_saves_tagged_selection_only(capsys):
+    """`dots_attention` keeps values tagged "nsa_selection" (NSA's top-n blocks) and no other names."""
+    from jax.ad_checkpoint import checkpoint_name, print_saved_residuals
+    from sparsejax.model import REMAT_POLICIES
+
+    def f(x):
+        selection = checkpoint_name(jnp.sin(x) * 2, "nsa_selection")
+        other = checkpoint_name(jnp.sin(x) * 3, "something_else")
+        return jnp.sum(jnp.cos(selection) * x + jnp.cos(other))
+
+    for remat, expect in (("dots", False), ("dots_attention", True)):
+        print_saved_residuals(jax.checkpoint(f, policy=REMAT_POLICIES[remat]), jnp.ones(4))
+        saved = capsys.readouterr().out
+        assert ("nsa_selection" in saved) == expect, (remat, saved)
+        assert "something_else" not in saved

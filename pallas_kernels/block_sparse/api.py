@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ def get_implementation(name: str):
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, *, sm_scale=None, causal=True, return_lse=True,
                            q_positions=None, kv_positions=None, q_segment_ids=None, kv_segment_ids=None,
-                           implementation=None, interpret=False):
+                           window=None, implementation=None, interpret=False):
     """Attention of each query unit over the KV blocks its layout lists.
 
     q [B, Tq, Hq, Dqk], k [B, Tk, Hkv, Dqk], v [B, Tk, Hkv, Dv] with Hq = G·Hkv; dtypes bf16, f16 or
@@ -49,6 +50,8 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, sm_scale=None, causa
     sm_scale: logit scale, default 1/sqrt(Dqk). causal: query i sees key j only if
     kv_positions[j] <= q_positions[i]; positions default to arange(Tk) and Tk - Tq + arange(Tq).
     q_segment_ids [B, Tq] / kv_segment_ids [B, Tk]: int32, both or neither; equal ids see each other.
+    window: None or a Python int w >= 1 (static), only with causal=True: query i also needs
+    q_positions[i] - kv_positions[j] < w (a sliding window of w keys ending at the query itself).
     implementation: None (pallas_gpu on GPU, pallas_tpu on TPU, xla elsewhere) or one of
     "reference", "xla", "pallas_gpu", "pallas_tpu". interpret: run a Pallas implementation in
     interpret mode.
@@ -85,7 +88,8 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, sm_scale=None, causa
     except jax.errors.ConcretizationTypeError as e:
         raise ValueError("sm_scale and causal must be Python values (static), got a traced value; "
                          "scale q instead for a learned or traced scale") from e
-    attend = _attention_fn(name, scale, causal, bool(interpret))
+    window = _check_window(window, causal)
+    attend = _attention_fn(name, scale, causal, window, bool(interpret))
     out, lse = attend(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)
     return (out, lse) if return_lse else out
 
@@ -114,6 +118,18 @@ def _check_inputs(q, k, v, layout) -> None:
     layout.check_values()
 
 
+def _check_window(window, causal: bool) -> int | None:
+    """The window as a Python int (or None); it is static, like `causal`."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"window must be None or a Python int >= 1 (static), got {window!r}")
+    if not causal:
+        raise ValueError(f"window={window} needs causal=True (it keeps the {window} positions ending at the "
+                         "query); got causal=False")
+    return int(window)
+
+
 def _int_array(x, name, shape):
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -131,10 +147,10 @@ def _positions(x, name, batch, length, start):
 
 # ---------------------------------------------------------------------------------------- custom_vjp
 @functools.lru_cache(maxsize=None)
-def _attention_fn(name: str, sm_scale: float, causal: bool, interpret: bool):
+def _attention_fn(name: str, sm_scale: float, causal: bool, window: int | None, interpret: bool):
     """The differentiable (out, lse) function for one implementation and static configuration."""
     impl = get_implementation(name)
-    static = dict(sm_scale=sm_scale, causal=causal, interpret=interpret)
+    static = dict(sm_scale=sm_scale, causal=causal, window=window, interpret=interpret)
 
     @jax.custom_vjp
     def attend(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg):

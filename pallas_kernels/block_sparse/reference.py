@@ -1,7 +1,7 @@
 """`reference`: dense masked attention in float32, the oracle every other implementation is tested against.
 
 It expands the layout to a token-level mask [B, Hq, Tq, Tk] (O(Tq·Tk) memory: for tests and small
-sizes only), combines it with the causal, segment and ragged-end masks, and applies the softmax
+sizes only), combines it with the causal, window, segment and ragged-end masks, and applies the softmax
 definition directly. Its backward is `jax.vjp` of the same dense float32 function.
 """
 from __future__ import annotations
@@ -19,10 +19,12 @@ def check_supported(q, k, v, layout: BlockLayout) -> None:
     del q, k, v, layout
 
 
-def token_mask(layout: BlockLayout, q_pos, kv_pos, q_seg, kv_seg, *, num_q_heads: int, causal: bool):
+def token_mask(layout: BlockLayout, q_pos, kv_pos, q_seg, kv_seg, *, num_q_heads: int, causal: bool,
+               window: int | None = None):
     """bool [B, Hq, Tq, Tk]: query i of head h may see key j.
 
-    q_pos [B, Tq], kv_pos [B, Tk] int32; q_seg/kv_seg [B, Tq]/[B, Tk] int32 or None.
+    q_pos [B, Tq], kv_pos [B, Tk] int32; q_seg/kv_seg [B, Tq]/[B, Tk] int32 or None; window (only with
+    causal): also q_pos[i] - kv_pos[j] < window.
     """
     batch, tq = q_pos.shape
     tk = kv_pos.shape[1]
@@ -33,6 +35,8 @@ def token_mask(layout: BlockLayout, q_pos, kv_pos, q_seg, kv_seg, *, num_q_heads
     mask = jnp.broadcast_to(mask, (batch, num_q_heads, tq, tk))
     if causal:
         mask = mask & (kv_pos[:, None, None, :] <= q_pos[:, None, :, None])
+    if window is not None:
+        mask = mask & (q_pos[:, None, :, None] - kv_pos[:, None, None, :] < window)
     if q_seg is not None:
         mask = mask & (kv_seg[:, None, None, :] == q_seg[:, None, :, None])
     return mask
@@ -57,19 +61,21 @@ def _dense(q, k, v, mask, sm_scale):
     return out, lse
 
 
-def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret):
+def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret, window=None):
     del interpret
-    mask = token_mask(layout, q_pos, kv_pos, q_seg, kv_seg, num_q_heads=q.shape[2], causal=causal)
+    mask = token_mask(layout, q_pos, kv_pos, q_seg, kv_seg, num_q_heads=q.shape[2], causal=causal,
+                      window=window)
     out, lse = _dense(q, k, v, mask, sm_scale)
     return out.astype(q.dtype), lse
 
 
 def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal,
-             interpret):
+             interpret, window=None):
     """Gradients by `jax.vjp` of the dense function. The lse cotangent is recovered from
     delta = rowsum(dO·O) - dlse exactly as api.py formed it (rows with lse = -inf have no gradient)."""
     del lse, interpret
-    mask = token_mask(layout, q_pos, kv_pos, q_seg, kv_seg, num_q_heads=q.shape[2], causal=causal)
+    mask = token_mask(layout, q_pos, kv_pos, q_seg, kv_seg, num_q_heads=q.shape[2], causal=causal,
+                      window=window)
     row_dot = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32),
                          precision=_HIGHEST)
     d_lse = row_dot - delta

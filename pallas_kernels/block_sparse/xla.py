@@ -149,7 +149,7 @@ def _gather(blocks, block_rows):
     return blocks[batch, block_rows].astype(jnp.float32)
 
 
-def _chunk_mask(plan, xs, causal):
+def _chunk_mask(plan, xs, causal, window):
     """bool [B, Hl, c, rows, K, bk]: which (row, gathered key) pairs are attended."""
     bk, tk = plan.shape["bk"], plan.shape["tk"]
     ids = xs["block_ids"]                                                  # [B, Hl, c, K]
@@ -158,8 +158,11 @@ def _chunk_mask(plan, xs, causal):
     key_ok = (key_index < tk) & xs["slot_valid"][..., None]
     mask = key_ok[:, :, :, None] & xs["q_valid"][..., None, None]
     if causal:
-        kv_pos = plan.kv_pos[batch, ids]
-        mask = mask & (kv_pos[:, :, :, None] <= xs["q_pos"][..., None, None])
+        kv_pos = plan.kv_pos[batch, ids][:, :, :, None]                     # [B, Hl, c, 1, K, bk]
+        q_pos = xs["q_pos"][..., None, None]                                # [B, Hl, c, rows, 1, 1]
+        mask = mask & (kv_pos <= q_pos)
+        if window is not None:
+            mask = mask & (q_pos - kv_pos < window)
     if plan.kv_seg is not None:
         kv_seg = plan.kv_seg[batch, ids]
         mask = mask & (kv_seg[:, :, :, None] == xs["q_seg"][..., None, None])
@@ -175,7 +178,7 @@ def _chunk_inputs(plan):
 
 
 # ---------------------------------------------------------------------------------------- forward
-def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret):
+def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret, window=None):
     """-> out [B, Tq, Hq, Dv] in q's dtype, lse [B, Hq, Tq] float32."""
     del interpret
     plan = _Plan(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)
@@ -184,7 +187,7 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
 
     def step(_, xs):
         k_g, v_g = _gather(k_blocks, xs["block_rows"]), _gather(v_blocks, xs["block_rows"])
-        mask = _chunk_mask(plan, xs, causal)
+        mask = _chunk_mask(plan, xs, causal, window)
         logits = _einsum("bucrd,buckjd->bucrkj", xs["q"].astype(jnp.float32), k_g) * sm_scale
         logits = jnp.where(mask, logits, -jnp.inf)
         peak = logits.max(axis=(-2, -1))
@@ -206,7 +209,7 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
 
 # ---------------------------------------------------------------------------------------- backward
 def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal,
-             interpret):
+             interpret, window=None):
     """-> dq, dk, dv in the dtypes of q, k, v. delta [B, Hq, Tq] = rowsum(dO·O) - dlse (0 on empty rows)."""
     del out, interpret
     plan = _Plan(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)
@@ -219,7 +222,7 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
         k_g, v_g = _gather(k_blocks, xs["block_rows"]), _gather(v_blocks, xs["block_rows"])
         q_c, do_c = xs["q"].astype(jnp.float32), xs["d_out"].astype(jnp.float32)
         lse_c = xs["lse"]
-        mask = _chunk_mask(plan, xs, causal) & jnp.isfinite(lse_c)[..., None, None]
+        mask = _chunk_mask(plan, xs, causal, window) & jnp.isfinite(lse_c)[..., None, None]
         logits = _einsum("bucrd,buckjd->bucrkj", q_c, k_g) * sm_scale
         safe_lse = jnp.where(jnp.isfinite(lse_c), lse_c, 0.0)
         p = jnp.where(mask, jnp.exp(logits - safe_lse[..., None, None]), 0.0)

@@ -7,12 +7,13 @@ Import from a test file in this directory (pytest puts it on sys.path):
 random_case(seed: int, *, batch=1, seq_len_q=48, seq_len_k=64, num_kv_heads=2, group=2,
             head_unit="query", block_q=16, block_k=16, dqk=16, dv=16, dtype="float32",
             layout_kind="random", density=0.5, layout_batch=None, causal=True,
-            positions="default", segments=False) -> Case
+            positions="default", segments=False, window=None) -> Case
     One deterministic case (numpy seed). head_unit: "query" (Hl = Hq) or "kv" (Hl = Hkv).
     layout_kind: one of LAYOUT_KINDS ("random", "causal", "diagonal", "window", "full", "empty",
     "top_k", "indices"); positions: "default" (implicit, bottom-right aligned) or "permuted"
     (explicit, a random permutation as the ring/zigzag permutations produce); segments: packed
     documents (q ids bottom-right aligned with kv ids). layout_batch: 1 or batch (default: batch).
+    window: None or the kernel's static `window=` (needs causal=True), passed through to every call.
 
 cases(**overrides) -> hypothesis strategy of Case
     Every keyword of random_case may be fixed (a value) or drawn (a hypothesis strategy); the rest are
@@ -105,11 +106,11 @@ def _segments(rng, length):
 
 def random_case(seed: int, *, batch=1, seq_len_q=48, seq_len_k=64, num_kv_heads=2, group=2, head_unit="query",
                 block_q=16, block_k=16, dqk=16, dv=16, dtype="float32", layout_kind="random", density=0.5,
-                layout_batch=None, causal=True, positions="default", segments=False) -> Case:
+                layout_batch=None, causal=True, positions="default", segments=False, window=None) -> Case:
     params = dict(seed=seed, batch=batch, seq_len_q=seq_len_q, seq_len_k=seq_len_k, num_kv_heads=num_kv_heads,
                   group=group, head_unit=head_unit, block_q=block_q, block_k=block_k, dqk=dqk, dv=dv,
                   dtype=dtype, layout_kind=layout_kind, density=density, layout_batch=layout_batch,
-                  causal=causal, positions=positions, segments=segments)
+                  causal=causal, positions=positions, segments=segments, window=window)
     rng = np.random.default_rng(seed)
     hq = num_kv_heads * group
     hl = {"query": hq, "kv": num_kv_heads}[head_unit]
@@ -120,6 +121,8 @@ def random_case(seed: int, *, batch=1, seq_len_q=48, seq_len_k=64, num_kv_heads=
     v = normal(batch, seq_len_k, num_kv_heads, dv)
     layout = _layout(rng, layout_kind, density, layout_batch or batch, hl, seq_len_q, seq_len_k, block_q, block_k)
     kwargs = dict(causal=causal, sm_scale=float(rng.uniform(0.5, 1.5)) / np.sqrt(dqk))
+    if window is not None:
+        kwargs["window"] = window
     if positions == "permuted":
         kv_pos = np.stack([rng.permutation(seq_len_k) for _ in range(batch)])
         q_pos = np.stack([rng.permutation(max(seq_len_q, seq_len_k))[:seq_len_q] for _ in range(batch)])
@@ -175,12 +178,12 @@ def cases(**overrides):
     return draw_case()
 
 
-_STATIC = ("causal", "sm_scale")
+_STATIC = ("causal", "sm_scale", "window")
 
 
 def run_case(impl_name, case, interpret, *, grads=True):
     """(out, lse) or, with grads, (out, lse, dq, dk, dv) for the case's cotangents; one jit per call."""
-    static = {name: case.kwargs[name] for name in _STATIC}
+    static = {name: case.kwargs[name] for name in _STATIC if name in case.kwargs}
     arrays = {name: value for name, value in case.kwargs.items() if name not in _STATIC}
 
     def run(q, k, v, layout, arrays, d_out, d_lse):

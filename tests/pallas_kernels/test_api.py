@@ -57,6 +57,11 @@ def test_argument_errors():
         block_sparse_attention(q, k, v, bad)
     with pytest.raises(ValueError, match="must be Python values"):
         jax.jit(lambda s: block_sparse_attention(q, k, v, lay, sm_scale=s))(1.0)
+    for bad_window in (0, -3, 2.5, True, jnp.int32(4)):
+        with pytest.raises(ValueError, match=r"window must be None or a Python int >= 1 \(static\), got"):
+            block_sparse_attention(q, k, v, lay, window=bad_window)
+    with pytest.raises(ValueError, match="window=4 needs causal=True"):
+        block_sparse_attention(q, k, v, lay, window=4, causal=False)
 
 
 def test_unavailable_and_unsupported_implementations(monkeypatch):

@@ -9,7 +9,7 @@ def naive(case):
     """out, lse, dq, dk, dv by looping over (batch, head, query row) in float64.
 
     Row i of head h sees key j iff j's block is listed for (unit of i, head unit of h), and (if causal)
-    kv_pos[j] <= q_pos[i], and (if segments) the ids agree. With s_j = scale·q_i·k_j,
+    kv_pos[j] <= q_pos[i], and (if a window w) q_pos[i] - kv_pos[j] < w, and (if segments) the ids agree. With s_j = scale·q_i·k_j,
     p = softmax(s), out_i = Σ p_j v_j, lse_i = log Σ exp s_j, and for the loss
     <dO_i, out_i> + dlse_i·lse_i: dv_j += p_j dO_i, ds_j = p_j (dO_i·v_j - Σ_l p_l dO_i·v_l) + dlse_i p_j,
     dq_i = scale Σ ds_j k_j, dk_j += scale ds_j q_i.
@@ -27,6 +27,7 @@ def naive(case):
     lse = np.full((b_, hq, tq), -np.inf)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     scale = kw["sm_scale"]
+    window = kw.get("window")
     for b in range(b_):
         lb = b if idx.shape[0] > 1 else 0
         for h in range(hq):
@@ -36,6 +37,7 @@ def naive(case):
                 listed = set(idx[lb, u, unit, :cnt[lb, u, unit]].tolist())
                 keys = [j for j in range(tk) if j // lay.block_k in listed
                         and (not kw["causal"] or kv_pos[b, j] <= q_pos[b, i])
+                        and (window is None or q_pos[b, i] - kv_pos[b, j] < window)
                         and ("q_segment_ids" not in kw
                              or kw["q_segment_ids"][b, i] == kw["kv_segment_ids"][b, j])]
                 if not keys:
@@ -63,6 +65,13 @@ CASES = [
          segments=True, batch=2),
     dict(layout_kind="full", head_unit="kv", group=8, block_q=2, block_k=16, seq_len_q=5, seq_len_k=33,
          num_kv_heads=1, dqk=8, dv=24, dtype="bfloat16"),
+    # Kernel windows: smaller than a block, with permuted positions and segments, wider than Tk.
+    dict(layout_kind="window", head_unit="query", group=2, block_q=8, block_k=8, seq_len_q=19, seq_len_k=27,
+         window=3),
+    dict(layout_kind="random", head_unit="kv", group=2, block_q=4, block_k=4, seq_len_q=14, seq_len_k=14,
+         positions="permuted", segments=True, batch=2, window=6),
+    dict(layout_kind="full", head_unit="query", group=1, block_q=16, block_k=8, seq_len_q=10, seq_len_k=12,
+         window=40),
 ]
 
 

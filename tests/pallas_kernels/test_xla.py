@@ -32,6 +32,21 @@ def test_xla_variant_shapes(params):
     assert_matches_reference("xla", random_case(7, **params))
 
 
+@pytest.mark.parametrize("params", [
+    # A window smaller than a block, permuted positions and packed documents, GQA rows stacked.
+    dict(block_q=8, block_k=8, group=4, head_unit="kv", seq_len_q=21, seq_len_k=29, layout_kind="random",
+         positions="permuted", segments=True, batch=2, window=5),
+    # The window layout (its own, random, width) with a kernel window of one and a half blocks, bf16.
+    dict(block_q=16, block_k=8, group=2, head_unit="query", seq_len_q=40, seq_len_k=47, layout_kind="window",
+         dtype="bfloat16", window=12),
+    # window = 1: each query sees only its own position (-inf rows where the layout misses it).
+    dict(block_q=1, block_k=4, group=2, head_unit="kv", seq_len_q=9, seq_len_k=13, layout_kind="top_k",
+         window=1),
+], ids=["sub_block", "window_layout", "self_only"])
+def test_xla_window(params):
+    assert_matches_reference("xla", random_case(11, **params))
+
+
 def test_xla_chunked_scan(monkeypatch):
     """A tiny chunk budget forces many chunks (and a padded last one); results must not change."""
     case = random_case(3, block_q=2, block_k=4, seq_len_q=23, seq_len_k=30, group=2, layout_kind="random",

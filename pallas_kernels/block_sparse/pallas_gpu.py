@@ -23,7 +23,9 @@ Head dims. Triton tiles must be powers of two, so a head dim is split into power
 least 16 (192 = 128 + 64): every dot is a sum of chunk dots and no FLOP is spent on padding.
 
 Masking inside a block is computed from the loaded positions and segment ids: causal
-(`kv_pos <= q_pos`), equal segment ids, keys past `Tk`, queries past `Tq` and padding rows. Rows that
+(`kv_pos <= q_pos`), the sliding window's far edge (`q_pos - kv_pos < window`, only when a window is
+given: it is static, so window=None compiles no extra work), equal segment ids, keys past `Tk`,
+queries past `Tq` and padding rows. Rows that
 see nothing give out 0 and lse -inf, and zero gradients.
 
 Supported (checked by `check_supported`): float32, bfloat16 and float16 (q, k, v of one dtype); head
@@ -62,7 +64,8 @@ class KernelConfig:
   rows: rows per program tile (a power of two >= 16).
   num_warps, num_stages: Triton's warps per program and software-pipelining depth.
   skip_full_masks: compute the in-block mask only for blocks that need one (a block-level test on
-    the loaded positions; without segment ids); otherwise every block is masked element-wise.
+    the loaded positions, causal and window; without segment ids); otherwise every block is masked
+    element-wise.
   list_chunk: dK/dV only: CSR entries per program. None picks by shape (split only when one KV
     block's list can be much longer than the mean, e.g. NSA's always-selected block 0, which would
     otherwise serialise the whole backward on one program); 0 never splits. Split lists write
@@ -181,29 +184,40 @@ def _load_vec(ref, idx, valid, other):
   return plgpu.load(ref.at[idx], mask=valid, other=other)
 
 
-def _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, causal):
+def _allowed(g, q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid):
   """Mask [M, bk] of the pairs a row may attend to."""
   m = q_valid[:, None] & k_valid[None, :]
-  if causal:
+  if g.causal:
     m = m & (kv_pos[None, :] <= q_pos[:, None])
+  if g.window is not None:
+    m = m & (q_pos[:, None] - kv_pos[None, :] < g.window)
   if q_seg is not None:
     m = m & (q_seg[:, None] == kv_seg[None, :])
   return m
 
 
-def _min_valid(q_pos, q_valid):
-  return jnp.min(jnp.where(q_valid, q_pos, jnp.iinfo(jnp.int32).max))
+def _q_bounds(g, q_pos, q_valid):
+  """(min, max) of the valid rows' positions for `_masked`; only what the skip test uses is computed."""
+  if not g.skip_full_masks:
+    return None, None
+  lo = jnp.min(jnp.where(q_valid, q_pos, jnp.iinfo(jnp.int32).max)) if g.causal else None
+  hi = jnp.max(jnp.where(q_valid, q_pos, jnp.iinfo(jnp.int32).min)) if g.window is not None else None
+  return lo, hi
 
 
-def _masked(g, x, fill, ok_fn, block, kv_pos, q_pos_min):
-  """where(ok_fn(), x, fill). With `g.skip_full_masks`, blocks whose keys all lie inside Tk and
-  before every valid row's position skip the element-wise mask (padding rows need none: their
-  outputs are not stored and their lse loads as -inf, which zeroes their probabilities)."""
+def _masked(g, x, fill, ok_fn, block, kv_pos, q_bounds):
+  """where(ok_fn(), x, fill). With `g.skip_full_masks`, blocks whose keys all lie inside Tk, before
+  every valid row's position and (with a window) inside every valid row's window skip the
+  element-wise mask (padding rows need none: their outputs are not stored and their lse loads as
+  -inf, which zeroes their probabilities). q_bounds: `_q_bounds` of the tile's rows."""
   if not g.skip_full_masks:
     return jnp.where(ok_fn(), x, fill)
+  q_min, q_max = q_bounds
   full = (block + 1) * g.block_k <= g.tk
   if g.causal:
-    full = full & (jnp.max(kv_pos) <= q_pos_min)
+    full = full & (jnp.max(kv_pos) <= q_min)
+  if g.window is not None:
+    full = full & (q_max - jnp.min(kv_pos) < g.window)
   return jax.lax.cond(full, lambda x: x, lambda x: jnp.where(ok_fn(), x, fill), x)
 
 
@@ -224,6 +238,7 @@ class _Geometry:
   has_seg: bool
   scale_log2: float  # sm_scale * log2(e)
   skip_full_masks: bool = False
+  window: int | None = None  # static: None compiles no window term
 
   @property
   def r(self):  # query heads per head unit
@@ -270,7 +285,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geomet
   q = _load_rows(q_ref, q_rows, q_valid, g.dqk_chunks)
   q_pos = _load_vec(q_pos_ref, tok, q_valid, 0)
   q_seg = _load_vec(q_seg_ref, tok, q_valid, 0) if g.has_seg else None
-  q_pos_min = _min_valid(q_pos, q_valid)
+  q_bounds = _q_bounds(g, q_pos, q_valid)
 
   def body(n, carry):
     acc, m_prev, l_prev = carry
@@ -281,8 +296,8 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geomet
     kv_seg = _load_vec(kv_seg_ref, k_tok, k_valid, 0) if g.has_seg else None
     s = _dot_chunks(q, k, trans_b=True) * g.scale_log2                     # [M, bk] base-2 logits
     s = _masked(g, s, -jnp.inf,
-                lambda: _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, g.causal),
-                block, kv_pos, q_pos_min)
+                lambda: _allowed(g, q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid),
+                block, kv_pos, q_bounds)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)                      # all-masked rows so far
     p = jnp.exp2(s - m_safe[:, None])
@@ -325,7 +340,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometr
   q_seg = _load_vec(q_seg_ref, tok, q_valid, 0) if g.has_seg else None
   lse2 = _lse_base2(plgpu.load(lse_ref.at[head, tok], mask=q_valid, other=-jnp.inf))
   delta = plgpu.load(delta_ref.at[head, tok], mask=q_valid, other=0.0)
-  q_pos_min = _min_valid(q_pos, q_valid)
+  q_bounds = _q_bounds(g, q_pos, q_valid)
 
   def body(n, dq):
     block = kv_idx_ref[unit, n]
@@ -336,8 +351,8 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometr
     kv_seg = _load_vec(kv_seg_ref, k_tok, k_valid, 0) if g.has_seg else None
     s = _dot_chunks(q, k, trans_b=True) * g.scale_log2
     p = _masked(g, jnp.exp2(s - lse2[:, None]), 0.0,                       # [M, bk]
-                lambda: _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, g.causal),
-                block, kv_pos, q_pos_min)
+                lambda: _allowed(g, q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid),
+                block, kv_pos, q_bounds)
     dp = _dot_chunks(do, v, trans_b=True)
     ds = (p * (dp - delta[:, None])).astype(k[0].dtype)
     return [a + plgpu.dot(ds, kc) for a, kc in zip(dq, k)]
@@ -408,8 +423,8 @@ def _dkv_block(g: _Geometry, acts, block, kv_head, ranges):
     delta = plgpu.load(delta_ref.at[head, tok], mask=q_valid, other=0.0)
     s_t = _dot_chunks(k, q, trans_b=True) * g.scale_log2                      # [bk, M]
     p_t = _masked(g, jnp.exp2(s_t - lse2[None, :]), 0.0,
-                  lambda: _allowed(q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid, g.causal).T,
-                  block, kv_pos, _min_valid(q_pos, q_valid))
+                  lambda: _allowed(g, q_pos, kv_pos, q_seg, kv_seg, q_valid, k_valid).T,
+                  block, kv_pos, _q_bounds(g, q_pos, q_valid))
     dp_t = _dot_chunks(v, do, trans_b=True)
     ds_t = (p_t * (dp_t - delta[None, :])).astype(q[0].dtype)
     p_lo = p_t.astype(do[0].dtype)
@@ -491,13 +506,13 @@ def _dkv_reduce_kernel(first_ref, dk_part_ref, dv_part_ref, dk_ref, dv_ref, *, g
 # Wrappers: flattened views, block specs, launches
 
 
-def _geometry(q, k, v, layout, cfg: KernelConfig, sm_scale, causal, has_seg) -> _Geometry:
+def _geometry(q, k, v, layout, cfg: KernelConfig, sm_scale, causal, has_seg, window=None) -> _Geometry:
   return _Geometry(
       tq=q.shape[1], tk=k.shape[1], hq=q.shape[2], hkv=k.shape[2], hl=layout.kv_indices.shape[1],
       block_q=layout.block_q, block_k=layout.block_k, rows=cfg.rows,
       dqk_chunks=_chunks(q.shape[-1]), dv_chunks=_chunks(v.shape[-1]), causal=bool(causal),
       has_seg=has_seg, scale_log2=float(sm_scale) * _LOG2E,
-      skip_full_masks=cfg.skip_full_masks and not has_seg)
+      skip_full_masks=cfg.skip_full_masks and not has_seg, window=window)
 
 
 def _pick(n_lead: int, b):
@@ -538,12 +553,12 @@ def _query_major_specs(layout):
   ]
 
 
-def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret,
+def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret, window=None,
             config: KernelConfig | None = None):
   """out [B, Tq, Hq, Dv] (q's dtype), lse [B, Hq, Tq] float32 (natural log; -inf for empty rows)."""
   cfg = config or default_configs(q, k, v, layout)["fwd"]
   b, tq, hq, _ = q.shape
-  g = _geometry(q, k, v, layout, cfg, sm_scale, causal, q_seg is not None)
+  g = _geometry(q, k, v, layout, cfg, sm_scale, causal, q_seg is not None, window)
   nq = layout.kv_indices.shape[2]
   grid = (nq * g.tiles_per_unit, g.hl, b)
   aux = _aux_inputs(q_pos, kv_pos, q_seg, kv_seg)
@@ -560,7 +575,7 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
 
 
 def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale,
-             causal, interpret, configs: dict[str, KernelConfig] | None = None):
+             causal, interpret, window=None, configs: dict[str, KernelConfig] | None = None):
   """(dq, dk, dv) in the dtypes of (q, k, v). `delta [B, Hq, Tq]` = rowsum(dO * O) - dlse."""
   del out  # the probabilities are recomputed from lse; delta already carries rowsum(dO * O)
   cfgs = dict(default_configs(q, k, v, layout), **(configs or {}))
@@ -570,7 +585,7 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   acts = [_flat(q), _flat(k), _flat(v), _flat(d_out.astype(q.dtype)),
           lse.astype(jnp.float32), delta.astype(jnp.float32)]
 
-  g = _geometry(q, k, v, layout, cfgs["dq"], sm_scale, causal, has_seg)
+  g = _geometry(q, k, v, layout, cfgs["dq"], sm_scale, causal, has_seg, window)
   nq = layout.kv_indices.shape[2]
   ins = [layout.kv_indices, layout.kv_counts, *aux, *acts]
   dq_shape = jax.ShapeDtypeStruct((b, tq * hq, dqk), q.dtype)
@@ -581,7 +596,7 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
       compiler_params=_compiler_params(cfgs["dq"]), interpret=interpret, name="block_sparse_dq",
   )(*ins)
 
-  g = _geometry(q, k, v, layout, cfgs["dkv"], sm_scale, causal, has_seg)
+  g = _geometry(q, k, v, layout, cfgs["dkv"], sm_scale, causal, has_seg, window)
   chunk = _list_chunk(g, layout, cfgs["dkv"])
   dkv = _dkv_split if chunk else _dkv_whole
   dk, dv = dkv(g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernel_cases import assert_matches_reference, cases
+from kernel_cases import assert_matches_reference, cases, random_case
 from pallas_kernels import BlockLayout, block_sparse_attention
 from pallas_kernels.block_sparse import pallas_gpu
 
@@ -97,6 +97,30 @@ def test_small_tiles_skip_full_masks(monkeypatch):
                       lambda *a: {"fwd": tile, "dq": tile, "dkv": tile})
   _check(_case(7, batch=1, tq=10, tk=36, hq=8, hkv=2, hl=2, dqk=16, dv=16, block_q=4,
                block_k=16, density=1.0, dtype=jnp.float32, empty_unit=False))
+
+
+@pytest.mark.parametrize("params", [
+    # A window smaller than a block, permuted positions and packed documents, GQA rows stacked.
+    dict(block_q=4, block_k=16, group=4, head_unit="kv", seq_len_q=13, seq_len_k=37, layout_kind="random",
+         positions="permuted", segments=True, window=5),
+    # One-token units (NSA-like), the window layout, window of one block and a half, bf16.
+    dict(block_q=1, block_k=16, group=8, head_unit="kv", num_kv_heads=1, seq_len_q=6, seq_len_k=50,
+         layout_kind="window", dtype="bfloat16", window=24),
+], ids=["sub_block_permuted", "token_units"])
+def test_window(params):
+  assert_matches_reference("pallas_gpu", random_case(13, **params))
+
+
+def test_window_skip_full_masks(monkeypatch):
+  """With skip_full_masks, a block before every query is skipped only if it also lies inside every
+  query's window: with positions 60..63 and window 40, block 2 (keys 32..47) needs no mask but
+  block 1 (16..31) does, though it passes the causal test."""
+  tile = pallas_gpu.KernelConfig(rows=16, num_warps=4, num_stages=2, skip_full_masks=True)
+  monkeypatch.setattr(pallas_gpu, "default_configs",
+                      lambda *a: {"fwd": tile, "dq": tile, "dkv": tile})
+  assert_matches_reference("pallas_gpu", random_case(
+      5, block_q=4, block_k=16, group=2, head_unit="kv", seq_len_q=12, seq_len_k=64, layout_kind="full",
+      window=40))
 
 
 def test_empty_rows_give_zero_and_neg_inf():

@@ -37,7 +37,8 @@ Per-row vectors (query positions and segment ids, lse, delta) are stored broadca
 where it needs them as a row (the dK/dV kernel computes the transposed scores `k·qᵀ`, as splash
 attention does); per-key vectors likewise. A column vector costs 512 bytes per row in HBM.
 
-Masking inside a tile, from loaded vectors and iotas: causal (`kv_pos <= q_pos`), equal segment ids,
+Masking inside a tile, from loaded vectors and iotas: causal (`kv_pos <= q_pos`), the sliding window's
+far edge (`q_pos - kv_pos < window`; `window` is static and None compiles no such term), equal segment ids,
 keys at index >= Tk or outside the visited block (sub-tile blocks), and padding or ragged query rows.
 Rows that see nothing give out 0 and lse -inf, and zero gradients.
 
@@ -258,7 +259,7 @@ def _kv_layout_back(x, g: _Geometry, depth: int):
 
 # ---------------------------------------------------------------------------------------- masking
 def _block_mask(g: _Geometry, shape, row_axis: int, unit, kv_block, q_pos, kv_pos, q_seg, kv_seg,
-                causal: bool):
+                causal: bool, window: int | None):
     """bool mask of one score tile, or None when nothing is masked.
 
     shape: the tile shape; row_axis: the axis of query rows (1 for the transposed dK/dV tile).
@@ -284,6 +285,8 @@ def _block_mask(g: _Geometry, shape, row_axis: int, unit, kv_block, q_pos, kv_po
             mask = both(mask, unit * g.real_rows + row < g.tq * g.heads_per_unit)
     if causal:
         mask = both(mask, kv_pos <= q_pos)
+    if window is not None:   # only with causal: the positions are loaded
+        mask = both(mask, q_pos - kv_pos < window)
     if q_seg is not None:
         mask = both(mask, kv_seg == q_seg)
     return mask
@@ -358,7 +361,7 @@ def _params(semantics):
 
 # ---------------------------------------------------------------------------------------- forward
 def _forward_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, g: _Geometry, nu: int,
-                    sm_scale: float, causal: bool, segmented: bool):
+                    sm_scale: float, causal: bool, window: int | None, segmented: bool):
     (q_pos, kv_pos, q_seg, kv_seg), (o_ref, lse_ref, m_scr, l_scr, acc_scr) = _split_vector_refs(
         refs, causal, segmented)
     b, u, i, s = (pl.program_id(a) for a in range(4))
@@ -376,7 +379,7 @@ def _forward_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, g: _Geometry, 
         kv_block = idx_ref[head * g.cap + s]
         scores = _dot(q_ref[...], k_ref[...], 1, 1) * sm_scale                 # [rows, tile_k]
         mask = _block_mask(g, scores.shape, 0, i, kv_block, _load_column(q_pos), _load_row(kv_pos),
-                           _load_column(q_seg), _load_row(kv_seg), causal)
+                           _load_column(q_seg), _load_row(kv_seg), causal, window)
         if mask is not None:
             scores = jnp.where(mask, scores, _MASK_VALUE)
         m_prev = m_scr[:, 0:1]
@@ -407,7 +410,7 @@ def _query_major_lists(layout, u0: int, nu: int):
 
 
 def _forward_call(g: _Geometry, layout, u0: int, nu: int, q_rows, k_l, v_l, vectors, *, sm_scale,
-                  causal, segmented, interpret, dtype):
+                  causal, window, segmented, interpret, dtype):
     """out rows [B, nu, nq*rows, Dv'] and lse rows [B, nu, nq*rows, 128] of head units [u0, u0+nu)."""
     unit_map, out_map, kv_map, vector_specs = _query_major_specs(g, causal, segmented, u0, nu)
     in_specs = [pl.BlockSpec((None, None, g.rows, g.dqk_p), unit_map),
@@ -421,7 +424,7 @@ def _forward_call(g: _Geometry, layout, u0: int, nu: int, q_rows, k_l, v_l, vect
     scratch = [pltpu.VMEM((g.rows, LANES), jnp.float32), pltpu.VMEM((g.rows, LANES), jnp.float32),
                pltpu.VMEM((g.rows, g.dv_p), jnp.float32)]
     kernel = functools.partial(_forward_kernel, g=g, nu=nu, sm_scale=float(sm_scale), causal=causal,
-                               segmented=segmented)
+                               window=window, segmented=segmented)
     call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -435,7 +438,7 @@ def _forward_call(g: _Geometry, layout, u0: int, nu: int, q_rows, k_l, v_l, vect
     return call(*_query_major_lists(layout, u0, nu), q_rows, k_l, v_l, *vectors)
 
 
-def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret):
+def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret, window=None):
     """out [B, Tq, Hq, Dv] in q's dtype, lse [B, Hq, Tq] float32."""
     g = _geometry(q, k, v, layout)
     rows_total = g.nq * g.rows
@@ -443,7 +446,8 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
     k_l, v_l = _kv_layout(k, g, g.dqk_p), _kv_layout(v, g, g.dv_p)
     vectors = _query_major_vectors(g, q_pos, kv_pos, q_seg, kv_seg, causal)
     parts = [_forward_call(g, layout, u0, nu, q_rows, k_l, v_l, vectors, sm_scale=sm_scale,
-                           causal=causal, segmented=q_seg is not None, interpret=interpret, dtype=q.dtype)
+                           causal=causal, window=window, segmented=q_seg is not None, interpret=interpret,
+                           dtype=q.dtype)
              for u0, nu in _chunks(g.hl, _query_major_smem(g.layout_batch, g.nq, g.cap))]
     out, lse = _concat([p[0] for p in parts], 1), _concat([p[1] for p in parts], 1)
     out = _from_rows(out.reshape(g.batch, g.hl, g.nq, g.rows, g.dv_p), g, g.dv)
@@ -463,7 +467,7 @@ def _cost(g: _Geometry, steps: int, dtype, *, matmuls: int, exps: int):
 
 # ---------------------------------------------------------------------------------------- dQ
 def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, g: _Geometry,
-               nu: int, sm_scale: float, causal: bool, segmented: bool):
+               nu: int, sm_scale: float, causal: bool, window: int | None, segmented: bool):
     (q_pos, kv_pos, q_seg, kv_seg), (dq_ref, acc_scr) = _split_vector_refs(refs, causal, segmented)
     b, u, i, s = (pl.program_id(a) for a in range(4))
     head = (g.lb(b) * nu + u) * g.nq + i
@@ -479,7 +483,7 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         q, k, v, d_out = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         scores = _dot(q, k, 1, 1) * sm_scale                                   # [rows, tile_k]
         mask = _block_mask(g, scores.shape, 0, i, kv_block, _load_column(q_pos), _load_row(kv_pos),
-                           _load_column(q_seg), _load_row(kv_seg), causal)
+                           _load_column(q_seg), _load_row(kv_seg), causal, window)
         lse = lse_ref[:, 0:1]
         seen = lse > -jnp.inf
         p = jnp.exp(scores - jnp.where(seen, lse, 0.0))
@@ -495,7 +499,7 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
 
 
 def _dq_call(g: _Geometry, layout, u0: int, nu: int, q_rows, k_l, v_l, do_rows, lse_col, delta_col,
-             vectors, *, sm_scale, causal, segmented, interpret, dtype):
+             vectors, *, sm_scale, causal, window, segmented, interpret, dtype):
     """dq rows [B, nu, nq*rows, Dqk'] of head units [u0, u0 + nu)."""
     unit_map, out_map, kv_map, vector_specs = _query_major_specs(g, causal, segmented, u0, nu)
     in_specs = [pl.BlockSpec((None, None, g.rows, g.dqk_p), unit_map),
@@ -505,7 +509,7 @@ def _dq_call(g: _Geometry, layout, u0: int, nu: int, q_rows, k_l, v_l, do_rows, 
                 pl.BlockSpec((None, None, g.rows, LANES), unit_map),
                 pl.BlockSpec((None, None, g.rows, LANES), unit_map)] + vector_specs
     kernel = functools.partial(_dq_kernel, g=g, nu=nu, sm_scale=float(sm_scale), causal=causal,
-                               segmented=segmented)
+                               window=window, segmented=segmented)
     call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -557,7 +561,8 @@ def _dkv_schedule(layout, g: _Geometry):
 
 
 def _dkv_kernel(kv_ref, row_ref, tot_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                g: _Geometry, nh: int, sm_scale: float, causal: bool, segmented: bool, num_entries: int):
+                g: _Geometry, nh: int, sm_scale: float, causal: bool, window: int | None, segmented: bool,
+                num_entries: int):
     (q_pos, kv_pos, q_seg, kv_seg), (dk_ref, dv_ref, dk_scr, dv_scr) = _split_vector_refs(
         refs, causal, segmented)
     b, h, e = (pl.program_id(a) for a in range(3))
@@ -580,7 +585,7 @@ def _dkv_kernel(kv_ref, row_ref, tot_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
         q, k, v, d_out = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         scores = _dot(k, q, 1, 1) * sm_scale                                   # [tile_k, rows]
         mask = _block_mask(g, scores.shape, 1, unit, kv_block, _load_row(q_pos), _load_column(kv_pos),
-                           _load_row(q_seg), _load_column(kv_seg), causal)
+                           _load_row(q_seg), _load_column(kv_seg), causal, window)
         lse = lse_ref[0:1, :]
         seen = lse > -jnp.inf
         p = jnp.exp(scores - jnp.where(seen, lse, 0.0))
@@ -598,7 +603,7 @@ def _dkv_kernel(kv_ref, row_ref, tot_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 
 
 def _dkv_call(g: _Geometry, schedule, h0: int, nh: int, q_rows, k_l, v_l, do_rows, lse_row, delta_row,
-              vectors, *, sm_scale, causal, segmented, interpret, k_dtype, v_dtype):
+              vectors, *, sm_scale, causal, window, segmented, interpret, k_dtype, v_dtype):
     """dk [B, nh, Tk', Dqk'] and dv [B, nh, Tk', Dv'] of KV heads [h0, h0 + nh) (tiles that no entry
     visits hold garbage; the caller zeroes them)."""
     entry_kv, entry_row, totals = (x[:, h0:h0 + nh] for x in schedule)
@@ -632,7 +637,7 @@ def _dkv_call(g: _Geometry, schedule, h0: int, nh: int, q_rows, k_l, v_l, do_row
     in_specs += [pl.BlockSpec((None, None, SUBLANES, g.rows), q_vec_map),
                  pl.BlockSpec((None, g.tile_k, LANES), kv_vec_map)] * (len(vectors) // 2)
     kernel = functools.partial(_dkv_kernel, g=g, nh=nh, sm_scale=float(sm_scale), causal=causal,
-                               segmented=segmented, num_entries=num_entries)
+                               window=window, segmented=segmented, num_entries=num_entries)
     call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -663,7 +668,7 @@ def _dkv_vectors(g: _Geometry, q_pos, kv_pos, q_seg, kv_seg, causal: bool):
 
 # ---------------------------------------------------------------------------------------- backward
 def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal,
-             interpret):
+             interpret, window=None):
     """(dq, dk, dv) in the dtypes of q, k, v. lse, delta [B, Hq, Tq] float32 (delta = rowsum(dO·O) - dlse)."""
     del out
     g = _geometry(q, k, v, layout)
@@ -672,7 +677,8 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
     lse_rows = _head_vector_to_rows(lse.astype(jnp.float32), g)            # [B, Hl, nq, rows]
     delta_rows = _head_vector_to_rows(delta.astype(jnp.float32), g)
     k_l, v_l = _kv_layout(k, g, g.dqk_p), _kv_layout(v, g, g.dv_p)
-    static = dict(sm_scale=sm_scale, causal=causal, segmented=q_seg is not None, interpret=interpret)
+    static = dict(sm_scale=sm_scale, causal=causal, window=window, segmented=q_seg is not None,
+                  interpret=interpret)
 
     rows_total = g.nq * g.rows
     flat = lambda x: x.reshape(g.batch, g.hl, rows_total, *x.shape[4:])

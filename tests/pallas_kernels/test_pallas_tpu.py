@@ -73,6 +73,23 @@ def test_matches_reference(seed, name):
     assert_matches_reference(random_case(seed, **CASES[name]))
 
 
+WINDOW_CASES = {
+    # kernel window smaller than a block; permuted positions, segments; four blocks per KV tile
+    "window_sub_block_permuted": dict(seq_len_q=24, seq_len_k=200, num_kv_heads=1, group=4, head_unit="query",
+                                      block_q=8, block_k=32, dqk=32, dv=32, layout_kind="random",
+                                      positions="permuted", segments=True, window=13),
+    # one-token units over the window layout, window of a block and a half, bf16
+    "window_token_units_bf16": dict(seq_len_q=5, seq_len_k=260, num_kv_heads=1, group=8, head_unit="kv",
+                                    block_q=1, block_k=64, dqk=64, dv=32, layout_kind="window",
+                                    dtype="bfloat16", window=100),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WINDOW_CASES))
+def test_window_matches_reference(name):
+    assert_matches_reference(random_case(17, **WINDOW_CASES[name]))
+
+
 @settings(max_examples=3, deadline=None, derandomize=False,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases(block_k=st.sampled_from([64, 128]), block_q=st.sampled_from([1, 8, 16]), dqk=32, dv=32,
@@ -100,9 +117,9 @@ def _lower_for_tpu(case):
     return jax.jit(grad).trace(case.q, case.k, case.v).lower(lowering_platforms=("tpu",)).as_text()
 
 
-@pytest.mark.parametrize("name", ["per_head_gqa2_ragged", "nsa_token_units_bf16"])
+@pytest.mark.parametrize("name", ["per_head_gqa2_ragged", "nsa_token_units_bf16", "window_token_units_bf16"])
 def test_lowers_to_mosaic_for_tpu(name):
-    text = _lower_for_tpu(random_case(0, **CASES[name]))
+    text = _lower_for_tpu(random_case(0, **(CASES | WINDOW_CASES)[name]))
     assert text.count("tpu_custom_call") == 3, "expected the forward, dQ and dK/dV Mosaic kernels"
     for kernel in ("block_sparse_tpu_fwd", "block_sparse_tpu_dq", "block_sparse_tpu_dkv"):
         assert kernel in text

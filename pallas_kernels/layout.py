@@ -186,9 +186,11 @@ class BlockLayout:
         """Every KV block that holds a key with q_pos - window < k_pos <= q_pos for some query of the
         unit (window counts the query's own position; None = unbounded, i.e. `causal`).
 
-        The layout is block-granular: the kernel masks causally inside blocks but not the window's
-        left edge, so keys up to one block left of the window may be attended. Positions are the
-        default bottom-right aligned ones (query i at seq_len_k - seq_len_q + i).
+        The layout only selects blocks: on its own it admits keys up to one block left of the window.
+        Exactness comes from the kernel: pass the same `window=` to `block_sparse_attention` (with
+        causal=True), which masks the window's far edge inside the first block. Positions are the
+        default bottom-right aligned ones (query i at seq_len_k - seq_len_q + i). K is the longest
+        list (w/block_k + 1 when block_q = block_k divides w).
         """
         _check_block_sizes(block_q, block_k)
         for name, value in (("seq_len_q", seq_len_q), ("seq_len_k", seq_len_k),
@@ -204,11 +206,10 @@ class BlockLayout:
         hi = np.minimum(last_pos // block_k, nk - 1)                           # last block (may be < 0)
         if window is None:
             lo = np.zeros_like(hi)
-            cap = nk
         else:
             lo = np.maximum(first_pos - window + 1, 0) // block_k
-            cap = min(nk, _cdiv(block_q + window - 1, block_k) + 1)
-        counts = np.clip(hi - lo + 1, 0, cap)                                  # [nq]
+        counts = np.maximum(hi - lo + 1, 0)                                    # [nq], each <= nk
+        cap = nk if window is None else max(1, int(counts.max()))
         slot = np.arange(cap)[None, :]
         keys = np.where(slot < counts[:, None], lo[:, None] + slot, nk)
         shape = (batch, num_head_units, nq, cap)

@@ -15,12 +15,9 @@ Kernels. Every branch goes through `pallas_kernels.block_sparse_attention`; no [
   `compress_kernel_block_k` (64 and 64), block-causal through positions (query t at t, compressed
   token i at i·d + l − 1); its log-sum-exp feeds the importance pass (`compressed.select_blocks`).
 - slc: one call, a per-token (block_q = 1), per-KV-group (Hl = K) layout from the index lists.
-- win: the window's lower bound t − w < j is not expressible by the kernel's causal rule alone, so the
-  branch is two calls with block_q = block_k = b (b | w) merged exactly in log space:
-  (A) the w/b blocks b−w/b+1 … b of query block b with the ordinary causal rule — every key there
-      lies inside the window's lower bound; (B) the one block b − w/b at the far edge, with *negated*
-      positions: query t at w − 1 − t and key j at −j, so the kernel's `kv_pos <= q_pos` reads
-      j ≥ t − w + 1, and every key of that block is ≤ t already. Extra cost: one block per query block.
+- win: one call with block_q = block_k = b over `BlockLayout.sliding_window` (the w/b + 1 blocks that
+  intersect query block b's windows when b | w) and the kernel's `window=w`, which masks the far
+  edge t − w < j inside the first of them: exact.
 
 Packed documents: every branch passes segment ids to the kernel (a key is seen only from its own
 document). Compressed tokens that straddle a document boundary are invisible (see `compressed.py`);
@@ -40,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels import BlockLayout, block_sparse_attention, merge_attention
+from pallas_kernels import BlockLayout, block_sparse_attention
 from sparsejax.attention import register_attention
 from sparsejax.attention.compressed import (ACTIVATIONS, CompressionParams, compress, compressed_attention,
                                             compressed_positions, document_starts, num_compressed,
@@ -174,34 +171,11 @@ def window_attention(q, k, v, segment_ids, *, window: int, block: int, implement
 
     q [B, T, H, D], k/v [B, T, K, D], segment_ids [B, T] -> out [B, T, H, D] in q's dtype.
     """
-    if window % block:
-        raise ValueError(f"window_attention: block={block} must divide window={window}")
-    b, t, _, _ = q.shape
-    kv_heads = k.shape[2]
-    nq = -(-t // block)
-    per = window // block                                              # full window blocks (b | w)
-    qb = jnp.arange(nq, dtype=jnp.int32)
-    cap = min(per, nq)
-    lo = jnp.maximum(qb - per + 1, 0)
-    near = BlockLayout.from_indices(
-        jnp.broadcast_to(lo[:, None] + jnp.arange(cap, dtype=jnp.int32), (1, kv_heads, nq, cap)),
-        jnp.broadcast_to(jnp.minimum(qb - lo + 1, cap), (1, kv_heads, nq)),
-        block_q=block, block_k=block, num_kv_blocks=nq)
-    seg = dict(q_segment_ids=segment_ids, kv_segment_ids=segment_ids, implementation=implementation,
-               interpret=interpret)
-    out, lse = block_sparse_attention(q, k, v, near, **seg)
-    if nq <= per:                                                      # no query reaches a far edge
-        return out
-    edge = qb - per
-    far = BlockLayout.from_indices(
-        jnp.broadcast_to(jnp.maximum(edge, 0)[:, None], (1, kv_heads, nq, 1)),
-        jnp.broadcast_to((edge >= 0).astype(jnp.int32), (1, kv_heads, nq)),
-        block_q=block, block_k=block, num_kv_blocks=nq)
-    idx = jnp.arange(t, dtype=jnp.int32)
-    out_far, lse_far = block_sparse_attention(
-        q, k, v, far, q_positions=jnp.broadcast_to(window - 1 - idx, (b, t)),
-        kv_positions=jnp.broadcast_to(-idx, (b, t)), **seg)
-    return merge_attention([(out, lse), (out_far, lse_far)])[0]
+    t, kv_heads = q.shape[1], k.shape[2]
+    layout = BlockLayout.sliding_window(t, t, window, block_q=block, block_k=block, num_head_units=kv_heads)
+    return block_sparse_attention(q, k, v, layout, window=window, q_segment_ids=segment_ids,
+                                  kv_segment_ids=segment_ids, implementation=implementation,
+                                  interpret=interpret)[0]
 
 
 def selected_attention(q, k, v, segment_ids, indices, counts, *, select_block: int, implementation=None,

@@ -121,7 +121,7 @@ def test_importance_pass_chunking_does_not_change_the_selection():
 
 
 def test_window_is_exact_at_its_far_edge():
-    """t - w < j <= t exactly, for every offset of t inside a block (the two-call construction)."""
+    """t - w < j <= t exactly, for every offset of t inside a block (one call with the kernel's window=)."""
     t, w = 70, 32
     ks = jax.random.split(jax.random.key(5), 3)
     q = jax.random.normal(ks[0], (1, t, 2, 16))

@@ -8,6 +8,9 @@ implementations. Pure JAX + Pallas; no Flax. The contract is docs/contracts.md Â
     # or .from_block_mask(mask [B, Hl, nq, nk]), .from_indices(indices, counts, ...),
     #    .sliding_window(...), .top_k(scores [B, Hl, nq, nk], k, ...)
     out, lse = block_sparse_attention(q, k, v, layout)       # out [B, Tq, Hq, Dv], lse [B, Hq, Tq] f32
+    # exact sliding window t - w < j <= t: the layout picks the blocks, window= masks the far edge
+    win = BlockLayout.sliding_window(Tq, Tk, w, block_q=64, block_k=64, num_head_units=Hkv)
+    out, lse = block_sparse_attention(q, k, v, win, window=w)
     out, lse = merge_attention([(out_a, lse_a), (out_b, lse_b)])   # partials over disjoint keys
 
 `implementation=None` runs pallas_gpu on GPU, pallas_tpu on TPU and xla elsewhere; "reference" is the

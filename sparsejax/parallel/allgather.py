@@ -31,6 +31,6 @@ def allgather_attention(q, k, v, q_positions, kv_positions, q_segment_ids=None, 
     layout = step_layout(block_ranges(q_positions, q_segment_ids, spec.block_q), kv_pos, kv_seg, kv_blocks, 0,
                          spec=spec, num_kv_heads=k.shape[2])
     return block_sparse_attention(
-        q, k_all, v_all, layout, sm_scale=spec.sm_scale, causal=spec.causal, q_positions=q_positions,
+        q, k_all, v_all, layout, sm_scale=spec.sm_scale, causal=spec.causal, window=spec.window, q_positions=q_positions,
         kv_positions=kv_pos, q_segment_ids=q_segment_ids, kv_segment_ids=kv_seg,
         implementation=spec.implementation, interpret=spec.interpret)

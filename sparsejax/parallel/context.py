@@ -173,12 +173,12 @@ class ContextParallel:
         maps layouts written in original block coordinates to the `kv_blocks` coordinates."""
         return balance_lib.inverse(balance_lib.block_permutation(self.permutation(seq_len), block))
 
-    def _spec(self, head_dim, *, block_q, block_k, sm_scale, causal):
+    def _spec(self, head_dim, *, block_q, block_k, sm_scale, causal, window=None):
         return make_spec(axis="sequence", num_shards=self.num_shards,
                          inner=self.inner if self.scheme == "hierarchical_ring" else None,
                          block_q=block_q or self.block_q, block_k=block_k or self.block_k, head_dim=head_dim,
                          sm_scale=sm_scale, causal=causal, implementation=self.implementation,
-                         interpret=self.interpret, for_ring=self.scheme != "allgather")
+                         interpret=self.interpret, for_ring=self.scheme != "allgather", window=window)
 
     def mesh(self):
         """The mesh set with `jax.set_mesh`, checked against this config."""
@@ -206,16 +206,18 @@ class ContextParallel:
         return tokens, seq, blocks
 
     def __call__(self, q, k, v, positions, segment_ids, kv_blocks=None, *, kv_positions=None, causal=True,
-                 sm_scale=None, block_q=None, block_k=None):
+                 window=None, sm_scale=None, block_q=None, block_k=None):
         """Attention of the sequence-sharded q over the whole sequence's k/v.
 
         q [B, T, Hq, Dqk], k [B, T, Hkv, Dqk], v [B, T, Hkv, Dv] (T in permuted order), positions and
         segment_ids [B, T] int32 (kv_positions [B, T]: the keys' positions when they differ from the
-        queries'; the causal rule is kv_pos <= q_pos). kv_blocks: None (dense: every visible block) or
+        queries'; the causal rule is kv_pos <= q_pos; `window` (static int) adds kv_pos > q_pos - window, the
+        kernel's sliding window). kv_blocks: None (dense: every visible block) or
         (kv_indices [B or 1, Hl, T/block_q, K], kv_counts [B or 1, Hl, T/block_q]) in sharded block
         coordinates (`block_order`). Returns out [B, T, Hq, Dv] and lse [B, Hq, T] float32.
         """
-        spec = self._spec(q.shape[-1], block_q=block_q, block_k=block_k, sm_scale=sm_scale, causal=causal)
+        spec = self._spec(q.shape[-1], block_q=block_q, block_k=block_k, sm_scale=sm_scale, causal=causal,
+                          window=window)
         fn = allgather_attention if self.scheme == "allgather" else ring_attention
         tokens, seq, blocks = self.specs(kv_blocks)
         b, h = self.batch_axes or None, self.head_axes or None

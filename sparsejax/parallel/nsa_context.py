@@ -14,8 +14,8 @@ static block permutation. Branches:
   top-n: `compressed.py`'s pieces, with the queries' row indices and document starts passed
   explicitly), then the selected blocks through the ring (or all-gather) scheme, block_q = 1; the
   row's first block (forced for every query of the first document) from a copy on every device.
-- window: the exact two-part window of `nsa.window_attention` (near blocks with the causal rule; the
-  far edge block with negated positions), each through the scheme, merged in log space.
+- window: `nsa.window_attention`'s blocks of `BlockLayout.sliding_window` through the scheme, with the
+  kernel's sliding window masking the far edge.
 """
 from __future__ import annotations
 
@@ -146,29 +146,22 @@ def select_sharded(q, kc, kv_segments, segment_ids, row_index, doc_start, *, spe
 
 
 def window_sharded(q, k, v, segment_ids, row_index, *, window: int, block: int, cp: ContextParallel):
-    """Exact sliding window t − w < j ≤ t of `nsa.window_attention` on the sharded sequence.
+    """Exact sliding window t − w < j ≤ t of `nsa.window_attention` on the sharded sequence: the
+    w/b + 1 blocks of `BlockLayout.sliding_window` per query block (mapped to sharded block
+    coordinates) through the scheme, with the kernel's `window=w` masking the far edge.
 
     q [B, T, H, D], k/v [B, T, K, D], segment_ids [B, T] (permuted order); row_index [B, T] (= perm)."""
     t, kv_heads = q.shape[1], k.shape[2]
-    perm = cp.permutation(t)
-    per = window // block
     nq = t // block
+    own = cp.permutation(t)[::block] // block                          # original block of each local query block
+    cap = min(nq, -(-(block + window - 1) // block) + 1)
+    lo = np.maximum(own * block - window + 1, 0) // block
+    count = np.minimum(own - lo + 1, cap)
     order = cp.block_order(t, block)
-    own = perm[::block] // block                                       # original block of each local query block
-    cap = min(per, nq)
-    lo = np.maximum(own - per + 1, 0)
-    near_idx = order[np.minimum(lo[:, None] + np.arange(cap), nq - 1)]
-    near_cnt = np.minimum(own - lo + 1, cap)
+    indices = order[np.minimum(lo[:, None] + np.arange(cap), nq - 1)]
     heads = lambda x: jnp.asarray(np.broadcast_to(x, (1, kv_heads) + x.shape).astype(np.int32))
-    out, lse = cp(q, k, v, row_index, segment_ids, kv_blocks=(heads(near_idx), heads(near_cnt)),
-                  block_q=block, block_k=block)
-    if nq <= per:
-        return out
-    edge = own - per
-    far = (heads(order[np.maximum(edge, 0)][:, None]), heads((edge >= 0).astype(np.int32)))
-    out_far, lse_far = cp(q, k, v, window - 1 - row_index, segment_ids, kv_blocks=far, kv_positions=-row_index,
-                          block_q=block, block_k=block)
-    return merge_attention([(out, lse), (out_far, lse_far)])[0]
+    return cp(q, k, v, row_index, segment_ids, kv_blocks=(heads(indices), heads(count)), window=window,
+              block_q=block, block_k=block)[0]
 
 
 def ring_selection(indices, counts, t: int, *, spec, cp: ContextParallel):

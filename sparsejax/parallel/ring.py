@@ -61,6 +61,7 @@ class RingSpec(NamedTuple):
     implementation: str
     interpret: bool
     skip_empty_steps: bool   # lax.cond around the kernel when a step has no block (see the module docstring)
+    window: int | None = None  # the kernel's static sliding window (kv_pos > q_pos - window), causal only
 
     @property
     def outer(self) -> int:
@@ -69,7 +70,8 @@ class RingSpec(NamedTuple):
 
 def make_spec(*, axis: str, num_shards: int, inner: int | None, block_q: int, block_k: int, head_dim: int,
               sm_scale: float | None = None, causal: bool = True, implementation: str | None = None,
-              interpret: bool = False, for_ring: bool = True, skip_empty_steps: bool | None = None) -> RingSpec:
+              interpret: bool = False, for_ring: bool = True, skip_empty_steps: bool | None = None,
+              window: int | None = None) -> RingSpec:
     """Validated `RingSpec`; `inner=None` is a flat ring, `implementation=None` the backend default.
     `for_ring=False` (all-gather) accepts every kernel implementation."""
     inner = num_shards if inner is None else int(inner)
@@ -84,8 +86,10 @@ def make_spec(*, axis: str, num_shards: int, inner: int | None, block_q: int, bl
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     if skip_empty_steps is None:
         skip_empty_steps = jax.default_backend() != "gpu"
+    if window is not None and (not isinstance(window, int) or window < 1 or not causal):
+        raise ValueError(f"window={window!r} must be None or an int >= 1 with causal=True")
     return RingSpec(axis, int(num_shards), inner, int(block_q), int(block_k), scale, bool(causal), name,
-                    bool(interpret), bool(skip_empty_steps))
+                    bool(interpret), bool(skip_empty_steps), window)
 
 
 # ------------------------------------------------------------------------------------ per-step layouts
@@ -174,7 +178,7 @@ def _forward(spec: RingSpec, q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_blocks):
     hkv, dv = k.shape[2], v.shape[3]
     q_ranges = block_ranges(q_pos, q_seg, spec.block_q)
     visiting = _schedule(spec)
-    static = dict(sm_scale=spec.sm_scale, causal=spec.causal, interpret=spec.interpret)
+    static = dict(sm_scale=spec.sm_scale, causal=spec.causal, interpret=spec.interpret, window=spec.window)
 
     def inner_step(carry, j, o):
         acc, kv = carry
@@ -212,7 +216,7 @@ def _backward(spec: RingSpec, residuals, cotangents):
     hkv = k.shape[2]
     q_ranges = block_ranges(q_pos, q_seg, spec.block_q)
     visiting = _schedule(spec)
-    static = dict(sm_scale=spec.sm_scale, causal=spec.causal, interpret=spec.interpret)
+    static = dict(sm_scale=spec.sm_scale, causal=spec.causal, interpret=spec.interpret, window=spec.window)
     row_dot = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32),
                          precision=jax.lax.Precision.HIGHEST)
     delta = jnp.where(jnp.isneginf(lse), 0.0, row_dot - d_lse.astype(jnp.float32))

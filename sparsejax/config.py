@@ -12,6 +12,7 @@ both taking/returning ConfigDicts; `validate` receives the whole config):
     parallel           sparsejax.parallel.context (sequence-parallel scheme)
     mesh               sparsejax.parallel.mesh (data, fsdp, sequence, tensor; one may be -1)
     sharding_rules     sparsejax.parallel.mesh (logical axis -> tuple of mesh axes)
+    parallel           sparsejax.parallel.context (context parallelism; validated with the device count)
 
 A new section is added by appending `"<name>": "<module>"` to `SECTIONS`; its module
 provides `default_config()` and `validate(config)` (or `validate(config, num_devices=None)`, which then
@@ -33,6 +34,7 @@ from ml_collections import config_dict
 
 from sparsejax import attention as attention_registry
 from sparsejax.layers import DTYPES
+from sparsejax.parallel import context as parallel_context
 from sparsejax.parallel import mesh as mesh_lib
 
 SECTIONS: dict[str, str] = {
@@ -87,6 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
         cfg[name] = section_module(name).default_config()
     cfg.mesh = mesh_lib.default_mesh_config()
     cfg.sharding_rules = mesh_lib.default_rules_config()
+    cfg.parallel = parallel_context.default_config()
     return cfg
 
 
@@ -205,6 +208,7 @@ def validate(config, num_devices: int | None = None) -> None:
     validate_model(config)
     validate_attention(config)
     validate_mesh(config, num_devices)
+    parallel_context.validate(config, num_devices)
     for name in SECTIONS:
         section_validate = section_module(name).validate
         if "num_devices" in inspect.signature(section_validate).parameters:

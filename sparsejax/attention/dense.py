@@ -39,6 +39,7 @@ from pallas_kernels import BlockLayout, block_sparse_attention
 from sparsejax.attention import register_attention
 from sparsejax.attention.projection import OutputProjection, QKVProjection
 from sparsejax.layers import dtype_from_name
+from sparsejax.parallel import context
 from sparsejax.parallel.mesh import constrain, rules_from_config
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla")
@@ -188,6 +189,7 @@ class DenseAttention(nnx.Module):
                                                      config.model.head_dim)
         self.max_segments = config.attention.dense.max_segments
         self.rules = tuple(rules_from_config(config).items())   # hashable: static graph data
+        self.context = context.from_config(config)               # sequence parallelism (None: off)
         self.qkv = QKVProjection(config, rngs=rngs)
         self.out = OutputProjection(config, rngs=rngs)
 
@@ -200,6 +202,8 @@ class DenseAttention(nnx.Module):
 
     def __call__(self, x, positions, segment_ids):
         q, k, v = self.qkv(x, positions)
+        if self.context is not None and self.context.active():   # sequence-sharded: ring / all-gather
+            return self.out(self.context(q, k, v, positions, segment_ids)[0]), {}
         # The whole sequence is visible to every query: gather it if activations are sequence-sharded.
         q, k, v = (constrain(t, ("batch", None, h, "head_dim"), self.rules)
                    for t, h in ((q, "heads"), (k, "kv_heads"), (v, "kv_heads")))

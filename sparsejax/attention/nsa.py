@@ -44,6 +44,7 @@ from sparsejax.attention.compressed import (ACTIVATIONS, CompressionParams, comp
                                             select_blocks)
 from sparsejax.attention.projection import OutputProjection, QKVProjection
 from sparsejax.layers import Linear, apply_rope, dtype_from_name, make_param
+from sparsejax.parallel import context, nsa_context
 from sparsejax.parallel.mesh import constrain, rules_from_config
 
 IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas_gpu", "pallas_tpu")
@@ -310,6 +311,7 @@ class NSAAttention(nnx.Module):
         self.spec = NSASpec.from_config(c)
         self.rope_theta = m.rope_theta
         self.rules = tuple(rules_from_config(config).items())
+        self.context = context.from_config(config)               # sequence parallelism (None: off)
         kw = dict(std=m.init_std, dtype=dtype_from_name(m.dtype), param_dtype=dtype_from_name(m.param_dtype),
                   rngs=rngs)
         self.qkv = QKVProjection(config, rngs=rngs)             # q and the selection branch's k, v
@@ -346,15 +348,22 @@ class NSAAttention(nnx.Module):
         q, k_slc, v_slc = self.qkv(x, positions)
         kv_cmp, kv_win = self.kv_cmp(x), self.kv_win(x)
         k_win = apply_rope(kv_win[:, :, 0], positions, self.rope_theta)
-        full = lambda a, h: constrain(a, ("batch", None, h, "head_dim"), self.rules)
+        sharded = self.context is not None and self.context.active()   # sequence parallel: keep the shards
+        full = lambda a, h: a if sharded else constrain(a, ("batch", None, h, "head_dim"), self.rules)
         q = full(q, "heads")
         k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = (full(a, "kv_heads") for a in (
             kv_cmp[:, :, 0], kv_cmp[:, :, 1], k_slc, v_slc, k_win, kv_win[:, :, 1]))
         gates = self.gate(x)
-        o, (indices, counts) = nsa_attention(
-            q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, self.compress_k.params(), self.compress_v.params(),
-            positions, segment_ids, spec=self.spec, rope_theta=self.rope_theta)
-        aux = attention_statistics(indices, counts, segment_ids, self.spec)
+        args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, self.compress_k.params(), self.compress_v.params(),
+                positions, segment_ids)
+        if sharded:                                                # balance-permuted rows
+            o, (indices, counts) = nsa_context.nsa_attention(*args, spec=self.spec, rope_theta=self.rope_theta,
+                                                             cp=self.context)
+            indices, counts, seg = nsa_context.original_order(indices, counts, segment_ids, cp=self.context)
+            aux = attention_statistics(indices, counts, seg, self.spec)
+        else:
+            o, (indices, counts) = nsa_attention(*args, spec=self.spec, rope_theta=self.rope_theta)
+            aux = attention_statistics(indices, counts, segment_ids, self.spec)
         for i, name in enumerate(BRANCHES):
             aux[f"stats/nsa_gate_{name}"] = gates[..., i].mean()
         return self.out(o), aux

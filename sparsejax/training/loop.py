@@ -174,7 +174,7 @@ class _Trainer:
         self.train_step = make_train_step(config, self.factory.graphdef, self.optimizer, self.mesh,
                                           self.factory.shardings, self.batch_sharding)
         self.eval_step = make_eval_step(self.factory.graphdef, self.mesh, self.factory.shardings,
-                                        self.batch_sharding)
+                                        self.batch_sharding, config)
         tokens_per_step = self.global_batch * config.data.seq_len
         peak = metrics_lib.peak_flops_per_device(jax.devices()[0], config.train.peak_flops_per_device)
         self.flops_per_token = metrics_lib.train_flops_per_token(config)

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sparsejax.parallel.context import data_boundary
 from sparsejax.training.optimizer import learning_rate_schedule
 from sparsejax.training.state import TrainState, merge_model, split_model
 
@@ -68,7 +69,10 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     schedule = learning_rate_schedule(config.train)
     micro_spec = PartitionSpec(None, *batch_sharding.spec)
 
+    boundary = data_boundary(config)   # sequence parallelism: the balance permutation (else identity)
+
     def step(state: TrainState, batch: Batch):
+        batch = boundary(batch)
         token_count = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         grad_fn = jax.value_and_grad(
             lambda p, r, b: _model_loss(graphdef, p, r, b, token_count, 1.0 / accum), has_aux=True)
@@ -111,9 +115,14 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, state_shardings: TrainState,
-                   batch_sharding: NamedSharding) -> Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]:
-    """`eval_step(params, rest, batch) -> (cross-entropy sum, token count)`, float32 replicated scalars."""
+                   batch_sharding: NamedSharding, config: ml_collections.ConfigDict | None = None
+                   ) -> Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]:
+    """`eval_step(params, rest, batch) -> (cross-entropy sum, token count)`, float32 replicated scalars.
+    With `config`, batches pass the sequence-parallel data boundary as in the train step."""
+    boundary = (lambda batch: batch) if config is None else data_boundary(config)
+
     def step(params, rest, batch: Batch):
+        batch = boundary(batch)
         model = merge_model(graphdef, params, rest)
         logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
         return cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])

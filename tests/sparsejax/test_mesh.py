@@ -17,6 +17,7 @@ def small_config(num_kv_heads=2, **mesh):
     common.llama_model(config, d_model=32, num_layers=1, num_heads=4, num_kv_heads=num_kv_heads, mlp_dim=64)
     common.update(config.model, vocab_size=64, tie_embeddings=False)
     common.update(config.mesh, **{"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1, **mesh})
+    common.update(config.parallel, block_q=8, block_k=8)   # sequence > 1: ring blocks that fit T=32 (zigzag 2x2x8)
     return config
 
 

@@ -25,14 +25,14 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import timing
+from timing import median_ms
 
 from pallas_kernels import BlockLayout, block_sparse_attention
 from pallas_kernels.block_sparse import pallas_gpu
@@ -41,30 +41,8 @@ RESULTS: dict = {}
 INTERPRET = False  # --interpret: run the Pallas kernels in interpret mode (a CPU smoke test of this script)
 
 
-# ------------------------------------------------------------------------------------------ timing
-def bench(fn, *args, reps=10, warmup=2, max_s=20.0):
-  """Median wall time (ms) of `fn(*args)` (jitted), synchronised after every call."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times, start = [], time.perf_counter()
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t) * 1e3)
-    if time.perf_counter() - start > max_s:
-      break
-  return statistics.median(times)
-
-
 def guarded(name, fn):
-  """Run fn(); record and print an error instead of aborting the whole run."""
-  try:
-    return fn()
-  except Exception as e:  # noqa: BLE001 - a benchmark row that fails is reported, not fatal
-    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-    print(f"  [{name}] FAILED: {msg}")
-    RESULTS.setdefault("errors", {})[name] = msg + "\n" + traceback.format_exc()[-2000:]
-    return None
+  return timing.guarded(name, fn, RESULTS.setdefault("errors", {}))
 
 
 def randn(key, shape, dtype):
@@ -226,8 +204,8 @@ def section_dense(args):
       def run(make=make):
         fwd, fwd_bwd = make()
         reps = 10 if l <= 32768 else 4
-        t_f = bench(fwd, q, k, v, do, reps=reps)
-        t_fb = bench(fwd_bwd, q, k, v, do, reps=reps)
+        t_f = median_ms(fwd, q, k, v, do, reps=reps)
+        t_fb = median_ms(fwd_bwd, q, k, v, do, reps=reps)
         return dict(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=flops / t_f / 1e9,
                     fwd_bwd_tflops=3.5 * flops / t_fb / 1e9)
       r = guarded(f"a/{name}/{l}", run)
@@ -250,8 +228,8 @@ def section_density(args):
         visited = float(layout.kv_counts.sum()) / (16 * (l // 64) * (l // 64 + 1) / 2)
         fwd, fwd_bwd = sparse_fns(layout)
         reps = 10 if l <= 32768 else 5
-        return dict(fwd_ms=bench(fwd, q, k, v, do, reps=reps),
-                    fwd_bwd_ms=bench(fwd_bwd, q, k, v, do, reps=reps), causal_fraction=visited)
+        return dict(fwd_ms=median_ms(fwd, q, k, v, do, reps=reps),
+                    fwd_bwd_ms=median_ms(fwd_bwd, q, k, v, do, reps=reps), causal_fraction=visited)
       r = guarded(f"b/{l}/{dens}", run)
       if r is None:
         continue
@@ -277,11 +255,11 @@ def section_nsa(args):
       fwd, fwd_bwd = sparse_fns(layout)
       visited = float(layout.kv_counts.sum())
       flops = 4 * visited * 16 * 64 * 128        # useful work: kept blocks x 16 heads x 64 keys
-      t_f, t_fb = bench(fwd, q, k, v, do), bench(fwd_bwd, q, k, v, do)
+      t_f, t_fb = median_ms(fwd, q, k, v, do), median_ms(fwd_bwd, q, k, v, do)
       # A/B of the dK/dV list split: the same backward with one program per KV block.
       base = pallas_gpu.default_configs(q, k, v, layout)
       whole = dict(base, dkv=dataclasses.replace(base["dkv"], list_chunk=0))
-      t_whole = guarded(f"c/{t}/unsplit", lambda: bench(sparse_fns(layout, configs=whole)[1],
+      t_whole = guarded(f"c/{t}/unsplit", lambda: median_ms(sparse_fns(layout, configs=whole)[1],
                                                           q, k, v, do))
       return dict(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=flops / t_f / 1e9,
                   fwd_bwd_tflops=3.5 * flops / t_fb / 1e9, blocks_per_token=visited / (4 * t),
@@ -315,7 +293,7 @@ def section_tune(args):
       cfg = dict(base, fwd=C(*var))
       def run(cfg=cfg, layout=layout):
         fwd, _ = sparse_fns(layout, configs=cfg)
-        return bench(fwd, q, k, v, do, reps=5)
+        return median_ms(fwd, q, k, v, do, reps=5)
       t = guarded(f"tune/fwd/{bq}/{bk}/{var}", run)
       if t:
         rows.append(dict(kernel="fwd", block_q=bq, block_k=bk, config=dataclasses.asdict(C(*var)),
@@ -328,7 +306,7 @@ def section_tune(args):
       cfg = dict(base, **var)
       def run(cfg=cfg, layout=layout):
         _, fb = sparse_fns(layout, configs=cfg)
-        return bench(fb, q, k, v, do, reps=5)
+        return median_ms(fb, q, k, v, do, reps=5)
       t = guarded(f"tune/bwd/{bq}/{bk}/{var}", run)
       if t:
         rows.append(dict(kernel="fwd+bwd", block_q=bq, block_k=bk,
@@ -356,7 +334,7 @@ def section_tune_nsa(args):
     cfg = dict(base, **var)
     def run(cfg=cfg, var=var):
       fwd, fb = sparse_fns(layout, configs=cfg)
-      return bench(fwd, q, k, v, do, reps=5) if "fwd" in var else bench(fb, q, k, v, do, reps=5)
+      return median_ms(fwd, q, k, v, do, reps=5) if "fwd" in var else median_ms(fb, q, k, v, do, reps=5)
     ms = guarded(f"tune_nsa/{var}", run)
     if ms:
       what = "fwd" if "fwd" in var else "fwd+bwd"

@@ -21,13 +21,12 @@ import functools
 import json
 import os
 import platform
-import statistics
 import sys
-import time
-import traceback
 
 import jax
 import jax.numpy as jnp
+import timing
+from timing import bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,31 +37,8 @@ from sparsejax.attention.nsa import NSASpec, nsa_attention, selected_attention, 
 RESULTS: dict = {"rows": [], "errors": {}}
 
 
-def bench(fn, *args, reps=10, warmup=2, max_s=15.0):
-    """(median ms, compile s) of the jitted `fn(*args)`, synchronised after every call."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        jax.block_until_ready(fn(*args))
-    times, start = [], time.perf_counter()
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t) * 1e3)
-        if time.perf_counter() - start > max_s:
-            break
-    return statistics.median(times), compile_s
-
-
 def guarded(name, fn):
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - a failed row is reported, the run goes on
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        print(f"  [{name}] FAILED: {msg}", flush=True)
-        RESULTS["errors"][name] = msg + "\n" + traceback.format_exc()[-2000:]
-        return None
+    return timing.guarded(name, fn, RESULTS["errors"])
 
 
 def make_inputs(args, t, dtype):

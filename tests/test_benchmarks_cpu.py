@@ -67,3 +67,23 @@ def test_table_mode(record):
     assert lines[0].split()[:2] == ["label", "B"] and lines[2].startswith("tiny-cpu")
     missing = _run(f"--table={out.parent}/nothing*.json")
     assert missing.returncode != 0 and "matches no file" in missing.stderr
+
+
+@pytest.mark.parametrize("script, args", [
+    ("nsa.py", ["--lengths", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--dense", "xla",
+                "--implementation", "xla", "--dtype", "float32", "--l", "8", "--d", "4", "--lp", "16", "--n", "4",
+                "--w", "32", "--wb", "16", "--breakdown"]),
+    ("kernels.py", ["--interpret", "--no-tokamax", "--sections", "a,b", "--dense-lengths", "128",
+                    "--density-lengths", "128"]),
+])
+def test_attention_benchmarks_run_on_cpu(tmp_path, script, args):
+    """The attention benchmark scripts at tiny sizes (the kernels in interpret mode): they run to the
+    end and write rows without errors other than the GPU-only anchors (cuDNN)."""
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args, "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    errors = {k: v for k, v in result.get("errors", {}).items() if "cudnn" not in k.lower()}
+    assert not errors, errors
+    assert len(json.dumps(result)) > 200

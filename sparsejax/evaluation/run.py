@@ -57,16 +57,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         return forward(params, rest, jnp.asarray(inputs), jnp.asarray(positions), jnp.asarray(segment_ids))[0]
 
     tokenizer = make_tokenizer(config.data)
-    sums = jax.jit(language_modeling.make_sums_fn(logits_fn, tokenizer.token_bytes))
-    batches = list(make_eval_iterator(config, "validation", num_batches=config.eval.validation_batches))
-    lm = language_modeling.evaluate(sums, batches)
 
-    stats: dict[str, float] = {}
-    for batch in batches:
-        _, aux = forward(params, rest, batch["inputs"], batch["positions"], batch["segment_ids"])
-        for key, value in aux.items():
-            if key.startswith("stats/"):
-                stats[key[len("stats/"):]] = stats.get(key[len("stats/"):], 0.0) + float(value) / len(batches)
+    @jax.jit
+    def batch_sums(params, rest, batch):  # parameters are arguments, not constants baked into the program
+        model_forward = lambda *inputs: merge_model(graphdef, params, rest)(*inputs)  # noqa: E731
+        return language_modeling.make_sums_fn(model_forward, tokenizer.token_bytes)(batch)
+
+    batches = make_eval_iterator(config, "validation", num_batches=config.eval.validation_batches)
+    lm, stats = language_modeling.evaluate(lambda batch: batch_sums(params, rest, batch), batches)
 
     grid = retrieval.retrieval_grid(logits_fn, tokenizer, config.eval)
     report = {"workdir": os.path.abspath(workdir), "step": step, "attention": config.attention.kind,

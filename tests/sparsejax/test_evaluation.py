@@ -57,8 +57,11 @@ def test_bits_per_byte_matches_hand_computation():
     mask[1, -2:] = 0
     batch = {"inputs": np.zeros((2, t), np.int32), "positions": np.zeros((2, t), np.int32),
              "segment_ids": np.ones((2, t), np.int32), "targets": targets, "loss_mask": mask}
-    sums = jax.jit(language_modeling.make_sums_fn(lambda i, p, s: logits, ByteTokenizer().token_bytes))
-    result = language_modeling.evaluate(sums, [batch])
+    stat = np.float32(0.25)
+    forward = lambda i, p, s: (logits, {"stats/density": stat, "loss/ignored": np.float32(9.0)})  # noqa: E731
+    sums = jax.jit(language_modeling.make_sums_fn(forward, ByteTokenizer().token_bytes))
+    result, stats = language_modeling.evaluate(sums, [batch, batch])
+    assert stats == {"density": pytest.approx(0.25)}
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
     nbytes = ((targets < 256) * mask).sum()

@@ -27,19 +27,12 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
-    from sparsejax import config as config_lib
+    from sparsejax import cli
     from sparsejax.evaluation.run import evaluate
     from sparsejax.training.checkpoint import CheckpointError
 
-    config = FLAGS.config
-    workdir = FLAGS.workdir or config.get("workdir")
-    if not workdir:
-        sys.exit("error: no workdir: pass --workdir=DIR (or set config.workdir)")
-    try:
-        config_lib.validate(config, jax.device_count())
-    except (ValueError, KeyError) as e:
-        sys.exit(f"error: invalid config: {e}")
+    cli.quiet_library_logs()
+    config, workdir = cli.validated_config_and_workdir(FLAGS.config, FLAGS.workdir)
     try:
         report = evaluate(config, workdir, FLAGS.step)
     except CheckpointError as e:
@@ -52,4 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from sparsejax.cli import parse_flags
+    app.run(main, flags_parser=parse_flags)

@@ -12,7 +12,6 @@ Exit status: 0 when training completed or was stopped by SIGTERM/SIGINT after sa
 """
 from __future__ import annotations
 
-import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -27,36 +26,20 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
-class _QuietLibraries(py_logging.Filter):
-    """Drops orbax's per-save INFO chatter from the console; its warnings and errors stay."""
-
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    from sparsejax import distributed
+    from sparsejax import cli, distributed
+    cli.quiet_library_logs()
     try:
         distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as e:
         sys.exit(f"error: {e}")
 
-    import jax
-    from sparsejax import config as config_lib
     from sparsejax.training.checkpoint import CheckpointError
     from sparsejax.training.loop import TrainingDivergedError, train
 
-    config = FLAGS.config
-    workdir = FLAGS.workdir or config.get("workdir")
-    if not workdir:
-        sys.exit("error: no workdir: pass --workdir=DIR (or set config.workdir)")
-    try:
-        config_lib.validate(config, jax.device_count())
-    except (ValueError, KeyError) as e:
-        sys.exit(f"error: invalid config: {e}")
+    config, workdir = cli.validated_config_and_workdir(FLAGS.config, FLAGS.workdir)
     try:
         result = train(config, workdir)
     except (CheckpointError, TrainingDivergedError) as e:
@@ -66,18 +49,6 @@ def main(argv):
                  result.train_metrics.get("loss"), result.last_checkpoint)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with a one-line error (not a traceback) for a bad flag, an unknown
-    --config.KEY override or a value of the wrong type."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"error: invalid flag: {e}")
-    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config lacks
-        while e.args and isinstance(e.args[0], BaseException):
-            e = e.args[0]
-        sys.exit(f"error: invalid --config override: unknown key {e.args[0] if e.args else e}")
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    from sparsejax.cli import parse_flags
+    app.run(main, flags_parser=parse_flags)

@@ -58,3 +58,10 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the loss curve and the retrieval heatmap
+
+
+def test_eval_cli_bad_config_is_one_line(tmp_path):
+    unknown = _run(["eval.py", "--config=configs/dense_tiny.py", f"--workdir={tmp_path}", "--config.eval.nope=1"])
+    assert unknown.returncode != 0 and "unknown key 'nope'" in unknown.stderr and "Traceback" not in unknown.stderr
+    bad = _run(["eval.py", "--config=configs/dense_tiny.py", f"--workdir={tmp_path}", "--config.eval.depths=(2.0,)"])
+    assert bad.returncode != 0 and "config.eval.depths contains 2.0" in bad.stderr and "Traceback" not in bad.stderr

@@ -54,6 +54,7 @@ flags.DEFINE_integer("steps", 5, "Timed calls.")
 flags.DEFINE_integer("warmup", 2, "Untimed calls.")
 flags.DEFINE_bool("smoke", False, "Tiny shapes on 8 fake CPU devices.")
 flags.DEFINE_string("out", None, "Write the results as JSON here.")
+flags.DEFINE_string("profile_dir", None, "scaling: also write a Perfetto trace of one call per device count here.")
 FLAGS = flags.FLAGS
 
 _T0 = time.perf_counter()
@@ -61,6 +62,15 @@ _T0 = time.perf_counter()
 
 def progress(message: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def profile(fn, *args, name: str) -> None:
+    """One traced call of `fn` under `--profile_dir`/name (Perfetto JSON for offline kernel totals)."""
+    import jax
+    if FLAGS.profile_dir:
+        os.makedirs(os.path.join(FLAGS.profile_dir, name), exist_ok=True)
+        with jax.profiler.trace(os.path.join(FLAGS.profile_dir, name), create_perfetto_trace=True):
+            jax.block_until_ready(fn(*args))
 
 
 def timed(fn, *args, steps: int, warmup: int) -> dict:
@@ -119,6 +129,7 @@ def scaling() -> list[dict]:
                                               return_lse=False).astype(jnp.float32).sum()
             step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
             row.update(timed(step, q, k, v, steps=FLAGS.steps, warmup=FLAGS.warmup))
+            profile(step, q, k, v, name="gpus1")
             row["blocks_max_per_device"] = int(layout.kv_counts.sum())
             if jax.default_backend() == "gpu":
                 anchor = jax.jit(jax.value_and_grad(lambda q, k, v: jax.nn.dot_product_attention(
@@ -138,6 +149,7 @@ def scaling() -> list[dict]:
                 step = jax.jit(jax.value_and_grad(
                     lambda q, k, v: cp(q, k, v, ppos, pseg)[0].astype(jnp.float32).sum(), argnums=(0, 1, 2)))
                 row.update(timed(step, q, k, v, steps=FLAGS.steps, warmup=FLAGS.warmup))
+                profile(step, q, k, v, name=f"gpus{n}")
                 counts = np.asarray(jax.jit(lambda p, s: cp.block_counts(p, s, num_kv_heads=hkv))(ppos, pseg))
             row["blocks_per_device_step"] = counts.tolist()
             row["blocks_max_per_device"] = int(counts.sum(1).max())

@@ -124,7 +124,10 @@ def run(config, steps: int, warmup: int, label: str) -> dict:
 
     progress(f"state and step built: {params:,} parameters")
     with jax.set_mesh(mesh):
-        state = jax.block_until_ready(factory.create())
+        start = time.perf_counter()
+        initializer = factory.initializer().lower().compile()
+        progress(f"initialiser compiled in {time.perf_counter() - start:.1f} s")
+        state = jax.block_until_ready(initializer())
         progress("state initialised")
         batches = [make_global_batch(synthetic_batch(config, seed), sharding, global_batch) for seed in range(2)]
         start = time.perf_counter()

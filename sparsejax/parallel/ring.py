@@ -47,6 +47,9 @@ from pallas_kernels.block_sparse import api as kernel_api
 from pallas_kernels.merge import merge_attention
 
 RING_IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
+# Ring steps are unrolled (up to this many per loop iteration) so that XLA's scheduler can overlap one
+# step's transfers with its neighbours' compute across iterations.
+_UNROLL = 8
 
 
 class RingSpec(NamedTuple):
@@ -200,7 +203,8 @@ def _forward(spec: RingSpec, q, k, v, q_pos, kv_pos, q_seg, kv_seg, kv_blocks):
     def outer_step(carry, o):
         acc, kv = carry
         kv_outer_next = _outer_shift(kv, spec)           # overlaps the whole inner ring
-        (acc, _), _ = jax.lax.scan(functools.partial(inner_step, o=o), (acc, kv), jnp.arange(spec.inner))
+        (acc, _), _ = jax.lax.scan(functools.partial(inner_step, o=o), (acc, kv), jnp.arange(spec.inner),
+                                   unroll=_UNROLL)
         return (acc, kv_outer_next), None
 
     acc0 = (jnp.zeros((b, tq, hq, dv), jnp.float32), jnp.full((b, hq, tq), -jnp.inf, jnp.float32))
@@ -222,9 +226,7 @@ def _backward(spec: RingSpec, residuals, cotangents):
     delta = jnp.where(jnp.isneginf(lse), 0.0, row_dot - d_lse.astype(jnp.float32))
     d_out = d_out.astype(q.dtype)
 
-    def inner_step(carry, j, o):
-        dq, kv, dkv = carry
-        kv_next = _inner_shift(kv, spec)
+    def step_grads(kv, o, j):
         k_, v_, kp, ks = kv
         layout = step_layout(q_ranges, kp, ks, kv_blocks, visiting(o, j), spec=spec, num_kv_heads=hkv)
 
@@ -235,14 +237,27 @@ def _backward(spec: RingSpec, residuals, cotangents):
             return jnp.zeros_like(q), jnp.zeros_like(k_), jnp.zeros_like(v_)
 
         dq_i, dk_i, dv_i = _maybe_skip(spec, layout, compute, skip)
-        dkv = (dkv[0] + dk_i.astype(jnp.float32), dkv[1] + dv_i.astype(jnp.float32))
-        return (dq + dq_i.astype(jnp.float32), kv_next, _inner_shift(dkv, spec)), None
+        return dq_i.astype(jnp.float32), (dk_i.astype(jnp.float32), dv_i.astype(jnp.float32))
+
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+
+    def inner_step(carry, j, o):
+        # `dkv` is the finished accumulator of the K/V that visited at step j - 1; its shift to the
+        # device that holds that K/V now is issued before this step's compute, like the K/V's own.
+        dq, kv, dkv = carry
+        kv_next = _inner_shift(kv, spec)
+        dkv_here = _inner_shift(dkv, spec)
+        dq_i, dkv_i = step_grads(kv, o, j)
+        return (dq + dq_i, kv_next, add(dkv_here, dkv_i)), None
 
     def outer_step(carry, o):
         dq, kv, dkv = carry
         kv_outer_next = _outer_shift(kv, spec)
-        (dq, _, dkv), _ = jax.lax.scan(functools.partial(inner_step, o=o), (dq, kv, dkv), jnp.arange(spec.inner))
-        return (dq, kv_outer_next, _outer_shift(dkv, spec)), None
+        dq_0, dkv_0 = step_grads(kv, o, 0)               # step 0: the K/V (and accumulator) held at the start
+        carry = (dq + dq_0, _inner_shift(kv, spec), add(dkv, dkv_0))
+        (dq, _, dkv), _ = jax.lax.scan(functools.partial(inner_step, o=o), carry, jnp.arange(1, spec.inner),
+                                       unroll=_UNROLL)
+        return (dq, kv_outer_next, _outer_shift(_inner_shift(dkv, spec), spec)), None
 
     dkv0 = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     carry0 = (jnp.zeros(q.shape, jnp.float32), (k, v, kv_pos, kv_seg), dkv0)

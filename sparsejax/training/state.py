@@ -84,10 +84,14 @@ class StateFactory:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=self.optimizer.init(params), rest=rest)
 
+    def initializer(self):
+        """The jitted initialiser: `initializer()` returns a fresh train state, created sharded."""
+        return jax.jit(self._init, out_shardings=self.shardings)
+
     def create(self) -> TrainState:
         """A freshly initialised train state, created sharded by one jitted initialiser."""
         with jax.set_mesh(self.mesh):
-            return jax.jit(self._init, out_shardings=self.shardings)()
+            return self.initializer()()
 
     def abstract_with_shardings(self) -> TrainState:
         """ShapeDtypeStructs carrying the target shardings (the restore target)."""

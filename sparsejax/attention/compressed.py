@@ -37,6 +37,10 @@ The importance pass never materialises [T, N] in memory: `select_blocks` walks q
 `lax.map`, recomputes the logits, turns them into probabilities with the compression branch's own
 log-sum-exp (p = exp(s − lse): no second reduction), maps to blocks and keeps only the top-n
 indices [B, K, T, n]. It is not differentiable (indices); it reads its inputs through stop_gradient.
+Two implementations of the scores: "xla" (the chunk's [B, K, G, C, N] float32 logits go through
+HBM) and "pallas_gpu" (`pallas_kernels.nsa_importance`: one kernel per chunk writes only the Eq. 9
+block scores [B, K, C, S]); `block_scores` and `top_blocks` run in XLA after either. The default
+(implementation=None) is pallas_gpu on GPU and xla elsewhere.
 """
 from __future__ import annotations
 
@@ -47,8 +51,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import BlockLayout, block_sparse_attention
+from pallas_kernels.block_sparse.api import default_implementation
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+IMPORTANCE_IMPLEMENTATIONS = ("xla", "pallas_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,30 +194,61 @@ def top_blocks(scores: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     return keys, (keys < num_blocks).sum(-1, dtype=jnp.int32)
 
 
+def importance_implementation(kernel_implementation: str | None) -> str | None:
+    """The importance pass that goes with a `block_sparse_attention` implementation choice: None (auto)
+    stays None (pallas_gpu on GPU, xla elsewhere), "pallas_gpu" is "pallas_gpu", and every other kernel
+    ("xla", "reference", "pallas_tpu") takes the XLA pass."""
+    if kernel_implementation is None or kernel_implementation == "pallas_gpu":
+        return kernel_implementation
+    return "xla"
+
+
+def _resolve_importance(implementation: str | None) -> str:
+    if implementation is None:
+        return "pallas_gpu" if default_implementation() == "pallas_gpu" else "xla"
+    if implementation not in IMPORTANCE_IMPLEMENTATIONS:
+        raise ValueError(f"select_blocks: implementation={implementation!r}; valid choices: "
+                         f"{list(IMPORTANCE_IMPLEMENTATIONS)} or None (pallas_gpu on GPU, xla elsewhere)")
+    return implementation
+
+
 def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select_block: int, num_selected: int,
                   num_initial: int, num_local: int, chunk_elements: int = 1 << 26, causal_parts: int = 8,
-                  sm_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+                  sm_scale: float | None = None, implementation: str | None = None,
+                  interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """Per (token, KV group) selected blocks from the compression probabilities.
 
     q [B, T, H, D] (rotated), k_cmp [B, N, K, D] (rotated; N may be 0), lse [B, H, T] float32 of the
     compression branch (`compressed_attention`; None when N = 0), segment_ids [B, T] int32. The
     probabilities are recomputed as p = exp(q·k̃ᵀ·scale − lse) per chunk, one pass over the logits.
     Returns indices [B, K, T, n'] int32 (ascending; entries past the count hold S) and counts
-    [B, K, T] int32, n' = min(n, S), S = ⌈T / l'⌉. Query chunks of C tokens keep the largest
-    intermediate [B, H, C, max(N, S)] float32 under `chunk_elements`. The chunks are split into
-    `causal_parts` consecutive parts, each reading only the compressed tokens its last query can see
-    (static slices): about half of the T·N logits are never computed.
+    [B, K, T] int32, n' = min(n, S), S = ⌈T / l'⌉.
+
+    implementation: None (pallas_gpu on GPU, xla elsewhere), "xla" or "pallas_gpu" (`interpret=True`
+    runs the kernel in interpret mode, for CPU tests). Query chunks of C tokens keep the largest
+    intermediate under `chunk_elements` float32s: [B, H, C, max(N, S)] for xla, [B, K, C, S] for
+    pallas_gpu. xla only: the chunks are split into `causal_parts` consecutive parts, each reading only
+    the compressed tokens its last query can see (static slices), so about half of the T·N logits are
+    never computed; the kernel skips them per query tile by itself.
     """
+    implementation = _resolve_importance(implementation)
     q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
     b, t, h, d = q.shape
-    n, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
-    g = h // kv_heads
+    n = k_cmp.shape[1]
     num_blocks = -(-t // select_block)
+    doc_start = document_starts(segment_ids)
+    if implementation == "pallas_gpu":
+        return select_blocks_pallas(
+            q, k_cmp, lse, segment_ids, compressed_segments(segment_ids, n, block, stride),
+            jnp.arange(t, dtype=jnp.int32), doc_start, block=block, stride=stride, select_block=select_block,
+            num_blocks=num_blocks, num_selected=num_selected, num_initial=num_initial, num_local=num_local,
+            chunk_elements=chunk_elements, sm_scale=sm_scale, interpret=interpret)
+    kv_heads = k_cmp.shape[2]
+    g = h // kv_heads
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     chunk = max(1, min(t, chunk_elements // max(1, b * h * max(n, num_blocks))))
     num_chunks = -(-t // chunk)
     pad = num_chunks * chunk - t
-    doc_start = document_starts(segment_ids)
     t_all = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(num_chunks, chunk)
     q_c = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, num_chunks, chunk, kv_heads, g, d).swapaxes(0, 1)
     seg_c = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(b, num_chunks, chunk).swapaxes(0, 1)
@@ -249,6 +286,53 @@ def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select
     parts = [part(a, z) for a, z in zip(bounds[:-1], bounds[1:]) if z > a]
     idx = jnp.concatenate([p[0] for p in parts], axis=0)
     cnt = jnp.concatenate([p[1] for p in parts], axis=0)
+    idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, kv_heads, num_chunks * chunk, -1)[:, :, :t]
+    cnt = cnt.transpose(1, 2, 0, 3).reshape(b, kv_heads, num_chunks * chunk)[:, :, :t]
+    return idx, cnt
+
+
+def select_blocks_pallas(q, k_cmp, lse, segment_ids, kv_segments, row_index, doc_start, *, block: int, stride: int,
+                         select_block: int, num_blocks: int, num_selected: int, num_initial: int, num_local: int,
+                         chunk_elements: int = 1 << 26, sm_scale: float | None = None,
+                         interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`select_blocks` through the Pallas GPU kernel, for queries at any row indices (the sharded,
+    permuted sequence of `sparsejax.parallel.nsa_context` too).
+
+    q [B, T, H, D], k_cmp [B, N, K, D] (N may be 0), lse [B, H, T] float32 (ignored when N = 0),
+    segment_ids [B, T], kv_segments [B, N] (`compressed_segments` of the row), row_index [T] int32 (each
+    query's index in the packed row), doc_start [B, T] (row index of each query's document start);
+    num_blocks S = ⌈T_row / l'⌉. Per chunk of C queries (B·K·C·S <= chunk_elements): the kernel's
+    p_slc [B, K, C, S], then `block_scores` and `top_blocks`. Returns indices [B, K, T, n'] (past the
+    count: S) and counts [B, K, T] int32.
+    """
+    from pallas_kernels import nsa_importance        # lazily: only the GPU path needs the kernel module
+
+    b, t = q.shape[:2]
+    kv_heads = k_cmp.shape[2]
+    chunk = max(1, min(t, chunk_elements // max(1, b * kv_heads * num_blocks)))
+    num_chunks = -(-t // chunk)
+    pad = num_chunks * chunk - t
+    row_index = row_index.astype(jnp.int32)
+    positions = jnp.broadcast_to(row_index, (b, t))
+    t_pad = jnp.pad(row_index, (0, pad))
+    start_pad = jnp.pad(doc_start, ((0, 0), (0, pad)))
+
+    def one_chunk(c):
+        first = c * chunk
+        if k_cmp.shape[1]:
+            p_slc = nsa_importance.importance_scores(
+                q, k_cmp, lse, positions, segment_ids, kv_segments, block=block, stride=stride,
+                select_block=select_block, num_blocks=num_blocks, sm_scale=sm_scale, q_start=first, q_count=chunk,
+                interpret=interpret)
+        else:
+            p_slc = jnp.zeros((b, kv_heads, chunk, num_blocks), jnp.float32)
+        tc = jax.lax.dynamic_slice_in_dim(t_pad, first, chunk)
+        startc = jax.lax.dynamic_slice_in_dim(start_pad, first, chunk, axis=1)
+        scores = block_scores(p_slc, tc, startc, select_block=select_block, num_initial=num_initial,
+                              num_local=num_local)
+        return top_blocks(scores, num_selected)                   # [B, K, C, n'], [B, K, C]
+
+    idx, cnt = jax.lax.map(one_chunk, jnp.arange(num_chunks, dtype=jnp.int32))
     idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, kv_heads, num_chunks * chunk, -1)[:, :, :t]
     cnt = cnt.transpose(1, 2, 0, 3).reshape(b, kv_heads, num_chunks * chunk)[:, :, :t]
     return idx, cnt

@@ -13,7 +13,9 @@ Three branches with independent keys and values, each its own softmax, combined 
 Kernels. Every branch goes through `pallas_kernels.block_sparse_attention`; no [T, T] array exists.
 - cmp: one call, queries in blocks of `compress_kernel_block_q` over compressed blocks of
   `compress_kernel_block_k` (64 and 64), block-causal through positions (query t at t, compressed
-  token i at i·d + l − 1); its log-sum-exp feeds the importance pass (`compressed.select_blocks`).
+  token i at i·d + l − 1); its log-sum-exp feeds the importance pass (`compressed.select_blocks`:
+  on GPU the Pallas kernel `pallas_kernels.nsa_importance`, which writes only the [T, K, S] block scores;
+  `implementation` "xla", "reference" or "pallas_tpu" take its XLA form).
 - slc: one call, a per-token (block_q = 1), per-KV-group (Hl = K) layout from the index lists.
 - win: one call with block_q = block_k = b over `BlockLayout.sliding_window` (the w/b + 1 blocks that
   intersect query block b's windows when b | w) and the kernel's `window=w`, which masks the far
@@ -40,8 +42,8 @@ from jax.ad_checkpoint import checkpoint_name
 from pallas_kernels import BlockLayout, block_sparse_attention
 from sparsejax.attention import register_attention
 from sparsejax.attention.compressed import (ACTIVATIONS, CompressionParams, compress, compressed_attention,
-                                            compressed_positions, document_starts, num_compressed,
-                                            select_blocks)
+                                            compressed_positions, document_starts, importance_implementation,
+                                            num_compressed, select_blocks)
 from sparsejax.attention.projection import OutputProjection, QKVProjection
 from sparsejax.layers import Linear, apply_rope, dtype_from_name, make_param
 from sparsejax.parallel import context, nsa_context
@@ -219,7 +221,9 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k
         o_cmp = jnp.zeros(q.shape[:3] + v_cmp.shape[3:], q.dtype)
     indices, counts = select_blocks(q, kc, lse_cmp, segment_ids, block=l, stride=d, select_block=spec.select_block,
                                     num_selected=spec.num_selected, num_initial=spec.num_initial,
-                                    num_local=spec.num_local, chunk_elements=spec.score_chunk_elements)
+                                    num_local=spec.num_local, chunk_elements=spec.score_chunk_elements,
+                                    implementation=importance_implementation(spec.kernel_implementation),
+                                    interpret=spec.interpret)
     # Under remat, a policy that saves this name spares the backward pass the importance pass.
     indices, counts = checkpoint_name((indices, counts), "nsa_selection")
     o_slc = selected_attention(q, k_slc, v_slc, segment_ids, indices, counts, select_block=spec.select_block,

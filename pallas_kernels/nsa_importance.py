@@ -1,0 +1,338 @@
+"""NSA's selection importance (arXiv 2502.11089, Eq. 8-10) as one Pallas GPU kernel (Triton lowering).
+
+    p_slc[b, k, t, j] = Σ_{i} W[i, j] · Σ_{h in group k} exp(q[t, h] · k̃[i, k] · scale − lse[h, t]) · visible(t, i)
+
+The G query heads of KV group k share one score per (token t, selection block j): the compression
+probabilities p_cmp = exp(s − lse) (lse: the compression branch's log-sum-exp, so no second reduction)
+summed over the group, mapped to blocks of l' tokens by Eq. 9. W is Eq. 9's overlap matrix in 0-based
+indices: block j holds compressed token i = r(j+1) − 1 − k with weight c_k = #{(m, n): m + n = k,
+0 ≤ m < r, 0 ≤ n < s} = min(k+1, r, s, r+s−1−k) for k = 0 .. r+s−2, where r = l'/d and s = l/d
+(`sparsejax.attention.compressed.block_importance` is the XLA form). Compressed token i (keys of
+positions [i·d, i·d+l−1]) is visible to query t iff i·d + l − 1 ≤ pos(t), its segment id equals the
+query's, and the query's lse is finite. The [T, N] probabilities never reach HBM: the kernel writes only
+p_slc [B, K, T, S] float32 (S = ⌈T_row / l'⌉), which is G·(N/S) = 16·4 = 64 times fewer floats at the
+paper's sizes.
+
+Kernel. One program per (query tile, KV head, batch). Its rows are `tokens` consecutive queries times
+the G heads of the group, stacked token-major (8 tokens × 16 heads = 128 rows), gathered from the
+flattened view q [B, T·H, D] (the G heads of a group are adjacent: no transpose). It walks the
+selection blocks in tiles of `nbt` blocks, only up to the block of the last compressed token its
+latest query can see (causal: the upper half of the [T, N] square is never computed), and for each tile
+    s  = q · k̃ᵀ                       [rows, bn]   one tensor-core dot over `bn` compressed tokens
+    p  = exp2(s·scale·log2e − lse2)    masked       (causal, segments, k̃ index range, finite lse)
+    x  = p · W                         [rows, nbt]  Eq. 9 as a dot with a constant band matrix
+    y  = E · x                         [tokens, nbt] the sum over the G rows of each token, E 0/1
+and stores y: every block's sum is complete inside one step, so each output element is written
+exactly once (no accumulation in HBM, deterministic). Tiles after the last visible one get zeros.
+
+Tile edges. Block j needs the compressed tokens r·j − (s−1) .. r·j + r − 1: s − 1 tokens of look-back
+into the previous block. A step over blocks [J, J + nbt) therefore loads the bn tokens starting at
+r·J − (s − 1) and uses r·nbt + s − 1 of them (nbt = ⌊(bn − s + 1)/r⌋): consecutive steps overlap by
+s − 1 tokens, which are recomputed (at the paper's r = 4, s = 2 and bn = 64: 15 blocks per step, 60
+new tokens of 64). With this the band matrix W[u, c] = c_{r·c + r + s − 2 − u} is the same for every
+step, and any r works (no power-of-two or alignment condition on l'/d).
+
+Precision. The logits dot runs in the inputs' dtype with float32 accumulation (tf32 for float32
+inputs, as in `block_sparse.pallas_gpu`). The two small dots that map and sum the probabilities take
+float32 operands split into bfloat16 high and low parts (x = hi + lo, both dots summed): W and E are
+small integers, exact in bfloat16, so the result carries ≈ 2⁻¹⁶ relative error instead of bfloat16's
+2⁻⁸, and the scores that `top_k` compares keep float32-like resolution.
+
+Why a module of `pallas_kernels`: it is pure JAX + Pallas like the block-sparse kernels, shares their
+row-gather helpers, and is tested and lowered for CUDA the same way; its semantics are NSA's, and
+`sparsejax.attention.compressed.select_blocks(implementation="pallas_gpu")` is its caller.
+
+Shapes: B batch, Tq query rows of this call, H = K·G query heads, K KV heads, D head dim, N
+compressed tokens, S selection blocks of the row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.block_sparse.pallas_gpu import _chunks, _dot_chunks, _flat, _load_rows, _whole
+
+_LOG2E = math.log2(math.e)
+_MIN_DOT = 16                     # smallest M, N, K of a tensor-core dot
+_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_MAX_HEAD_DIM = 256
+_SMEM_BUDGET = 200 * 1024         # bytes a program may plan for (H100/H200 allow 227 KB)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportanceConfig:
+  """Launch parameters.
+
+  rows: target rows per program (tokens × G heads), a power of two >= 16; a program takes
+    max(1, rows // G) tokens.
+  block_n: compressed tokens per step (a power of two >= 16); a step covers
+    ⌊(block_n − s + 1) / r⌋ >= 1 selection blocks.
+  num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+  """
+  rows: int = 128
+  block_n: int = 64
+  num_warps: int = 4
+  num_stages: int = 3
+
+  def __post_init__(self):
+    for name in ("rows", "block_n"):
+      v = getattr(self, name)
+      if v < _MIN_DOT or v & (v - 1):
+        raise ValueError(f"ImportanceConfig.{name}={v}: must be a power of two >= {_MIN_DOT}")
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """Static sizes of one launch."""
+  tq: int            # query rows of this call (the output's T)
+  t_total: int       # rows of q / lse / positions (the call reads rows q_start .. q_start + tq)
+  hq: int
+  hkv: int
+  n: int             # compressed tokens
+  num_blocks: int    # S
+  block: int         # l
+  stride: int        # d
+  r: int             # l' / d
+  s: int             # l / d
+  tokens: int        # queries per program
+  rows: int          # tile rows: next_pow2(tokens * G), >= 16
+  tok_rows: int      # rows of the per-token result: next_pow2(tokens), >= 16
+  block_n: int       # bn
+  nbt: int           # blocks per step
+  cols: int          # next_pow2(nbt), >= 16
+  d_chunks: tuple
+  scale_log2: float
+
+  @property
+  def group(self):
+    return self.hq // self.hkv
+
+
+def _geometry(q, k_cmp, tq, num_blocks, *, block, stride, select_block, sm_scale, cfg) -> _Geometry:
+  hq, hkv = q.shape[2], k_cmp.shape[2]
+  g = hq // hkv
+  tokens = max(1, cfg.rows // g)
+  r, s = select_block // stride, block // stride
+  nbt = (cfg.block_n - s + 1) // r
+  return _Geometry(
+      tq=tq, t_total=q.shape[1], hq=hq, hkv=hkv, n=k_cmp.shape[1], num_blocks=num_blocks, block=block,
+      stride=stride, r=r, s=s, tokens=tokens, rows=max(_MIN_DOT, _next_pow2(tokens * g)),
+      tok_rows=max(_MIN_DOT, _next_pow2(tokens)), block_n=cfg.block_n, nbt=nbt,
+      cols=max(_MIN_DOT, _next_pow2(nbt)), d_chunks=_chunks(q.shape[-1]),
+      scale_log2=float(sm_scale) * _LOG2E)
+
+
+def default_config(q, k_cmp, *, block: int, stride: int, select_block: int) -> ImportanceConfig:
+  """128 rows (8 tokens × 16 heads at G = 16); 64 compressed tokens per step unless fewer than 7/8
+  of them would be new blocks' tokens (large l'/d), then 128; pipelining depth inside shared memory."""
+  r, s = select_block // stride, block // stride
+  block_n = 64 if ((64 - s + 1) // r) * r >= 56 else 128
+  rows = max(128, _next_pow2(q.shape[2] // k_cmp.shape[2]))
+  size = jnp.dtype(q.dtype).itemsize
+  d = q.shape[-1]
+  room = _SMEM_BUDGET - rows * d * size
+  stages = max(1, min(3, room // (block_n * d * size)))
+  return ImportanceConfig(rows=rows, block_n=block_n, num_warps=4 if rows * block_n <= 128 * 64 else 8,
+                          num_stages=stages)
+
+
+def check_supported(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *, block: int, stride: int,
+                    select_block: int, num_blocks: int, config: ImportanceConfig | None = None) -> None:
+  """Raise ValueError naming the bad value and the valid choices."""
+  if q.ndim != 4 or k_cmp.ndim != 4:
+    raise ValueError(f"nsa_importance needs q [B, T, H, D] and k_cmp [B, N, K, D]; got q {q.shape}, "
+                     f"k_cmp {k_cmp.shape}")
+  b, t, hq, d = q.shape
+  hkv = k_cmp.shape[2]
+  if k_cmp.shape[0] != b or k_cmp.shape[3] != d:
+    raise ValueError(f"nsa_importance: k_cmp {k_cmp.shape} must have q's batch {b} and head dim {d}")
+  if hkv < 1 or hq % hkv:
+    raise ValueError(f"nsa_importance needs H = G · K query heads; got H={hq}, K={hkv}; valid K: "
+                     f"{[x for x in range(1, hq + 1) if hq % x == 0]}")
+  if jnp.dtype(q.dtype) != jnp.dtype(k_cmp.dtype) or jnp.dtype(q.dtype) not in [jnp.dtype(x) for x in
+                                                                                 _SUPPORTED_DTYPES]:
+    raise ValueError(f"nsa_importance needs q and k_cmp of one dtype among float32, bfloat16, float16; got "
+                     f"q {q.dtype}, k_cmp {k_cmp.dtype}")
+  if d % 16 or not 16 <= d <= _MAX_HEAD_DIM:
+    raise ValueError(f"nsa_importance needs a head dim that is a multiple of 16 in [16, {_MAX_HEAD_DIM}]; "
+                     f"got D={d}")
+  for name, x, shape in (("lse", lse, (b, hq, t)), ("q_positions", q_positions, (b, t)),
+                         ("q_segment_ids", q_segment_ids, (b, t)),
+                         ("kv_segment_ids", kv_segment_ids, (b, k_cmp.shape[1]))):
+    if tuple(x.shape) != shape:
+      raise ValueError(f"nsa_importance: {name} has shape {tuple(x.shape)}; expected {shape}")
+  if jnp.dtype(lse.dtype) != jnp.float32:
+    raise ValueError(f"nsa_importance needs lse in float32; got {lse.dtype}")
+  for name, x in (("q_positions", q_positions), ("q_segment_ids", q_segment_ids),
+                  ("kv_segment_ids", kv_segment_ids)):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"nsa_importance: {name} must be integers (int32); got {x.dtype}")
+  for name, v in (("block", block), ("stride", stride), ("select_block", select_block),
+                  ("num_blocks", num_blocks)):
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+      raise ValueError(f"nsa_importance: {name}={v!r} must be a positive int")
+  if block % stride:
+    raise ValueError(f"nsa_importance: stride d={stride} must divide block l={block}; valid d: "
+                     f"{[x for x in range(1, block + 1) if block % x == 0]}")
+  if select_block % stride:
+    raise ValueError(f"nsa_importance: stride d={stride} must divide select_block l'={select_block}; valid d: "
+                     f"{[x for x in range(1, block + 1) if block % x == 0 and select_block % x == 0]}")
+  if block > select_block:
+    raise ValueError(f"nsa_importance: block l={block} must be <= select_block l'={select_block} (Eq. 9)")
+  cfg = config or default_config(q, k_cmp, block=block, stride=stride, select_block=select_block)
+  r, s = select_block // stride, block // stride
+  if (cfg.block_n - s + 1) // r < 1:
+    raise ValueError(f"nsa_importance: block_n={cfg.block_n} compressed tokens per step cannot hold one "
+                     f"selection block (l'/d + l/d − 1 = {r + s - 1} tokens); use block_n >= "
+                     f"{_next_pow2(r + s - 1)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+
+
+def _split_dot(a, b, *, split_left=True):
+  """a @ b where one operand is float32 and the other a bfloat16 matrix of small integers (exact):
+  the float32 one (a if split_left, else b) is split into bfloat16 hi + lo and both dots summed."""
+  x = a if split_left else b
+  hi = x.astype(jnp.bfloat16)
+  lo = (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  if split_left:
+    return plgpu.dot(hi, b) + plgpu.dot(lo, b)
+  return plgpu.dot(a, hi) + plgpu.dot(a, lo)
+
+
+def _eq9_band(g: _Geometry):
+  """W [bn, cols] bfloat16: weight of the step's u-th loaded token in its c-th block (0 for c >= nbt)."""
+  u = jnp.arange(g.block_n)[:, None]
+  c = jnp.arange(g.cols)[None, :]
+  k = g.r * c + (g.r + g.s - 2) - u
+  w = jnp.minimum(jnp.minimum(k + 1, g.s), jnp.minimum(g.r, g.r + g.s - 1 - k))
+  ok = (k >= 0) & (k <= g.r + g.s - 2) & (c < g.nbt)
+  return jnp.where(ok, w, 0).astype(jnp.bfloat16)
+
+
+def _group_sum(g: _Geometry):
+  """E [tok_rows, rows] bfloat16: E[a, ρ] = 1 iff row ρ belongs to the program's a-th token."""
+  a = jnp.arange(g.tok_rows)[:, None]
+  rho = jnp.arange(g.rows)[None, :]
+  return ((rho // g.group == a) & (rho < g.tokens * g.group)).astype(jnp.bfloat16)
+
+
+def _kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, o_ref, *, g: _Geometry):
+  prog, kv_head = pl.program_id(0), pl.program_id(1)
+
+  # rows: token-major, head-minor
+  rho = jnp.arange(g.rows)
+  local = prog * g.tokens + rho // g.group
+  tok = start_ref[0] + local
+  head = kv_head * g.group + rho % g.group
+  row_valid = (rho < g.tokens * g.group) & (local < g.tq) & (tok < g.t_total)
+  q = _load_rows(q_ref, tok * g.hq + head, row_valid, g.d_chunks)
+  q_pos = plgpu.load(q_pos_ref.at[tok], mask=row_valid, other=0)
+  q_seg = plgpu.load(q_seg_ref.at[tok], mask=row_valid, other=0)
+  lse = plgpu.load(lse_ref.at[head, tok], mask=row_valid, other=-jnp.inf)
+  row_ok = row_valid & (lse > -jnp.inf)
+  lse2 = jnp.where(row_ok, lse * _LOG2E, 0.0)
+
+  # steps: blocks up to that of the last compressed token the latest query sees
+  latest = jnp.max(jnp.where(row_ok, q_pos, -1))
+  seen = jnp.where(latest >= g.block - 1, jnp.minimum((latest - (g.block - 1)) // g.stride + 1, g.n), 0)
+  last_block = (seen + g.s - 2) // g.r                        # block of token seen-1's last overlap
+  steps = jnp.where(seen > 0, last_block // g.nbt + 1, 0)
+  out_steps = -(-g.num_blocks // g.nbt)
+
+  # output rows: the program's tokens
+  a = jnp.arange(g.tok_rows)
+  out_local = prog * g.tokens + a
+  out_valid = (a < g.tokens) & (out_local < g.tq)
+  out_rows = kv_head * g.tq + out_local
+  c = jnp.arange(g.cols)
+
+  def store(j, y):
+    blocks = j * g.nbt + c
+    ok = out_valid[:, None] & ((c < g.nbt) & (blocks < g.num_blocks))[None, :]
+    plgpu.store(o_ref.at[out_rows[:, None], blocks[None, :]], y, mask=ok)
+
+  band = _eq9_band(g)
+  group_sum = _group_sum(g) if g.group > 1 else None
+
+  def step(j, carry):
+    i = j * (g.r * g.nbt) - (g.s - 1) + jnp.arange(g.block_n)  # compressed tokens of this step
+    k_valid = (i >= 0) & (i < g.n)
+    i = jnp.where(k_valid, i, 0)
+    k = _load_rows(k_ref, i * g.hkv + kv_head, k_valid, g.d_chunks)
+    kv_seg = plgpu.load(kv_seg_ref.at[i], mask=k_valid, other=0)
+    kv_pos = i * g.stride + (g.block - 1)
+    s = _dot_chunks(q, k, trans_b=True) * g.scale_log2                     # [rows, bn]
+    ok = (row_ok[:, None] & k_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None])
+          & (kv_seg[None, :] == q_seg[:, None]))
+    p = jnp.where(ok, jnp.exp2(s - lse2[:, None]), 0.0)
+    x = _split_dot(p, band)                                                # [rows, cols]
+    store(j, x if group_sum is None else _split_dot(group_sum, x, split_left=False))  # [tok_rows, cols]
+    return carry
+
+  def zero(j, carry):
+    store(j, jnp.zeros((g.tok_rows, g.cols), jnp.float32))
+    return carry
+
+  jax.lax.fori_loop(0, steps, step, 0)
+  jax.lax.fori_loop(steps, out_steps, zero, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrapper
+
+
+def importance_scores(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *, block: int, stride: int,
+                      select_block: int, num_blocks: int, sm_scale: float | None = None, q_start=0,
+                      q_count: int | None = None, interpret: bool = False,
+                      config: ImportanceConfig | None = None) -> jax.Array:
+  """Eq. 9 block importance of query rows [q_start, q_start + q_count) of q.
+
+  q [B, T, H, D] (rotated), k_cmp [B, N, K, D] (rotated, same dtype; N may be 0), lse [B, H, T] float32
+  (the compression branch's natural-log lse; −inf: the row sees nothing), q_positions [B, T] int32 (index
+  of each query in the packed row: compressed token i is visible iff i·d + l − 1 <= position),
+  q_segment_ids [B, T], kv_segment_ids [B, N] int32 (`compressed_segments`: −1 for blocks across
+  documents). block l, stride d, select_block l' (d | l, d | l', l <= l'); num_blocks S = ⌈T_row / l'⌉.
+  q_start: a Python int or an int32 scalar (may be traced: `lax.map` over chunks reads no copies);
+  q_count: static, default T − q_start (q_start then must be a Python int); rows past T give 0.
+  Returns p_slc [B, K, q_count, S] float32: summed over the G heads of each KV group; 0 for blocks
+  that no visible compressed token overlaps.
+  """
+  check_supported(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, block=block, stride=stride,
+                  select_block=select_block, num_blocks=num_blocks, config=config)
+  b, t, hq, d = q.shape
+  hkv = k_cmp.shape[2]
+  if q_count is None:
+    if not isinstance(q_start, int):
+      raise ValueError("nsa_importance: a traced q_start needs a static q_count")
+    q_count = t - q_start
+  if k_cmp.shape[1] == 0 or q_count == 0:
+    return jnp.zeros((b, hkv, q_count, num_blocks), jnp.float32)
+  cfg = config or default_config(q, k_cmp, block=block, stride=stride, select_block=select_block)
+  scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+  g = _geometry(q, k_cmp, q_count, num_blocks, block=block, stride=stride, select_block=select_block,
+                sm_scale=scale, cfg=cfg)
+  start = jnp.reshape(jnp.asarray(q_start, jnp.int32), (1,))
+  ins = [q_positions.astype(jnp.int32), q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32),
+         lse, _flat(q), _flat(k_cmp)]
+  out_shape = jax.ShapeDtypeStruct((b, hkv * q_count, num_blocks), jnp.float32)
+  out = pl.pallas_call(
+      functools.partial(_kernel, g=g), grid=(-(-q_count // g.tokens), hkv, b),
+      in_specs=[pl.BlockSpec((1,), lambda p, h, b_: (0,))] + [_whole(x, 2) for x in ins],
+      out_specs=_whole(out_shape, 2), out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      interpret=interpret, name="nsa_importance",
+  )(start, *ins)
+  return out.reshape(b, hkv, q_count, num_blocks)

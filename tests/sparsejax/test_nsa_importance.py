@@ -1,0 +1,272 @@
+"""NSA's selection importance on the Pallas GPU kernel (`pallas_kernels.nsa_importance`, interpret mode on
+CPU) against an independent float64 computation written from the paper: a dense softmax over the
+visible compressed tokens, summed over the G query heads of each KV group, mapped to selection blocks by
+Eq. 9 in its 1-based form. Then `select_blocks(implementation="pallas_gpu")` and `nsa_attention` with
+the Pallas kernels against the XLA path, the errors, and the lowering for CUDA (Triton IR, no GPU)."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import nsa_importance
+from pallas_kernels.nsa_importance import ImportanceConfig, check_supported, importance_scores
+from sparsejax.attention.compressed import compressed_attention, select_blocks
+from sparsejax.attention.nsa import nsa_attention
+from test_nsa import SPEC, THETA, make_inputs, packed_segments
+
+SMALL = ImportanceConfig(rows=16, block_n=16, num_warps=2, num_stages=1)   # many steps and query tiles
+
+
+# ------------------------------------------------------------------------------------------ reference
+def eq9_paper(p_cmp: np.ndarray, num_blocks: int, *, select_block: int, block: int, stride: int) -> np.ndarray:
+    """Eq. 9 as printed, 1-based j and i: p_slc[j] = Σ_{m<l'/d} Σ_{n<l/d} p_cmp[(l'/d)·j − m − n]."""
+    out = np.zeros(p_cmp.shape[:-1] + (num_blocks,))
+    for j in range(1, num_blocks + 1):
+        for m in range(select_block // stride):
+            for n in range(block // stride):
+                i = (select_block // stride) * j - m - n
+                if 1 <= i <= p_cmp.shape[-1]:
+                    out[..., j - 1] += p_cmp[..., i - 1]
+    return out
+
+
+def reference(q, kc, positions, q_seg, row_seg, *, block, stride, select_block, num_blocks):
+    """float64 (p_slc [B, K, T, S], lse [B, H, T]) from a dense masked softmax over compressed tokens.
+
+    Query t sits at row index positions[b, t] in document q_seg[b, t]; row_seg [B, T_row] are the
+    documents of the row. Compressed token i (keys i·d .. i·d + l − 1 of the row) is visible once
+    complete (i·d + l − 1 <= position) and only if all its keys lie in the query's document."""
+    q, kc = np.asarray(q, np.float64), np.asarray(kc, np.float64)
+    q_seg, row_seg = np.asarray(q_seg), np.asarray(row_seg)
+    b, t, h, d = q.shape
+    n, kv = kc.shape[1], kc.shape[2]
+    g = h // kv
+    logits = np.einsum("bthd,bnhd->bhtn", q, np.repeat(kc, g, axis=2)) / np.sqrt(d)
+    keys = np.arange(n)[:, None] * stride + np.arange(block)[None, :]            # [N, l] keys of each token
+    cmp_seg = np.array([[r[k][0] if (r[k] == r[k][0]).all() else -1 for k in keys] for r in row_seg],
+                       dtype=np.int64).reshape(b, n)
+    visible = ((np.arange(n) * stride + block - 1)[None, None, :] <= np.asarray(positions)[:, :, None]) & (
+        cmp_seg[:, None, :] == q_seg[:, :, None])                                # [B, T, N]
+    visible = np.broadcast_to(visible[:, None], logits.shape)
+    masked = np.where(visible, logits, -np.inf)
+    peak = masked.max(-1, keepdims=True, initial=-np.inf)
+    e = np.where(visible, np.exp(masked - np.where(np.isfinite(peak), peak, 0.0)), 0.0)
+    total = e.sum(-1)
+    lse = np.where(total > 0, np.log(np.where(total > 0, total, 1.0)) + peak[..., 0], -np.inf)
+    p = e / np.where(total > 0, total, 1.0)[..., None]
+    p_group = p.reshape(b, kv, g, t, n).sum(2)
+    return eq9_paper(p_group, num_blocks, select_block=select_block, block=block, stride=stride), lse
+
+
+def random_case(seed, *, b=2, t=83, kv=2, g=4, d=32, block=8, stride=4, select_block=16, dtype=jnp.float32,
+                segments=True, permuted=False):
+    """Kernel arguments (q, k_cmp, lse, positions, q_segment_ids, kv_segment_ids) and the reference p_slc.
+    Row 1 holds three documents and padding; `permuted`: queries at row indices in a random order."""
+    rng = np.random.default_rng(seed)
+    n = 0 if t < block else (t - block) // stride + 1
+    q = jnp.asarray(rng.standard_normal((b, t, kv * g, d)), dtype)
+    kc = jnp.asarray(rng.standard_normal((b, n, kv, d)), dtype)
+    seg = np.ones((b, t), np.int32)
+    if segments:
+        cuts = np.sort(rng.choice(np.arange(5, t - 5), 3, replace=False))
+        seg[1, cuts[0]:] = 2
+        seg[1, cuts[1]:] = 3
+        seg[1, cuts[2]:] = 0
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    if permuted:
+        positions = np.stack([rng.permutation(t) for _ in range(b)]).astype(np.int32)
+    q_seg = np.take_along_axis(seg, positions, axis=1)
+    want, lse = reference(q, kc, positions, q_seg, seg, block=block, stride=stride, select_block=select_block,
+                          num_blocks=-(-t // select_block))
+    first, last = seg[:, : n * stride: stride], seg[:, block - 1: block - 1 + n * stride: stride]
+    kv_seg = np.where(first == last, last, -1).astype(np.int32)
+    args = (q, kc, jnp.asarray(lse, jnp.float32), jnp.asarray(positions), jnp.asarray(q_seg), jnp.asarray(kv_seg))
+    return args, want
+
+
+def run(args, *, block=8, stride=4, select_block=16, config=None, **kw):
+    t = args[0].shape[1]
+    fn = jax.jit(functools.partial(importance_scores, block=block, stride=stride, select_block=select_block,
+                                   num_blocks=-(-t // select_block), interpret=True, config=config, **kw))
+    return np.asarray(fn(*args))
+
+
+def assert_close(got, want, tol=1e-4):
+    assert got.shape == want.shape
+    assert not np.isnan(got).any()
+    err = np.abs(got - want).max() / max(1.0, np.abs(want).max())
+    assert err < tol, f"relative error {err:.2e} >= {tol}"
+
+
+# ------------------------------------------------------------------------------------------ kernel
+@pytest.mark.parametrize("g", [1, 2, 4, 16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matches_reference_gqa_and_dtypes(g, dtype):
+    """T = 83: a multiple of neither the query tile, the step (15 blocks) nor l' = 16; packed documents
+    and padding in row 1; early queries see no compressed token (lse = −inf)."""
+    args, want = random_case(g, g=g, d=16 if g == 16 else 32, dtype=dtype)
+    for config in (None, SMALL):
+        assert_close(run(args, config=config), want)
+
+
+@pytest.mark.parametrize("block, stride, select_block", [(8, 4, 16), (16, 16, 16), (16, 8, 16), (12, 4, 36),
+                                                         (8, 8, 32), (32, 16, 64)])
+def test_eq9_tile_edges_for_every_overlap(block, stride, select_block):
+    """r = l'/d of 1, 2, 4 and 9 (not a power of two) and s = l/d of 1, 2, 3: look-back of s − 1 tokens
+    across every step edge; steps of one block (r = 9, block_n = 16) and of many."""
+    args, want = random_case(7, t=203, g=2, block=block, stride=stride, select_block=select_block)
+    kw = dict(block=block, stride=stride, select_block=select_block)
+    for config in (None, SMALL):
+        if (16 - block // stride + 1) // (select_block // stride) < 1 and config is SMALL:
+            config = dataclasses.replace(SMALL, block_n=32)
+        assert_close(run(args, config=config, **kw), want)
+
+
+def test_queries_in_any_row_order():
+    """Sharded rows: the positions of a tile's queries are a permutation of the row; the causal bound is
+    the tile's latest query, the mask per query."""
+    args, want = random_case(3, t=96, g=4, permuted=True)
+    for config in (None, SMALL):
+        assert_close(run(args, config=config), want)
+
+
+def test_chunk_of_rows_with_a_traced_start():
+    """q_start (traced) / q_count: the rows of one chunk, rows past T give 0."""
+    args, want = random_case(4, t=90, g=4)
+    t, s = 90, -(-90 // 16)
+
+    @jax.jit
+    def chunk(start, *args):
+        return importance_scores(*args, block=8, stride=4, select_block=16, num_blocks=s, q_start=start, q_count=32,
+                                 interpret=True, config=SMALL)
+
+    for start in (0, 32, 64):
+        got = np.asarray(chunk(jnp.int32(start), *args))
+        rows = want[:, :, start:start + 32]
+        assert_close(got[:, :, :rows.shape[2]], rows)
+        assert (got[:, :, rows.shape[2]:] == 0).all()
+
+
+def test_no_compressed_token():
+    """T < l: N = 0, every score 0."""
+    args, want = random_case(5, t=6, g=2, segments=False)
+    assert args[1].shape[1] == 0
+    got = run(args)
+    assert got.shape == (2, 2, 6, 1) and (got == 0).all() and (want == 0).all()
+
+
+def test_a_band_without_look_back_fails(monkeypatch):
+    """The comparison can fail: a kernel whose Eq. 9 band forgets the s − 1 look-back tokens (the
+    compressed tokens that straddle a block's start) disagrees with the reference."""
+    args, want = random_case(6, t=83, g=2)
+    band = nsa_importance._eq9_band
+    monkeypatch.setattr(nsa_importance, "_eq9_band", lambda g: band(dataclasses.replace(g, s=1)))
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_close(run(args, config=SMALL), want)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(block=12, stride=8), "must divide block"),
+    (dict(select_block=18), "must divide select_block"),
+    (dict(block=32, select_block=16), "must be <= select_block"),
+    (dict(k_dtype=jnp.float32), "one dtype"),
+    (dict(d=40), "multiple of 16"),
+    (dict(lse_dtype=jnp.bfloat16), "lse in float32"),
+    (dict(kv=3), "H = G · K"),
+    (dict(select_block=64, config=ImportanceConfig(block_n=16)), "cannot hold one"),
+    (dict(lse_len=5), "lse has shape"),
+])
+def test_clear_errors(change, message):
+    c = dict(block=8, stride=4, select_block=16, k_dtype=jnp.bfloat16, d=32, lse_dtype=jnp.float32, kv=2,
+             config=None, lse_len=40)
+    c.update(change)
+    b, t, h = 1, 40, 4
+    n = (t - c["block"]) // c["stride"] + 1 if c["stride"] <= c["block"] else 1
+    q = jax.ShapeDtypeStruct((b, t, h, c["d"]), jnp.bfloat16)
+    kc = jax.ShapeDtypeStruct((b, n, c["kv"], c["d"]), c["k_dtype"])
+    lse = jax.ShapeDtypeStruct((b, h, c["lse_len"]), c["lse_dtype"])
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    with pytest.raises(ValueError, match=message):
+        check_supported(q, kc, lse, ints(b, t), ints(b, t), ints(b, n), block=c["block"], stride=c["stride"],
+                        select_block=c["select_block"], num_blocks=3, config=c["config"])
+
+
+# ------------------------------------------------------------------------------------------ selection
+def _selection_case(seed, g, t=150):
+    kw = dict(block=8, stride=4, select_block=16)
+    args, _ = random_case(seed, t=t, g=g, d=16)
+    q, kc, _, _, seg, kv_seg = args
+    vc = jnp.asarray(np.random.default_rng(seed + 100).standard_normal(kc.shape), jnp.float32)
+    _, lse = compressed_attention(q, kc, vc.astype(kc.dtype), seg, block_q=16, block_k=16, implementation="xla",
+                                  **{k: kw[k] for k in ("block", "stride")})
+    return q, kc, lse, seg, kw
+
+
+@pytest.mark.parametrize("g", [2, 16])
+def test_select_blocks_pallas_gives_the_xla_selection(g):
+    """Same counts everywhere, same indices wherever the n-th and (n+1)-th scores are not near ties."""
+    q, kc, lse, seg, kw = _selection_case(10 + g, g)
+    sel = dict(num_selected=4, num_initial=1, num_local=2, **kw)
+    xla = jax.jit(functools.partial(select_blocks, implementation="xla", **sel))(q, kc, lse, seg)
+    pallas = jax.jit(functools.partial(select_blocks, implementation="pallas_gpu", interpret=True,
+                                       chunk_elements=2 * 2 * 48 * 10, **sel))(q, kc, lse, seg)
+    np.testing.assert_array_equal(pallas[1], xla[1])
+    positions = np.broadcast_to(np.arange(q.shape[1]), q.shape[:2])
+    p_slc, _ = reference(q, kc, positions, seg, seg, num_blocks=10, **kw)
+    sorted_scores = -np.sort(-_masked_scores(p_slc, np.asarray(seg), sel), axis=-1)
+    with np.errstate(invalid="ignore"):                  # inf - inf (both forced) is nan: clear too
+        clear = ~(sorted_scores[..., 3] - sorted_scores[..., 4] < 1e-3)
+    assert clear.mean() > 0.8
+    np.testing.assert_array_equal(np.asarray(pallas[0])[clear], np.asarray(xla[0])[clear])
+
+
+def _masked_scores(p_slc, seg, sel):
+    """block_scores written out: +inf forced, −inf before the document or after the query's block."""
+    t, ls = seg.shape[1], sel["select_block"]
+    start = np.stack([[max(i for i in range(u + 1) if i == 0 or row[i] != row[i - 1]) for u in range(t)]
+                      for row in seg])
+    blocks = np.arange(p_slc.shape[-1])[None, None, :]
+    own, first = (np.arange(t) // ls)[None, :, None], (start // ls)[:, :, None]
+    valid = (blocks >= first) & (blocks <= own)
+    forced = valid & ((blocks < first + sel["num_initial"]) | (blocks > own - sel["num_local"]))
+    return np.where(forced[:, None], np.inf, np.where(valid[:, None], p_slc, -np.inf))
+
+
+def test_nsa_attention_wires_the_kernel():
+    """nsa_attention with implementation="pallas_gpu" (every kernel interpreted) selects what the XLA
+    implementation selects and gives the same output."""
+    inputs = make_inputs(2, segment_ids=packed_segments())
+    spec = dataclasses.replace(SPEC, implementation="pallas_gpu", interpret=True)
+    run_spec = lambda s: jax.jit(lambda x: nsa_attention(**x, spec=s, rope_theta=THETA))(inputs)
+    (out_p, (idx_p, cnt_p)), (out_x, (idx_x, cnt_x)) = run_spec(spec), run_spec(SPEC)
+    np.testing.assert_array_equal(cnt_p, cnt_x)
+    np.testing.assert_array_equal(idx_p, idx_x)
+    np.testing.assert_allclose(out_p, out_x, atol=2e-5, rtol=2e-5)
+
+
+def test_select_blocks_rejects_unknown_implementation():
+    q, kc, lse, _, seg, _ = random_case(1, t=40, g=2)[0]
+    with pytest.raises(ValueError, match="valid choices"):
+        select_blocks(q, kc, lse, seg, block=8, stride=4, select_block=16, num_selected=4, num_initial=1,
+                      num_local=2, implementation="pallas_tpu")
+
+
+# ------------------------------------------------------------------------------------------ lowering
+@pytest.mark.parametrize("hq, hkv, d, dtype", [(64, 4, 128, jnp.bfloat16), (8, 8, 192, jnp.float32)])
+def test_lowers_for_cuda_without_gpu(hq, hkv, d, dtype):
+    """The kernel lowers to one Triton custom call for CUDA (Triton IR only: the PTX compile happens on
+    the device, exercised by benchmarks/nsa.py --breakdown): the paper's heads (G = 16, D = 128, bf16)
+    inside select_blocks' chunk loop, and G = 1 (no group sum) with a chunked head dim in float32."""
+    b, t = 1, 4096
+    n = (t - 32) // 16 + 1
+    q = jax.ShapeDtypeStruct((b, t, hq, d), dtype)
+    kc = jax.ShapeDtypeStruct((b, n, hkv, d), dtype)
+    lse = jax.ShapeDtypeStruct((b, hq, t), jnp.float32)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    fn = functools.partial(select_blocks, block=32, stride=16, select_block=64, num_selected=16, num_initial=1,
+                           num_local=2, implementation="pallas_gpu", chunk_elements=1 << 18)
+    lowered = jax.jit(fn).trace(q, kc, lse, seg).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 1

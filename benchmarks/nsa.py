@@ -7,7 +7,10 @@ paper's head layout (64 query heads, 4 KV heads, D=128) and hyper-parameters (l=
 n=16, w=512), one document per row. Forward = the output; forward+backward = the gradient of
 sum(out · cotangent) with respect to every float input (q, the six K/V, gates, MLP weights). Dense:
 `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`, forward and the
-gradient with respect to q, k, v. `--breakdown` also times each NSA piece forward at the longest T.
+gradient with respect to q, k, v. `--breakdown` also times each NSA piece forward at the longest T,
+the importance pass + top-n on both implementations (`importance_topn_xla` / `importance_topn_pallas_gpu`),
+the Pallas importance kernel alone per launch configuration (`importance_kernel*`, all T in one call)
+and block_scores + top-n alone (`block_scores_topn`); on CPU the kernel runs in interpret mode.
 
     python benchmarks/nsa.py --out $OUT/nsa.json                      # GPU: 8k 16k 32k 64k
     python benchmarks/nsa.py --lengths 256 --heads 4 --kv-heads 2 --head-dim 16 --dense xla \
@@ -30,6 +33,7 @@ from timing import bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pallas_kernels.nsa_importance import ImportanceConfig, importance_scores  # noqa: E402
 from sparsejax.attention import compressed as cmp_lib  # noqa: E402
 from sparsejax.attention.compressed import CompressionParams  # noqa: E402
 from sparsejax.attention.nsa import NSASpec, nsa_attention, selected_attention, window_attention  # noqa: E402
@@ -79,10 +83,15 @@ def dense_fns(kind):
     return jax.jit(forward), jax.jit(forward_backward)
 
 
+IMPORTANCE_CONFIGS = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (256, 64, 8, 2), (64, 64, 4, 3))
+
+
 def breakdown(args, spec, t, dtype):
-    """Forward time of each NSA piece at length t."""
+    """Forward time of each NSA piece at length t; the importance pass + top-n on both implementations
+    (A/B), the Pallas kernel's scores alone for a few launch configurations, and top-n alone."""
     x = make_inputs(args, t, dtype)
     impl = spec.kernel_implementation
+    interpret = jax.default_backend() == "cpu"           # the CPU smoke test runs the kernel interpreted
     l, s = spec.compress_block, spec.compress_stride
     pieces = {}
     comp = jax.jit(lambda x: cmp_lib.compress(x["k_cmp"], x["compress_k"], block=l, stride=s))
@@ -94,11 +103,16 @@ def breakdown(args, spec, t, dtype):
         block_k=spec.compress_kernel_block_k, implementation=impl))
     pieces["cmp_attention"] = bench(cmp_attention, x["q"], kc, vc, x["segment_ids"])[0]
     lse = cmp_attention(x["q"], kc, vc, x["segment_ids"])[1]
-    select = jax.jit(lambda q, kc, lse, seg: cmp_lib.select_blocks(
-        q, kc, lse, seg, block=l, stride=s, select_block=spec.select_block, num_selected=spec.num_selected,
-        num_initial=spec.num_initial, num_local=spec.num_local, chunk_elements=spec.score_chunk_elements))
-    pieces["importance_topn"] = bench(select, x["q"], kc, lse, x["segment_ids"])[0]
-    idx, cnt = select(x["q"], kc, lse, x["segment_ids"])
+    sel = dict(block=l, stride=s, select_block=spec.select_block, num_selected=spec.num_selected,
+               num_initial=spec.num_initial, num_local=spec.num_local, chunk_elements=spec.score_chunk_elements)
+    selects = {name: jax.jit(functools.partial(cmp_lib.select_blocks, implementation=name, interpret=interpret,
+                                               **sel)) for name in cmp_lib.IMPORTANCE_IMPLEMENTATIONS}
+    for name, select in selects.items():
+        res = guarded(f"importance_topn_{name}@{t}", lambda: bench(select, x["q"], kc, lse, x["segment_ids"]))
+        if res:
+            pieces[f"importance_topn_{name}"] = res[0]
+    importance_pieces(pieces, x, kc, lse, spec, t, interpret)
+    idx, cnt = selects["xla"](x["q"], kc, lse, x["segment_ids"])
     pieces["slc_attention"] = bench(jax.jit(lambda x, i, c: selected_attention(
         x["q"], x["k_slc"], x["v_slc"], x["segment_ids"], i, c, select_block=spec.select_block,
         implementation=impl)), x, idx, cnt)[0]
@@ -106,6 +120,38 @@ def breakdown(args, spec, t, dtype):
         x["q"], x["k_win"], x["v_win"], x["segment_ids"], window=spec.window, block=spec.window_block,
         implementation=impl)), x)[0]
     return pieces
+
+
+def importance_pieces(pieces, x, kc, lse, spec, t, interpret):
+    """The kernel's p_slc [B, K, T, S] for all T at once (no chunks) per launch configuration
+    (`IMPORTANCE_CONFIGS`: rows, block_n, warps, stages), and block_scores + top-n alone on it."""
+    b = x["q"].shape[0]
+    l, s, ls = spec.compress_block, spec.compress_stride, spec.select_block
+    num_blocks = -(-t // ls)
+    seg = x["segment_ids"]
+    kv_seg = cmp_lib.compressed_segments(seg, kc.shape[1], l, s)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    configs = [None] + [ImportanceConfig(*c) for c in IMPORTANCE_CONFIGS] if not interpret else [None]
+    p_slc = None
+    for cfg in configs:
+        name = "importance_kernel" + ("" if cfg is None else "_r{}_n{}_w{}_s{}".format(
+            cfg.rows, cfg.block_n, cfg.num_warps, cfg.num_stages))
+        fn = jax.jit(functools.partial(importance_scores, block=l, stride=s, select_block=ls, num_blocks=num_blocks,
+                                       interpret=interpret, config=cfg))
+        res = guarded(f"{name}@{t}", lambda: bench(fn, x["q"], kc, lse, positions, seg, kv_seg))
+        if res:
+            pieces[name] = res[0]
+            if p_slc is None:
+                p_slc = fn(x["q"], kc, lse, positions, seg, kv_seg)
+    if p_slc is None:
+        return
+    start = cmp_lib.document_starts(seg)
+    topn = jax.jit(lambda p: cmp_lib.top_blocks(cmp_lib.block_scores(
+        p, jnp.arange(t, dtype=jnp.int32), start, select_block=ls, num_initial=spec.num_initial,
+        num_local=spec.num_local), spec.num_selected))
+    res = guarded(f"topn@{t}", lambda: bench(topn, p_slc))
+    if res:
+        pieces["block_scores_topn"] = res[0]
 
 
 def main():

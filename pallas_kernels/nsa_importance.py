@@ -117,6 +117,10 @@ class _Geometry:
   def group(self):
     return self.hq // self.hkv
 
+  @property
+  def programs(self):  # query tiles
+    return -(-self.tq // self.tokens)
+
 
 def _geometry(q, k_cmp, tq, num_blocks, *, block, stride, select_block, sm_scale, cfg) -> _Geometry:
   hq, hkv = q.shape[2], k_cmp.shape[2]
@@ -219,18 +223,20 @@ def _eq9_band(g: _Geometry):
   k = g.r * c + (g.r + g.s - 2) - u
   w = jnp.minimum(jnp.minimum(k + 1, g.s), jnp.minimum(g.r, g.r + g.s - 1 - k))
   ok = (k >= 0) & (k <= g.r + g.s - 2) & (c < g.nbt)
-  return jnp.where(ok, w, 0).astype(jnp.bfloat16)
+  return jnp.where(ok, w.astype(jnp.float32), 0.0).astype(jnp.bfloat16)   # via float32: no int -> bf16 cast
 
 
 def _group_sum(g: _Geometry):
   """E [tok_rows, rows] bfloat16: E[a, ρ] = 1 iff row ρ belongs to the program's a-th token."""
   a = jnp.arange(g.tok_rows)[:, None]
   rho = jnp.arange(g.rows)[None, :]
-  return ((rho // g.group == a) & (rho < g.tokens * g.group)).astype(jnp.bfloat16)
+  return jnp.where((rho // g.group == a) & (rho < g.tokens * g.group), 1.0, 0.0).astype(jnp.bfloat16)
 
 
 def _kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, o_ref, *, g: _Geometry):
-  prog, kv_head = pl.program_id(0), pl.program_id(1)
+  # Programs run latest query tile first (they have the most steps), the K heads of a tile together.
+  kv_head = pl.program_id(0) % g.hkv
+  prog = g.programs - 1 - pl.program_id(0) // g.hkv
 
   # rows: token-major, head-minor
   rho = jnp.arange(g.rows)
@@ -243,12 +249,16 @@ def _kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, 
   q_seg = plgpu.load(q_seg_ref.at[tok], mask=row_valid, other=0)
   lse = plgpu.load(lse_ref.at[head, tok], mask=row_valid, other=-jnp.inf)
   row_ok = row_valid & (lse > -jnp.inf)
-  lse2 = jnp.where(row_ok, lse * _LOG2E, 0.0)
+  lse2 = jnp.where(row_ok, lse * _LOG2E, jnp.inf)            # +inf: exp2(s - lse2) = 0 on its own
 
   # steps: blocks up to that of the last compressed token the latest query sees
+  big, small = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
   latest = jnp.max(jnp.where(row_ok, q_pos, -1))
+  earliest = jnp.min(jnp.where(row_ok, q_pos, big))
+  seg_lo = jnp.min(jnp.where(row_ok, q_seg, big))
+  one_segment = seg_lo == jnp.max(jnp.where(row_ok, q_seg, small))
   seen = jnp.where(latest >= g.block - 1, jnp.minimum((latest - (g.block - 1)) // g.stride + 1, g.n), 0)
-  last_block = (seen + g.s - 2) // g.r                        # block of token seen-1's last overlap
+  last_block = (seen + g.s - 2) // g.r                        # last block that token seen-1 overlaps
   steps = jnp.where(seen > 0, last_block // g.nbt + 1, 0)
   out_steps = -(-g.num_blocks // g.nbt)
 
@@ -268,16 +278,22 @@ def _kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, 
   group_sum = _group_sum(g) if g.group > 1 else None
 
   def step(j, carry):
-    i = j * (g.r * g.nbt) - (g.s - 1) + jnp.arange(g.block_n)  # compressed tokens of this step
+    first = j * (g.r * g.nbt) - (g.s - 1)                      # compressed tokens first .. first + bn - 1
+    i = first + jnp.arange(g.block_n)
     k_valid = (i >= 0) & (i < g.n)
     i = jnp.where(k_valid, i, 0)
     k = _load_rows(k_ref, i * g.hkv + kv_head, k_valid, g.d_chunks)
     kv_seg = plgpu.load(kv_seg_ref.at[i], mask=k_valid, other=0)
     kv_pos = i * g.stride + (g.block - 1)
     s = _dot_chunks(q, k, trans_b=True) * g.scale_log2                     # [rows, bn]
-    ok = (row_ok[:, None] & k_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None])
-          & (kv_seg[None, :] == q_seg[:, None]))
-    p = jnp.where(ok, jnp.exp2(s - lse2[:, None]), 0.0)
+    e = jnp.exp2(s - lse2[:, None])
+    # A step whose tokens all exist, all precede every row and share the rows' one document needs no
+    # element-wise mask (most steps of a long sequence).
+    full = ((first >= 0) & (first + g.block_n <= g.n) & one_segment
+            & ((first + g.block_n - 1) * g.stride + (g.block - 1) <= earliest)
+            & (jnp.min(kv_seg) == seg_lo) & (jnp.max(kv_seg) == seg_lo))
+    p = jax.lax.cond(full, lambda e: e, lambda e: jnp.where(
+        k_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None]) & (kv_seg[None, :] == q_seg[:, None]), e, 0.0), e)
     x = _split_dot(p, band)                                                # [rows, cols]
     store(j, x if group_sum is None else _split_dot(group_sum, x, split_left=False))  # [tok_rows, cols]
     return carry
@@ -329,9 +345,9 @@ def importance_scores(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids,
          lse, _flat(q), _flat(k_cmp)]
   out_shape = jax.ShapeDtypeStruct((b, hkv * q_count, num_blocks), jnp.float32)
   out = pl.pallas_call(
-      functools.partial(_kernel, g=g), grid=(-(-q_count // g.tokens), hkv, b),
-      in_specs=[pl.BlockSpec((1,), lambda p, h, b_: (0,))] + [_whole(x, 2) for x in ins],
-      out_specs=_whole(out_shape, 2), out_shape=out_shape,
+      functools.partial(_kernel, g=g), grid=(g.programs * hkv, b),
+      in_specs=[pl.BlockSpec((1,), lambda p, b_: (0,))] + [_whole(x, 1) for x in ins],
+      out_specs=_whole(out_shape, 1), out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret, name="nsa_importance",
   )(start, *ins)

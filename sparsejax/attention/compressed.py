@@ -203,7 +203,8 @@ def importance_implementation(kernel_implementation: str | None) -> str | None:
     return "xla"
 
 
-def _resolve_importance(implementation: str | None) -> str:
+def resolve_importance(implementation: str | None) -> str:
+    """"xla" or "pallas_gpu" for a `select_blocks` implementation argument (None: pallas_gpu on GPU)."""
     if implementation is None:
         return "pallas_gpu" if default_implementation() == "pallas_gpu" else "xla"
     if implementation not in IMPORTANCE_IMPLEMENTATIONS:
@@ -231,7 +232,7 @@ def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select
     the compressed tokens its last query can see (static slices), so about half of the T·N logits are
     never computed; the kernel skips them per query tile by itself.
     """
-    implementation = _resolve_importance(implementation)
+    implementation = resolve_importance(implementation)
     q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
     b, t, h, d = q.shape
     n = k_cmp.shape[1]

@@ -12,8 +12,10 @@ static block permutation. Branches:
   (`ContextParallel.attend_gathered`).
 - selection: scores of the local queries over the gathered compressed keys (Eq. 9, forced blocks,
   top-n: `compressed.py`'s pieces, with the queries' row indices and document starts passed
-  explicitly), then the selected blocks through the ring (or all-gather) scheme, block_q = 1; the
-  row's first block (forced for every query of the first document) from a copy on every device.
+  explicitly; on GPU the Pallas importance kernel through `compressed.select_blocks_pallas`, which
+  reuses the compression branch's lse), then the selected blocks through the ring (or all-gather)
+  scheme, block_q = 1; the row's first block (forced for every query of the first document) from a
+  copy on every device.
 - window: `nsa.window_attention`'s blocks of `BlockLayout.sliding_window` through the scheme, with the
   kernel's sliding window masking the far edge.
 """
@@ -28,7 +30,8 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import merge_attention
 from sparsejax.attention.compressed import (block_importance, block_scores, compress, compressed_positions,
-                                            compressed_segments, document_starts, num_compressed, top_blocks)
+                                            compressed_segments, document_starts, importance_implementation,
+                                            num_compressed, resolve_importance, select_blocks_pallas, top_blocks)
 from sparsejax.layers import apply_rope
 from sparsejax.parallel import balance as balance_lib
 from sparsejax.parallel.context import ContextParallel
@@ -89,13 +92,16 @@ def compress_sharded(k, v, params_k, params_v, *, spec, cp: ContextParallel):
     return jnp.take(kc, jnp.asarray(order), axis=1), jnp.take(vc, jnp.asarray(order), axis=1)
 
 
-def select_sharded(q, kc, kv_segments, segment_ids, row_index, doc_start, *, spec, cp: ContextParallel):
+def select_sharded(q, kc, kv_segments, segment_ids, row_index, doc_start, *, spec, cp: ContextParallel, lse=None):
     """Selected blocks of the sharded queries (original block coordinates), as `compressed.select_blocks`.
 
     q [B, T, H, D] rotated (permuted order), kc [B, N, K, D] gathered, kv_segments [B, N], segment_ids and
-    doc_start [B, T] (permuted order), row_index [T] (= perm). Returns indices [B, K, T, n'] (past the
-    count: S) and counts [B, K, T]."""
-    q, kc = jax.lax.stop_gradient(q), jax.lax.stop_gradient(kc)
+    doc_start [B, T] (permuted order), row_index [T] (= perm); lse [B, H, T] float32 (permuted order): the
+    compression branch's, or None. With lse, where `cp.implementation` picks pallas_gpu (auto on GPU), the
+    scores come from the Pallas importance kernel (p = exp(s − lse)); otherwise from XLA, which
+    normalises the probabilities itself. Returns indices [B, K, T, n'] (past the count: S) and counts
+    [B, K, T]."""
+    q, kc, lse = jax.lax.stop_gradient((q, kc, lse))
     t = q.shape[1]
     l, d, ls = spec.compress_block, spec.compress_stride, spec.select_block
     n = kc.shape[1]
@@ -103,6 +109,18 @@ def select_sharded(q, kc, kv_segments, segment_ids, row_index, doc_start, *, spe
     scale = 1.0 / math.sqrt(q.shape[-1])
     tokens, seq, _ = cp.specs()
     b, h = cp.batch_axes or None, cp.head_axes or None
+    if lse is not None and n and resolve_importance(importance_implementation(cp.implementation)) == "pallas_gpu":
+        def local_pallas(q, kc, lse, kv_seg, seg, tidx, start):
+            return select_blocks_pallas(q, kc, lse, seg, kv_seg, tidx, start, block=l, stride=d, select_block=ls,
+                                        num_blocks=num_blocks, num_selected=spec.num_selected,
+                                        num_initial=spec.num_initial, num_local=spec.num_local,
+                                        chunk_elements=spec.score_chunk_elements, interpret=cp.interpret)
+
+        return jax.shard_map(local_pallas, mesh=cp.mesh(),
+                             in_specs=(tokens, P(b, None, h, None), P(b, h, "sequence"), P(b, None), seq,
+                                       P("sequence"), seq),
+                             out_specs=(P(b, h, "sequence", None), P(b, h, "sequence")), check_vma=False)(
+            q, kc, lse, kv_segments, segment_ids, row_index, doc_start)
 
     def local(q, kc, kv_seg, seg, tidx, start):
         bl, tl, hq, dh = q.shape
@@ -218,13 +236,15 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k
         kc = apply_rope(kc, jnp.take(rope_positions, inverse[ends], axis=1), rope_theta)
         kv_seg = compressed_segments(segments_original, n, l, d)
         kv_pos = jnp.broadcast_to(ends, (b, n))
-        o_cmp, _ = cp.attend_gathered(q, kc, vc, rows, segment_ids, kv_pos, kv_seg,
-                                      block_q=spec.compress_kernel_block_q, block_k=spec.compress_kernel_block_k)
+        o_cmp, lse_cmp = cp.attend_gathered(q, kc, vc, rows, segment_ids, kv_pos, kv_seg,
+                                            block_q=spec.compress_kernel_block_q,
+                                            block_k=spec.compress_kernel_block_k)
     else:
-        kc = jnp.zeros((b, 0) + k_cmp.shape[2:], q.dtype)
+        kc, lse_cmp = jnp.zeros((b, 0) + k_cmp.shape[2:], q.dtype), None
         kv_seg = jnp.zeros((b, 0), jnp.int32)
         o_cmp = jnp.zeros(q.shape[:3] + v_cmp.shape[3:], q.dtype)
-    indices, counts = select_sharded(q, kc, kv_seg, segment_ids, row_index, doc_start, spec=spec, cp=cp)
+    indices, counts = select_sharded(q, kc, kv_seg, segment_ids, row_index, doc_start, spec=spec, cp=cp,
+                                     lse=lse_cmp)
     o_slc = selected_sharded(q, k_slc, v_slc, segment_ids, segments_original, rows, indices, counts, spec=spec,
                              cp=cp)
     o_win = window_sharded(q, k_win, v_win, segment_ids, rows, window=spec.window, block=spec.window_block, cp=cp)

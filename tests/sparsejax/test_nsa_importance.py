@@ -8,13 +8,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from pallas_kernels import nsa_importance
 from pallas_kernels.nsa_importance import ImportanceConfig, check_supported, importance_scores
-from sparsejax.attention.compressed import compressed_attention, select_blocks
+from sparsejax.attention.compressed import compressed_attention, compressed_segments, document_starts, select_blocks
 from sparsejax.attention.nsa import nsa_attention
+from sparsejax.parallel import context, nsa_context
+from sparsejax.parallel import mesh as mesh_lib
 from test_nsa import SPEC, THETA, make_inputs, packed_segments
 
 SMALL = ImportanceConfig(rows=16, block_n=16, num_warps=2, num_stages=1)   # many steps and query tiles
@@ -245,6 +248,45 @@ def test_nsa_attention_wires_the_kernel():
     np.testing.assert_array_equal(cnt_p, cnt_x)
     np.testing.assert_array_equal(idx_p, idx_x)
     np.testing.assert_allclose(out_p, out_x, atol=2e-5, rtol=2e-5)
+
+
+def test_select_sharded_takes_the_kernel_with_the_compression_lse():
+    """Context parallelism (zigzag over 4 sequence shards × 2 batch shards): select_sharded on the kernel
+    with the compression branch's lse selects what the unsharded XLA select_blocks selects."""
+    b, t, h, kv, d = 2, 256, 4, 2, 16
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    kc = jnp.asarray(rng.standard_normal((b, (t - 8) // 4 + 1, kv, d)), jnp.float32)
+    seg = np.ones((b, t), np.int32)
+    seg[1, 90:], seg[1, 171:] = 2, 3
+    seg = jnp.asarray(seg)
+    kw = dict(block=8, stride=4, select_block=16)
+    sel = dict(num_selected=4, num_initial=1, num_local=2, **kw)
+    _, lse = compressed_attention(q, kc, kc, seg, block=8, stride=4, block_q=16, block_k=16, implementation="xla")
+    want = jax.jit(functools.partial(select_blocks, implementation="xla", **sel))(q, kc, lse, seg)
+
+    config = ml_collections.ConfigDict(dict(
+        mesh=dict(data=2, fsdp=1, sequence=4, tensor=1), parallel=context.default_config(), data=dict(seq_len=t),
+        attention=dict(kind="dense")))
+    config.parallel.update(block_q=16, block_k=16)
+    cp = dataclasses.replace(context.from_config(config), implementation="pallas_gpu", interpret=True)
+    spec = dataclasses.replace(SPEC, compress_block=8, compress_stride=4, select_block=16, num_selected=4,
+                               score_chunk_elements=2 * 2 * 24 * 16)
+    perm = cp.permutation(t)
+    take = lambda x, axis=1: jnp.take(x, jnp.asarray(perm), axis=axis)
+    kv_seg = compressed_segments(seg, kc.shape[1], 8, 4)
+    with jax.set_mesh(mesh_lib.make_mesh(config)):
+        idx, cnt = jax.jit(lambda *a: nsa_context.select_sharded(*a, spec=spec, cp=cp, lse=take(lse, 2)))(
+            take(q), kc, kv_seg, take(seg), jnp.asarray(perm), take(document_starts(seg)))
+    inverse = np.argsort(perm)
+    idx, cnt = np.asarray(idx)[:, :, inverse], np.asarray(cnt)[:, :, inverse]
+    np.testing.assert_array_equal(cnt, want[1])
+    p_slc, _ = reference(q, kc, np.broadcast_to(np.arange(t), (b, t)), seg, seg, num_blocks=16, **kw)
+    sorted_scores = -np.sort(-_masked_scores(p_slc, np.asarray(seg), sel), axis=-1)
+    with np.errstate(invalid="ignore"):
+        clear = ~(sorted_scores[..., 3] - sorted_scores[..., 4] < 1e-3)
+    assert clear.mean() > 0.8
+    np.testing.assert_array_equal(idx[clear], np.asarray(want[0])[clear])
 
 
 def test_select_blocks_rejects_unknown_implementation():

@@ -83,7 +83,9 @@ def dense_fns(kind):
     return jax.jit(forward), jax.jit(forward_backward)
 
 
-IMPORTANCE_CONFIGS = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (256, 64, 8, 2), (64, 64, 4, 3))
+# (rows, block_n, warps, stages, precise) of the importance kernel's launch-configuration sweep
+IMPORTANCE_CONFIGS = ((128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 2, True), (256, 64, 8, 2, True),
+                      (64, 64, 4, 3, True), (128, 64, 8, 3, False))
 
 
 def breakdown(args, spec, t, dtype):
@@ -123,8 +125,8 @@ def breakdown(args, spec, t, dtype):
 
 
 def importance_pieces(pieces, x, kc, lse, spec, t, interpret):
-    """The kernel's p_slc [B, K, T, S] for all T at once (no chunks) per launch configuration
-    (`IMPORTANCE_CONFIGS`: rows, block_n, warps, stages), and block_scores + top-n alone on it."""
+    """The kernel's p_slc [B, K, T, S] for all T at once (no chunks) with the default and each launch
+    configuration of `IMPORTANCE_CONFIGS` (on GPU), and block_scores + top-n alone on it."""
     b = x["q"].shape[0]
     l, s, ls = spec.compress_block, spec.compress_stride, spec.select_block
     num_blocks = -(-t // ls)
@@ -134,8 +136,8 @@ def importance_pieces(pieces, x, kc, lse, spec, t, interpret):
     configs = [None] + [ImportanceConfig(*c) for c in IMPORTANCE_CONFIGS] if not interpret else [None]
     p_slc = None
     for cfg in configs:
-        name = "importance_kernel" + ("" if cfg is None else "_r{}_n{}_w{}_s{}".format(
-            cfg.rows, cfg.block_n, cfg.num_warps, cfg.num_stages))
+        name = "importance_kernel" + ("" if cfg is None else "_r{}_n{}_w{}_s{}{}".format(
+            cfg.rows, cfg.block_n, cfg.num_warps, cfg.num_stages, "" if cfg.precise else "_f16"))
         fn = jax.jit(functools.partial(importance_scores, block=l, stride=s, select_block=ls, num_blocks=num_blocks,
                                        interpret=interpret, config=cfg))
         res = guarded(f"{name}@{t}", lambda: bench(fn, x["q"], kc, lse, positions, seg, kv_seg))

@@ -24,6 +24,11 @@ latest query can see (causal: the upper half of the [T, N] square is never compu
     y  = E · x                         [tokens, nbt] the sum over the G rows of each token, E 0/1
 and stores y: every block's sum is complete inside one step, so each output element is written
 exactly once (no accumulation in HBM, deterministic). Tiles after the last visible one get zeros.
+Rows whose lse is −inf get lse2 = +inf, so exp2 gives 0 without a mask; a step whose tokens all exist,
+precede every row's position and share the rows' one document skips the element-wise mask (most steps
+of a long sequence). Programs run the latest query tiles first (the most steps), the K heads of a
+tile side by side. A call may cover only rows [q_start, q_start + q_count) of q (q_start may be
+traced), so that the caller's chunk loop bounds the output without copying q.
 
 Tile edges. Block j needs the compressed tokens r·j − (s−1) .. r·j + r − 1: s − 1 tokens of look-back
 into the previous block. A step over blocks [J, J + nbt) therefore loads the bn tokens starting at
@@ -34,9 +39,11 @@ step, and any r works (no power-of-two or alignment condition on l'/d).
 
 Precision. The logits dot runs in the inputs' dtype with float32 accumulation (tf32 for float32
 inputs, as in `block_sparse.pallas_gpu`). The two small dots that map and sum the probabilities take
-float32 operands split into bfloat16 high and low parts (x = hi + lo, both dots summed): W and E are
-small integers, exact in bfloat16, so the result carries ≈ 2⁻¹⁶ relative error instead of bfloat16's
-2⁻⁸, and the scores that `top_k` compares keep float32-like resolution.
+float32 operands against W and E, small integers exact in 16-bit floats. With `precise=True` (the
+default) the float32 operand is split into bfloat16 high and low parts (x = hi + lo, both dots
+summed): ≈ 2⁻¹⁶ relative error instead of bfloat16's 2⁻⁸, so the scores that `top_k` compares keep
+float32-like resolution. `precise=False` takes one float16 dot instead (2⁻¹¹ relative; p ≤ 1 and the
+sums fit float16's range): half the conversions, for the timing A/B in benchmarks/nsa.py.
 
 Why a module of `pallas_kernels`: it is pure JAX + Pallas like the block-sparse kernels, shares their
 row-gather helpers, and is tested and lowered for CUDA the same way; its semantics are NSA's, and
@@ -74,11 +81,13 @@ class ImportanceConfig:
   block_n: compressed tokens per step (a power of two >= 16); a step covers
     ⌊(block_n − s + 1) / r⌋ >= 1 selection blocks.
   num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+  precise: map and sum the probabilities with bfloat16 hi + lo dots (≈ 2⁻¹⁶); False: one float16 dot.
   """
   rows: int = 128
   block_n: int = 64
   num_warps: int = 4
   num_stages: int = 3
+  precise: bool = True
 
   def __post_init__(self):
     for name in ("rows", "block_n"):
@@ -112,6 +121,11 @@ class _Geometry:
   cols: int          # next_pow2(nbt), >= 16
   d_chunks: tuple
   scale_log2: float
+  precise: bool
+
+  @property
+  def small(self):  # dtype of the mapping dots' operands
+    return jnp.bfloat16 if self.precise else jnp.float16
 
   @property
   def group(self):
@@ -133,12 +147,14 @@ def _geometry(q, k_cmp, tq, num_blocks, *, block, stride, select_block, sm_scale
       stride=stride, r=r, s=s, tokens=tokens, rows=max(_MIN_DOT, _next_pow2(tokens * g)),
       tok_rows=max(_MIN_DOT, _next_pow2(tokens)), block_n=cfg.block_n, nbt=nbt,
       cols=max(_MIN_DOT, _next_pow2(nbt)), d_chunks=_chunks(q.shape[-1]),
-      scale_log2=float(sm_scale) * _LOG2E)
+      scale_log2=float(sm_scale) * _LOG2E, precise=cfg.precise)
 
 
 def default_config(q, k_cmp, *, block: int, stride: int, select_block: int) -> ImportanceConfig:
   """128 rows (8 tokens × 16 heads at G = 16); 64 compressed tokens per step unless fewer than 7/8
-  of them would be new blocks' tokens (large l'/d), then 128; pipelining depth inside shared memory."""
+  of them would be new blocks' tokens (large l'/d), then 128; 8 warps for a [128, 128] q tile (the
+  Triton flash-attention habit on Hopper; untuned: benchmarks/nsa.py --breakdown times the others);
+  pipelining depth inside shared memory."""
   r, s = select_block // stride, block // stride
   block_n = 64 if ((64 - s + 1) // r) * r >= 56 else 128
   rows = max(128, _next_pow2(q.shape[2] // k_cmp.shape[2]))
@@ -146,7 +162,7 @@ def default_config(q, k_cmp, *, block: int, stride: int, select_block: int) -> I
   d = q.shape[-1]
   room = _SMEM_BUDGET - rows * d * size
   stages = max(1, min(3, room // (block_n * d * size)))
-  return ImportanceConfig(rows=rows, block_n=block_n, num_warps=4 if rows * block_n <= 128 * 64 else 8,
+  return ImportanceConfig(rows=rows, block_n=block_n, num_warps=8 if rows * d >= 128 * 128 else 4,
                           num_stages=stages)
 
 
@@ -205,32 +221,35 @@ def check_supported(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *
 # Kernel
 
 
-def _split_dot(a, b, *, split_left=True):
-  """a @ b where one operand is float32 and the other a bfloat16 matrix of small integers (exact):
-  the float32 one (a if split_left, else b) is split into bfloat16 hi + lo and both dots summed."""
-  x = a if split_left else b
-  hi = x.astype(jnp.bfloat16)
-  lo = (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-  if split_left:
-    return plgpu.dot(hi, b) + plgpu.dot(lo, b)
-  return plgpu.dot(a, hi) + plgpu.dot(a, lo)
+def _small_dot(a, b, g: "_Geometry", *, float_left=True):
+  """a @ b where one operand is float32 (a if float_left, else b) and the other a matrix of small
+  integers in `g.small` (exact): precise: the float32 one split into bfloat16 hi + lo, both dots
+  summed; else one float16 dot."""
+  x = a if float_left else b
+  hi = x.astype(g.small)
+  parts = [hi, (x - hi.astype(jnp.float32)).astype(g.small)] if g.precise else [hi]
+  out = None
+  for part in parts:
+    d = plgpu.dot(part, b) if float_left else plgpu.dot(a, part)
+    out = d if out is None else out + d
+  return out
 
 
 def _eq9_band(g: _Geometry):
-  """W [bn, cols] bfloat16: weight of the step's u-th loaded token in its c-th block (0 for c >= nbt)."""
+  """W [bn, cols] in g.small: weight of the step's u-th loaded token in its c-th block (0 for c >= nbt)."""
   u = jnp.arange(g.block_n)[:, None]
   c = jnp.arange(g.cols)[None, :]
   k = g.r * c + (g.r + g.s - 2) - u
   w = jnp.minimum(jnp.minimum(k + 1, g.s), jnp.minimum(g.r, g.r + g.s - 1 - k))
   ok = (k >= 0) & (k <= g.r + g.s - 2) & (c < g.nbt)
-  return jnp.where(ok, w.astype(jnp.float32), 0.0).astype(jnp.bfloat16)   # via float32: no int -> bf16 cast
+  return jnp.where(ok, w.astype(jnp.float32), 0.0).astype(g.small)   # via float32: no int -> 16-bit cast
 
 
 def _group_sum(g: _Geometry):
-  """E [tok_rows, rows] bfloat16: E[a, ρ] = 1 iff row ρ belongs to the program's a-th token."""
+  """E [tok_rows, rows] in g.small: E[a, ρ] = 1 iff row ρ belongs to the program's a-th token."""
   a = jnp.arange(g.tok_rows)[:, None]
   rho = jnp.arange(g.rows)[None, :]
-  return jnp.where((rho // g.group == a) & (rho < g.tokens * g.group), 1.0, 0.0).astype(jnp.bfloat16)
+  return jnp.where((rho // g.group == a) & (rho < g.tokens * g.group), 1.0, 0.0).astype(g.small)
 
 
 def _kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, o_ref, *, g: _Geometry):
@@ -294,8 +313,8 @@ def _kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, 
             & (jnp.min(kv_seg) == seg_lo) & (jnp.max(kv_seg) == seg_lo))
     p = jax.lax.cond(full, lambda e: e, lambda e: jnp.where(
         k_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None]) & (kv_seg[None, :] == q_seg[:, None]), e, 0.0), e)
-    x = _split_dot(p, band)                                                # [rows, cols]
-    store(j, x if group_sum is None else _split_dot(group_sum, x, split_left=False))  # [tok_rows, cols]
+    x = _small_dot(p, band, g)                                             # [rows, cols]
+    store(j, x if group_sum is None else _small_dot(group_sum, x, g, float_left=False))  # [tok_rows, cols]
     return carry
 
   def zero(j, carry):

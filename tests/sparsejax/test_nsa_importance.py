@@ -115,6 +115,14 @@ def test_matches_reference_gqa_and_dtypes(g, dtype):
         assert_close(run(args, config=config), want)
 
 
+def test_float16_mapping():
+    """precise=False: one float16 dot maps and sums the probabilities (2^-11 relative)."""
+    args, want = random_case(8, g=4)
+    got = run(args, config=dataclasses.replace(SMALL, precise=False))
+    assert_close(got, want, tol=3e-3)
+    assert np.abs(got - want).max() > 0                 # the float16 rounding is there
+
+
 @pytest.mark.parametrize("block, stride, select_block", [(8, 4, 16), (16, 16, 16), (16, 8, 16), (12, 4, 36),
                                                          (8, 8, 32), (32, 16, 64)])
 def test_eq9_tile_edges_for_every_overlap(block, stride, select_block):
@@ -297,6 +305,19 @@ def test_select_blocks_rejects_unknown_implementation():
 
 
 # ------------------------------------------------------------------------------------------ lowering
+@pytest.mark.parametrize("config", [ImportanceConfig(128, 64, 4, 3), ImportanceConfig(256, 64, 8, 2),
+                                    ImportanceConfig(128, 128, 8, 2, precise=False)])
+def test_benchmark_configs_lower_for_cuda(config):
+    """Launch configurations that benchmarks/nsa.py sweeps lower too (paper shapes, bf16)."""
+    b, t, hq, hkv, d = 1, 2048, 64, 4, 128
+    n = (t - 32) // 16 + 1
+    shapes = [((b, t, hq, d), jnp.bfloat16), ((b, n, hkv, d), jnp.bfloat16), ((b, hq, t), jnp.float32),
+              ((b, t), jnp.int32), ((b, t), jnp.int32), ((b, n), jnp.int32)]
+    fn = functools.partial(importance_scores, block=32, stride=16, select_block=64, num_blocks=t // 64, config=config)
+    lowered = jax.jit(fn).trace(*(jax.ShapeDtypeStruct(*x) for x in shapes)).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 1
+
+
 @pytest.mark.parametrize("hq, hkv, d, dtype", [(64, 4, 128, jnp.bfloat16), (8, 8, 192, jnp.float32)])
 def test_lowers_for_cuda_without_gpu(hq, hkv, d, dtype):
     """The kernel lowers to one Triton custom call for CUDA (Triton IR only: the PTX compile happens on

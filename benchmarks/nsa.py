@@ -115,6 +115,8 @@ def breakdown(args, spec, t, dtype):
             pieces[f"importance_topn_{name}"] = res[0]
     importance_pieces(pieces, x, kc, lse, spec, t, interpret)
     idx, cnt = selects["xla"](x["q"], kc, lse, x["segment_ids"])
+    guarded(f"importance_check@{t}", lambda: importance_check(x, kc, lse, spec, t, interpret, (idx, cnt),
+                                                              selects["pallas_gpu"]))
     pieces["slc_attention"] = bench(jax.jit(lambda x, i, c: selected_attention(
         x["q"], x["k_slc"], x["v_slc"], x["segment_ids"], i, c, select_block=spec.select_block,
         implementation=impl)), x, idx, cnt)[0]
@@ -154,6 +156,42 @@ def importance_pieces(pieces, x, kc, lse, spec, t, interpret):
     res = guarded(f"topn@{t}", lambda: bench(topn, p_slc))
     if res:
         pieces["block_scores_topn"] = res[0]
+
+
+def importance_check(x, kc, lse, spec, t, interpret, xla_selection, pallas_select, rows=256):
+    """On the device: the kernel's p_slc of the last `rows` queries against the same scores in XLA
+    float32 (max error relative to the largest score), and the share of (token, KV group) rows whose
+    selected blocks agree between the two implementations (near ties may differ). RESULTS["importance_check"]."""
+    b, _, h, d = x["q"].shape
+    l, s, ls = spec.compress_block, spec.compress_stride, spec.select_block
+    n, kv = kc.shape[1], kc.shape[2]
+    num_blocks, first = -(-t // ls), t - min(rows, t)
+    seg = x["segment_ids"]
+    kv_seg = cmp_lib.compressed_segments(seg, n, l, s)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    got = importance_scores(x["q"], kc, lse, positions, seg, kv_seg, block=l, stride=s, select_block=ls,
+                            num_blocks=num_blocks, q_start=first, q_count=t - first, interpret=interpret)
+
+    @jax.jit
+    def want(q, kc, lse):
+        qg = q[:, first:].reshape(b, t - first, kv, h // kv, d)
+        logits = jnp.einsum("bckgd,bnkd->bkgcn", qg, kc, preferred_element_type=jnp.float32,
+                            precision=jax.lax.Precision.HIGHEST) / d ** 0.5
+        lc = lse[:, :, first:].reshape(b, kv, h // kv, t - first)
+        seen = (cmp_lib.compressed_positions(n, l, s)[None, None, None, None, :]
+                <= jnp.arange(first, t)[None, None, None, :, None]) & (
+            kv_seg[:, None, None, None, :] == seg[:, None, None, first:, None]) & jnp.isfinite(lc)[..., None]
+        p = jnp.where(seen, jnp.exp(logits - jnp.where(seen, lc[..., None], 0.0)), 0.0).sum(2)
+        return cmp_lib.block_importance(p, num_blocks, select_block=ls, block=l, stride=s)
+
+    ref = want(x["q"], kc, lse)
+    idx, cnt = pallas_select(x["q"], kc, lse, seg)
+    check = dict(T=t, rows=t - first,
+                 p_slc_max_rel_err=float(jnp.abs(got - ref).max() / jnp.maximum(jnp.abs(ref).max(), 1e-30)),
+                 selection_agreement=float(jnp.all(idx == xla_selection[0], axis=-1).mean()),
+                 counts_equal=bool(jnp.all(cnt == xla_selection[1])))
+    RESULTS["importance_check"] = check
+    print("# importance kernel vs XLA: " + ", ".join(f"{k} {v}" for k, v in check.items()), flush=True)
 
 
 def main():

@@ -1,6 +1,6 @@
 """NSA's selection importance (arXiv 2502.11089, Eq. 8-10) as one Pallas GPU kernel (Triton lowering).
 
-    p_slc[b, k, t, j] = Σ_{i} W[i, j] · Σ_{h in group k} exp(q[t, h] · k̃[i, k] · scale − lse[h, t]) · visible(t, i)
+    p_slc[b, k, t, j] = Σ_i W[i, j] · Σ_{h in group k} exp(q[t, h] · k̃[i, k] · scale − lse[h, t]) · vis(t, i)
 
 The G query heads of KV group k share one score per (token t, selection block j): the compression
 probabilities p_cmp = exp(s − lse) (lse: the compression branch's log-sum-exp, so no second reduction)

@@ -70,6 +70,7 @@ _MIN_DOT = 16                     # smallest M, N, K of a tensor-core dot
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _MAX_HEAD_DIM = 256
 _SMEM_BUDGET = 200 * 1024         # bytes a program may plan for (H100/H200 allow 227 KB)
+MAX_SELECTED = 32                 # largest n of the fused top-n (its running set is a [tokens, n] tile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +218,18 @@ def check_supported(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *
                      f"{_next_pow2(r + s - 1)}")
 
 
+def check_selection(doc_starts, shape, *, num_selected: int, num_initial: int, num_local: int) -> None:
+  """Raise ValueError for the fused top-n's own arguments (doc_starts [B, T] integers, n, forced counts)."""
+  if tuple(doc_starts.shape) != tuple(shape) or not jnp.issubdtype(doc_starts.dtype, jnp.integer):
+    raise ValueError(f"nsa_importance: doc_starts must be integers of shape {tuple(shape)}; got "
+                     f"{doc_starts.dtype} {tuple(doc_starts.shape)}")
+  if not 1 <= num_selected <= MAX_SELECTED:
+    raise ValueError(f"nsa_importance: num_selected={num_selected}; the fused top-n takes 1 .. {MAX_SELECTED}")
+  for name, v in (("num_initial", num_initial), ("num_local", num_local)):
+    if v < 0:
+      raise ValueError(f"nsa_importance: {name}={v} must be >= 0")
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernel
 
@@ -252,7 +265,9 @@ def _group_sum(g: _Geometry):
   return jnp.where((rho // g.group == a) & (rho < g.tokens * g.group), 1.0, 0.0).astype(g.small)
 
 
-def _kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, o_ref, *, g: _Geometry):
+def _tile(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, g: _Geometry):
+  """The program's query tile: (prog, kv_head, steps, scores) where scores(j) is p_slc [tok_rows, cols]
+  of blocks j·nbt + c for its tokens, and steps the number of steps holding a visible compressed token."""
   # Programs run latest query tile first (they have the most steps), the K heads of a tile together.
   kv_head = pl.program_id(0) % g.hkv
   prog = g.programs - 1 - pl.program_id(0) // g.hkv
@@ -279,24 +294,11 @@ def _kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, 
   seen = jnp.where(latest >= g.block - 1, jnp.minimum((latest - (g.block - 1)) // g.stride + 1, g.n), 0)
   last_block = (seen + g.s - 2) // g.r                        # last block that token seen-1 overlaps
   steps = jnp.where(seen > 0, last_block // g.nbt + 1, 0)
-  out_steps = -(-g.num_blocks // g.nbt)
-
-  # output rows: the program's tokens
-  a = jnp.arange(g.tok_rows)
-  out_local = prog * g.tokens + a
-  out_valid = (a < g.tokens) & (out_local < g.tq)
-  out_rows = kv_head * g.tq + out_local
-  c = jnp.arange(g.cols)
-
-  def store(j, y):
-    blocks = j * g.nbt + c
-    ok = out_valid[:, None] & ((c < g.nbt) & (blocks < g.num_blocks))[None, :]
-    plgpu.store(o_ref.at[out_rows[:, None], blocks[None, :]], y, mask=ok)
 
   band = _eq9_band(g)
   group_sum = _group_sum(g) if g.group > 1 else None
 
-  def step(j, carry):
+  def scores(j):
     first = j * (g.r * g.nbt) - (g.s - 1)                      # compressed tokens first .. first + bn - 1
     i = first + jnp.arange(g.block_n)
     k_valid = (i >= 0) & (i < g.n)
@@ -314,7 +316,30 @@ def _kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, 
     p = jax.lax.cond(full, lambda e: e, lambda e: jnp.where(
         k_valid[None, :] & (kv_pos[None, :] <= q_pos[:, None]) & (kv_seg[None, :] == q_seg[:, None]), e, 0.0), e)
     x = _small_dot(p, band, g)                                             # [rows, cols]
-    store(j, x if group_sum is None else _small_dot(group_sum, x, g, float_left=False))  # [tok_rows, cols]
+    return x if group_sum is None else _small_dot(group_sum, x, g, float_left=False)  # [tok_rows, cols]
+
+  return prog, kv_head, steps, scores
+
+
+def _out_rows(prog, kv_head, g: _Geometry):
+  """The program's tokens as output rows: (local index [tok_rows], valid [tok_rows], row of [K·Tq])."""
+  out_local = prog * g.tokens + jnp.arange(g.tok_rows)
+  out_valid = (jnp.arange(g.tok_rows) < g.tokens) & (out_local < g.tq)
+  return out_local, out_valid, kv_head * g.tq + out_local
+
+
+def _kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, o_ref, *, g: _Geometry):
+  prog, kv_head, steps, scores = _tile(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, g)
+  _, out_valid, out_rows = _out_rows(prog, kv_head, g)
+  c = jnp.arange(g.cols)
+
+  def store(j, y):
+    blocks = j * g.nbt + c
+    ok = out_valid[:, None] & ((c < g.nbt) & (blocks < g.num_blocks))[None, :]
+    plgpu.store(o_ref.at[out_rows[:, None], blocks[None, :]], y, mask=ok)
+
+  def step(j, carry):
+    store(j, scores(j))
     return carry
 
   def zero(j, carry):
@@ -322,7 +347,101 @@ def _kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, 
     return carry
 
   jax.lax.fori_loop(0, steps, step, 0)
-  jax.lax.fori_loop(steps, out_steps, zero, 0)
+  jax.lax.fori_loop(steps, -(-g.num_blocks // g.nbt), zero, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+  """Static parameters of the fused top-n."""
+  n: int             # blocks kept per token: min(num_selected, S)
+  width: int         # columns of the running set: next_pow2(n), >= 16 (columns >= n are never used)
+  select_block: int  # l'
+  num_initial: int
+  num_local: int
+
+
+def selection_scores(y, blocks, own, first, *, num_initial: int, num_local: int):
+  """`compressed.block_scores` on a tile: y [R, C] p_slc of blocks [1, C] for tokens whose own block is
+  own [R, 1] and whose document starts in block first [R, 1]: +inf for the first `num_initial` blocks of
+  the document and the `num_local` blocks ending at the own block, −inf outside [first, own]."""
+  valid = (blocks >= first) & (blocks <= own)
+  forced = valid & ((blocks < first + num_initial) | (blocks > own - num_local))
+  return jnp.where(forced, jnp.inf, jnp.where(valid, y, -jnp.inf))
+
+
+def _insert(y, base, vals, idx, thr, sel: _Selection):
+  """Merge one step's blocks into each row's running top-n, exactly as `top_blocks` orders them (score
+  descending, ties to the lower block index).
+
+  y [R, C] masked scores of blocks base + c (every one above the running blocks' indices); vals, idx
+  [R, width] the running set, unsorted (empty slots: −inf with index S + slot; columns >= n: +inf, never
+  the worst); thr [R] its worst score. While some row's best new block beats its worst entry (strictly:
+  on a tie the running block has the lower index, and a new block tied with one taken before it from
+  the same step has a higher index), that block replaces the worst entry (lowest score, then highest
+  index). Each round takes one block per row, so a step costs one round per entering block of its
+  busiest row (none once a row's n-th score is high), plus the test. Returns (vals, idx, thr)."""
+  c = jnp.arange(y.shape[1])[None, :]
+  best = jnp.max(y, axis=1)
+
+  def go(state):
+    return jnp.max((state[4] > state[3]).astype(jnp.int32)) > 0
+
+  def round_(state):
+    y, vals, idx, thr, best = state
+    enter = (best > thr)[:, None]
+    worst = jnp.max(jnp.where(vals == thr[:, None], idx, -1), axis=1)
+    pick = jnp.min(jnp.where(y == best[:, None], c, y.shape[1]), axis=1)[:, None]
+    slot = enter & (idx == worst[:, None])
+    vals = jnp.where(slot, best[:, None], vals)
+    idx = jnp.where(slot, base + pick, idx)
+    y = jnp.where(enter & (c == pick), -jnp.inf, y)
+    return y, vals, idx, jnp.min(vals, axis=1), jnp.max(y, axis=1)
+
+  _, vals, idx, thr, _ = jax.lax.while_loop(go, round_, (y, vals, idx, thr, best))
+  return vals, idx, thr
+
+
+def _topn_kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, doc_ref, idx_ref, cnt_ref, *,
+                 g: _Geometry, sel: _Selection):
+  prog, kv_head, steps, scores = _tile(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, g)
+  out_local, out_valid, out_rows = _out_rows(prog, kv_head, g)
+  tok = start_ref[0] + out_local
+  pos = plgpu.load(q_pos_ref.at[tok], mask=out_valid, other=0)
+  doc = plgpu.load(doc_ref.at[tok], mask=out_valid, other=0)
+  own = jnp.where(out_valid, pos // sel.select_block, -1)                 # [tok_rows]
+  first = jnp.where(out_valid, doc // sel.select_block, g.num_blocks)
+  first_step = jnp.min(first) // g.nbt                                   # blocks before every document: none
+  end_step = jnp.max(own) // g.nbt + 1                                   # through the latest own block
+
+  c = jnp.arange(g.cols)
+  slot = jnp.arange(sel.width)[None, :]
+  vals = jnp.broadcast_to(jnp.where(slot < sel.n, -jnp.inf, jnp.inf), (g.tok_rows, sel.width))
+  idx = jnp.broadcast_to(jnp.where(slot < sel.n, g.num_blocks + slot, -1), (g.tok_rows, sel.width))
+  thr = jnp.full((g.tok_rows,), -jnp.inf, jnp.float32)
+
+  def merge(j, y, carry):
+    blocks = j * g.nbt + c
+    y = selection_scores(y, blocks[None, :], own[:, None], first[:, None], num_initial=sel.num_initial,
+                         num_local=sel.num_local)
+    y = jnp.where((c < g.nbt)[None, :], y, -jnp.inf)                     # columns past the step's blocks
+    return _insert(y, j * g.nbt, *carry, sel)
+
+  # steps with visible compressed tokens, then the valid blocks that none reaches (score 0)
+  carry = jax.lax.fori_loop(first_step, steps, lambda j, carry: merge(j, scores(j), carry), (vals, idx, thr))
+  zeros = jnp.zeros((g.tok_rows, g.cols), jnp.float32)
+  vals, idx, _ = jax.lax.fori_loop(jnp.maximum(first_step, steps), end_step,
+                                   lambda j, carry: merge(j, zeros, carry), carry)
+
+  # taken blocks ascending (distinct indices: n rounds of min), S past the count
+  taken = (slot < sel.n) & (vals > -jnp.inf)
+  keys = jnp.where(taken, idx, g.num_blocks)
+  out = jnp.full((g.tok_rows, sel.width), g.num_blocks, jnp.int32)
+  for r in range(sel.n):
+    low = jnp.min(keys, axis=1)
+    out = jnp.where(slot == r, low[:, None], out)
+    keys = jnp.where(keys == low[:, None], g.num_blocks, keys)
+  plgpu.store(idx_ref.at[out_rows[:, None], slot], out, mask=out_valid[:, None] & (slot < sel.n))
+  plgpu.store(cnt_ref.at[out_rows], jnp.sum(taken.astype(jnp.int32), axis=1), mask=out_valid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,3 +490,52 @@ def importance_scores(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids,
       interpret=interpret, name="nsa_importance",
   )(start, *ins)
   return out.reshape(b, hkv, q_count, num_blocks)
+
+
+def importance_topn(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, doc_starts, *, block: int,
+                    stride: int, select_block: int, num_blocks: int, num_selected: int, num_initial: int,
+                    num_local: int, sm_scale: float | None = None, interpret: bool = False,
+                    config: ImportanceConfig | None = None) -> tuple[jax.Array, jax.Array]:
+  """NSA's selected blocks in one kernel: `importance_scores`, `compressed.block_scores` and
+  `compressed.top_blocks` fused, so the scores [B, K, T, S] never reach HBM.
+
+  Arguments as `importance_scores` (all T query rows; lse may be None when N = 0), plus doc_starts [B, T]
+  int32 (row index of each query's document start, `compressed.document_starts` in row coordinates) and
+  num_selected n (1 .. MAX_SELECTED), num_initial, num_local (forced blocks, counted inside n). Each
+  program keeps the running top-n of its tokens across its steps (`_insert`), walking the blocks from
+  the first block of its earliest document through its latest query's own block.
+  Returns indices [B, K, T, n'] int32 (ascending, valid first, S past the count) and counts [B, K, T]
+  int32, n' = min(n, S): what `top_blocks(block_scores(importance_scores(...)))` returns.
+  """
+  b, t, hq, d = q.shape
+  n_cmp = k_cmp.shape[1]
+  if lse is None:
+    if n_cmp:
+      raise ValueError(f"nsa_importance: lse is None but there are N={n_cmp} compressed tokens")
+    lse = jnp.full((b, hq, t), -jnp.inf, jnp.float32)
+  check_supported(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, block=block, stride=stride,
+                  select_block=select_block, num_blocks=num_blocks, config=config)
+  check_selection(doc_starts, (b, t), num_selected=num_selected, num_initial=num_initial, num_local=num_local)
+  hkv = k_cmp.shape[2]
+  if n_cmp == 0:              # T < l: only the masking runs (no step reads a key); one dummy token to pass
+    k_cmp = jnp.zeros((b, 1, hkv, d), q.dtype)
+    kv_segment_ids = jnp.full((b, 1), -1, jnp.int32)
+  cfg = config or default_config(q, k_cmp, block=block, stride=stride, select_block=select_block)
+  scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+  g = _geometry(q, k_cmp, t, num_blocks, block=block, stride=stride, select_block=select_block, sm_scale=scale,
+                cfg=cfg)
+  g = dataclasses.replace(g, n=n_cmp)
+  keep = min(num_selected, num_blocks)
+  sel = _Selection(n=keep, width=max(_MIN_DOT, _next_pow2(keep)), select_block=select_block,
+                   num_initial=num_initial, num_local=num_local)
+  ins = [q_positions.astype(jnp.int32), q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32),
+         lse, _flat(q), _flat(k_cmp), doc_starts.astype(jnp.int32)]
+  out_shape = (jax.ShapeDtypeStruct((b, hkv * t, keep), jnp.int32), jax.ShapeDtypeStruct((b, hkv * t), jnp.int32))
+  idx, cnt = pl.pallas_call(
+      functools.partial(_topn_kernel, g=g, sel=sel), grid=(g.programs * hkv, b),
+      in_specs=[pl.BlockSpec((1,), lambda p, b_: (0,))] + [_whole(x, 1) for x in ins],
+      out_specs=[_whole(x, 1) for x in out_shape], out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      interpret=interpret, name="nsa_importance_topn",
+  )(jnp.zeros((1,), jnp.int32), *ins)
+  return idx.reshape(b, hkv, t, keep), cnt.reshape(b, hkv, t)

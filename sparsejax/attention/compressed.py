@@ -37,10 +37,12 @@ The importance pass never materialises [T, N] in memory: `select_blocks` walks q
 `lax.map`, recomputes the logits, turns them into probabilities with the compression branch's own
 log-sum-exp (p = exp(s − lse): no second reduction), maps to blocks and keeps only the top-n
 indices [B, K, T, n]. It is not differentiable (indices); it reads its inputs through stop_gradient.
-Two implementations of the scores: "xla" (the chunk's [B, K, G, C, N] float32 logits go through
-HBM) and "pallas_gpu" (`pallas_kernels.nsa_importance`: one kernel per chunk writes only the Eq. 9
-block scores [B, K, C, S]); `block_scores` and `top_blocks` run in XLA after either. The default
-(implementation=None) is pallas_gpu on GPU and xla elsewhere.
+Two implementations: "xla" (the chunk's [B, K, G, C, N] float32 logits go through HBM, then
+`block_scores` and `top_blocks`) and "pallas_gpu" (`pallas_kernels.nsa_importance.importance_topn`:
+one kernel computes the Eq. 9 block scores, applies the forced/impossible blocks and keeps a running
+top-n per (token, KV group), writing only the indices and counts; for n > 32 the unfused kernel writes
+the block scores [B, K, C, S] per chunk and XLA takes the top-n). The default (implementation=None) is
+pallas_gpu on GPU and xla elsewhere.
 """
 from __future__ import annotations
 
@@ -228,7 +230,7 @@ def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select
     implementation: None (pallas_gpu on GPU, xla elsewhere), "xla" or "pallas_gpu" (`interpret=True`
     runs the kernel in interpret mode, for CPU tests). Query chunks of C tokens keep the largest
     intermediate under `chunk_elements` float32s: [B, H, C, max(N, S)] for xla, [B, K, C, S] for
-    pallas_gpu. xla only: the chunks are split into `causal_parts` consecutive parts, each reading only
+    pallas_gpu with n > 32 (n <= 32: one fused kernel, no chunks). xla only: the chunks are split into `causal_parts` consecutive parts, each reading only
     the compressed tokens its last query can see (static slices), so about half of the T·N logits are
     never computed; the kernel skips them per query tile by itself.
     """
@@ -302,19 +304,25 @@ def select_blocks_pallas(q, k_cmp, lse, segment_ids, kv_segments, row_index, doc
     q [B, T, H, D], k_cmp [B, N, K, D] (N may be 0), lse [B, H, T] float32 (ignored when N = 0),
     segment_ids [B, T], kv_segments [B, N] (`compressed_segments` of the row), row_index [T] int32 (each
     query's index in the packed row), doc_start [B, T] (row index of each query's document start);
-    num_blocks S = ⌈T_row / l'⌉. Per chunk of C queries (B·K·C·S <= chunk_elements): the kernel's
-    p_slc [B, K, C, S], then `block_scores` and `top_blocks`. Returns indices [B, K, T, n'] (past the
-    count: S) and counts [B, K, T] int32.
+    num_blocks S = ⌈T_row / l'⌉. For n <= `nsa_importance.MAX_SELECTED` one kernel over all T scores,
+    masks and keeps the top n (`importance_topn`: no [B, K, T, S] scores in HBM). Larger n: per chunk of
+    C queries (B·K·C·S <= chunk_elements) the kernel's p_slc [B, K, C, S], then `block_scores` and
+    `top_blocks`. Returns indices [B, K, T, n'] (past the count: S) and counts [B, K, T] int32.
     """
     from pallas_kernels import nsa_importance        # lazily: only the GPU path needs the kernel module
 
     b, t = q.shape[:2]
     kv_heads = k_cmp.shape[2]
+    row_index = row_index.astype(jnp.int32)
+    positions = jnp.broadcast_to(row_index, (b, t))
+    if num_selected <= nsa_importance.MAX_SELECTED:
+        return nsa_importance.importance_topn(
+            q, k_cmp, lse if k_cmp.shape[1] else None, positions, segment_ids, kv_segments, doc_start, block=block,
+            stride=stride, select_block=select_block, num_blocks=num_blocks, num_selected=num_selected,
+            num_initial=num_initial, num_local=num_local, sm_scale=sm_scale, interpret=interpret)
     chunk = max(1, min(t, chunk_elements // max(1, b * kv_heads * num_blocks)))
     num_chunks = -(-t // chunk)
     pad = num_chunks * chunk - t
-    row_index = row_index.astype(jnp.int32)
-    positions = jnp.broadcast_to(row_index, (b, t))
     t_pad = jnp.pad(row_index, (0, pad))
     start_pad = jnp.pad(doc_start, ((0, 0), (0, pad)))
 

@@ -64,6 +64,7 @@ def model_defaults() -> ml_collections.ConfigDict:
         "param_dtype": "float32",
         "dtype": "float32",         # compute dtype: "float32" | "bfloat16" | "float16"
         "remat": "none",            # "none" | "full" | "dots" | "dots_attention" (sparsejax.model)
+        "scan_layers": False,       # True: params stacked [L, ...], layers applied by one lax.scan (sparsejax.model)
     })
 
 

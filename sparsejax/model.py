@@ -3,10 +3,18 @@
     inputs [B, T] -> Embed -> L x Block -> RMSNorm -> logits [B, T, V] float32
     Block: x + Attention(RMSNorm(x), positions, segment_ids); then x + SwiGLU(RMSNorm(x))
 
-The attention class of every block is `get_attention(config.attention.kind)`. Layers are a Python
-list (not `nnx.scan`): variants may differ per layer (statistics, layer-dependent sparsity), the
-checkpoint tree names each layer, and a variant needs no scan-compatible state. Compile time is the
-price; remat keeps the activation memory of one layer at a time either way.
+The attention class of every block is `get_attention(config.attention.kind)`. Two layouts of the L
+blocks (`config.model.scan_layers`):
+
+- False: a Python list, params["blocks"][i] per layer; every layer is traced (compile time grows
+  with L; a variant may keep per-layer non-parameter state).
+- True: one Block whose parameters are stacked on a leading axis, params["layers"] leaves
+  [L, ...] with the logical name "layers" first (never sharded: `sparsejax.parallel.mesh`). Created
+  by `nnx.vmap` over L split parameter keys; the forward is one `jax.lax.scan` over the layer axis,
+  so one layer body is traced and compiled whatever L. Only `nnx.Param` state is allowed per layer.
+
+Remat keeps the activation memory of one layer at a time in both layouts (in the scan, the policy
+wraps the scan body).
 
 Remat (`config.model.remat`): "none"; "full" (recompute the whole block in the backward pass);
 "dots" (save the outputs of matmuls without batch dimensions, i.e. the projections and the MLP,
@@ -78,6 +86,36 @@ def _apply_block(block: Block, x, positions, segment_ids):
     return block(x, positions, segment_ids)
 
 
+def stacked_blocks(config, rngs: nnx.Rngs) -> Block:
+    """One Block whose parameters are stacked [L, ...] over config.model.num_layers layers, each layer
+    from its own split of `rngs`; the logical names of every parameter gain "layers" in front."""
+    @nnx.split_rngs(splits=config.model.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(layer_rngs):
+        return Block(config, rngs=layer_rngs)
+
+    blocks = create(rngs)
+    other = nnx.to_pure_dict(nnx.state(blocks, nnx.Not(nnx.Param)))
+    if jax.tree.leaves(other):
+        raise ValueError(f"config.model.scan_layers = True needs layers that hold only nnx.Param state; the "
+                         f"{config.attention.kind!r} layer also holds {other}; set config.model.scan_layers = False")
+    return blocks
+
+
+def scan_blocks(blocks: Block, remat: str, x, positions, segment_ids):
+    """Applies stacked `blocks` (params [L, ...]) in order as one `lax.scan`, the remat policy around
+    the scan body. x [B, T, E] -> (x [B, T, E], aux: name -> float32 [L] per-layer values)."""
+    graphdef, state = nnx.split(blocks)
+
+    def body(x, layer_params):
+        x, aux = nnx.merge(graphdef, layer_params)(x, positions, segment_ids)
+        return x, {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+
+    if remat != "none":   # inside a scan CSE cannot merge the recomputation away: no need to prevent it
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, x, nnx.to_pure_dict(state))
+
+
 class Transformer(nnx.Module):
     """`model(inputs, positions, segment_ids) -> (logits, aux)`.
 
@@ -96,7 +134,12 @@ class Transformer(nnx.Module):
             raise ValueError(f"config.model.remat = {m.remat!r}; valid choices: {list(REMAT_POLICIES)}")
         self.embed = Embed(m.vocab_size, m.d_model, std=m.init_std, dtype=self.dtype,
                            param_dtype=dtype_from_name(m.param_dtype), rngs=rngs)
-        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(m.num_layers)])
+        self.num_layers = m.num_layers
+        self.scan_layers = m.scan_layers
+        if m.scan_layers:
+            self.layers = stacked_blocks(config, rngs)
+        else:
+            self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(m.num_layers)])
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=self.dtype,
                                   param_dtype=dtype_from_name(m.param_dtype), rngs=rngs)
         self.tie_embeddings = m.tie_embeddings
@@ -107,16 +150,19 @@ class Transformer(nnx.Module):
     def __call__(self, inputs, positions, segment_ids):
         rules = self.rules
         x = constrain(self.embed(inputs), ("batch", "sequence", None), rules)
-        apply = _apply_block
-        if self.remat != "none":
-            apply = nnx.remat(_apply_block, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
-        totals: dict[str, jax.Array] = {}
-        for block in self.blocks:
-            x, aux = apply(block, x, positions, segment_ids)
-            for key, value in aux.items():
-                totals[key] = totals.get(key, 0.0) + value.astype(jnp.float32)
-        num_layers = len(self.blocks)
-        aux = {k: (v if k.startswith("loss/") else v / num_layers) for k, v in totals.items()}
+        if self.scan_layers:
+            x, per_layer = scan_blocks(self.layers, self.remat, x, positions, segment_ids)
+            totals = {k: jnp.sum(v, axis=0) for k, v in per_layer.items()}
+        else:
+            apply = _apply_block
+            if self.remat != "none":
+                apply = nnx.remat(_apply_block, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
+            totals: dict[str, jax.Array] = {}
+            for block in self.blocks:
+                x, aux = apply(block, x, positions, segment_ids)
+                for key, value in aux.items():
+                    totals[key] = totals.get(key, 0.0) + value.astype(jnp.float32)
+        aux = {k: (v if k.startswith("loss/") else v / self.num_layers) for k, v in totals.items()}
 
         x = self.final_norm(x)
         if self.tie_embeddings:

@@ -51,6 +51,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
     "head_dim": (),
     "norm": (),
+    "layers": (),      # the leading axis of the stacked parameters of scanned layers: never sharded
 }
 
 Rules = Mapping[str, Sequence[str]] | Sequence[tuple[str, Sequence[str]]]

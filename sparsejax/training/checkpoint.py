@@ -35,10 +35,25 @@ from sparsejax.training.state import TrainState
 def _model_defining(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a config (JSON dict) whose change makes an old checkpoint unusable (different
     parameter shapes or meaning): `model`, `attention.kind` and the chosen variant's sub-section.
-    The other variants' sub-sections do not describe the saved model."""
+    The other variants' sub-sections do not describe the saved model. `model.scan_layers` records the
+    parameter layout; configs saved before it existed had one entry per layer (False)."""
     attention = config.get("attention") or {}
     kind = attention.get("kind")
-    return {"model": config.get("model"), "attention": {"kind": kind, kind: attention.get(kind)}}
+    model = config.get("model")
+    if isinstance(model, dict):
+        model = {"scan_layers": False, **model}
+    return {"model": model, "attention": {"kind": kind, kind: attention.get(kind)}}
+
+
+def _layout_hint(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """A sentence on the parameter layout when the two configs differ in `model.scan_layers`."""
+    was, now = ((c.get("model") or {}).get("scan_layers") for c in (saved, current))
+    if was == now or {was, now} != {True, False}:
+        return ""
+    layout = {True: "stacked [num_layers, ...] under params['layers']",
+              False: "one entry per layer under params['blocks']"}
+    return (f"; its parameters are {layout[was]}, this config expects {layout[now]}: restore it with "
+            f"--config.model.scan_layers={was} (layouts are not converted)")
 
 
 class CheckpointError(RuntimeError):
@@ -93,11 +108,13 @@ class Checkpointer:
         config; logs other differences (e.g. a longer num_steps, which is a legitimate resume)."""
         saved = self.saved_config(step)
         current = config_to_json_dict(config)
-        diffs = _differences(_model_defining(saved), _model_defining(current), "config")
+        saved_model, current_model = _model_defining(saved), _model_defining(current)
+        diffs = _differences(saved_model, current_model, "config")
         if diffs:
             raise CheckpointError(
                 f"the checkpoint {self.step_dir(step)} was written with a different model/attention config "
-                f"({'; '.join(diffs[:5])}); use a fresh --workdir or the checkpoint's config")
+                f"({'; '.join(diffs[:5])}); use a fresh --workdir or the checkpoint's config"
+                f"{_layout_hint(saved_model, current_model)}")
         other = [d for d in _differences(saved, current, "config") if d not in diffs]
         if other:
             logging.info("resuming with config changes: %s", "; ".join(other))

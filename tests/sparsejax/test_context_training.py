@@ -29,10 +29,11 @@ def _train(config, devices, batches):
     return np.array(losses), jax.tree.map(np.asarray, state.params)
 
 
-def tiny(kind, **mesh):
+def tiny(kind, scan_layers=False, **mesh):
     from configs import dense_tiny, nsa_tiny
     config = (nsa_tiny if kind == "nsa" else dense_tiny).get_config()
-    config.model.update(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
+    config.model.update(d_model=32, num_layers=2 if scan_layers else 1, num_heads=4, num_kv_heads=2, head_dim=8,
+                        mlp_dim=64, scan_layers=scan_layers)
     config.data.update(seq_len=128, global_batch_size=2, max_documents=40)
     config.train.update(num_steps=2, warmup_steps=1, learning_rate=1e-2, log_every=1, eval_every=0,
                         checkpoint_every=0, async_checkpointing=False)
@@ -52,14 +53,17 @@ def packed_batches():
     return batches
 
 
-@pytest.mark.parametrize("kind,scheme,bal", [("dense", "ring", "zigzag"), ("nsa", "ring", "striped")])
-def test_train_step_sequence_4_equals_sequence_1(packed_batches, kind, scheme, bal):
+@pytest.mark.parametrize("kind,scheme,bal,scan_layers", [
+    ("dense", "ring", "zigzag", False), ("nsa", "ring", "striped", False),
+    ("dense", "ring", "zigzag", True), ("nsa", "ring", "striped", True),   # shard_map inside the scan body
+])
+def test_train_step_sequence_4_equals_sequence_1(packed_batches, kind, scheme, bal, scan_layers):
     from sparsejax import config as config_lib
     devices = jax.devices()
-    reference = tiny(kind, data=2)
+    reference = tiny(kind, scan_layers, data=2)
     config_lib.validate(reference, 2)
     ref_losses, ref_params = _train(reference, devices[:2], packed_batches)
-    parallel = tiny(kind, data=2, sequence=4)
+    parallel = tiny(kind, scan_layers, data=2, sequence=4)
     parallel.parallel.update(context_scheme=scheme, balance=bal)
     config_lib.validate(parallel, 8)
     losses, params = _train(parallel, devices, packed_batches)

@@ -12,10 +12,11 @@ from sparsejax.model import Transformer
 from sparsejax.parallel import mesh as mesh_lib
 
 
-def small_config(num_kv_heads=2, **mesh):
+def small_config(num_kv_heads=2, scan_layers=False, **mesh):
     config = common.base_config()
-    common.llama_model(config, d_model=32, num_layers=1, num_heads=4, num_kv_heads=num_kv_heads, mlp_dim=64)
-    common.update(config.model, vocab_size=64, tie_embeddings=False)
+    common.llama_model(config, d_model=32, num_layers=2 if scan_layers else 1, num_heads=4,
+                       num_kv_heads=num_kv_heads, mlp_dim=64)
+    common.update(config.model, vocab_size=64, tie_embeddings=False, scan_layers=scan_layers)
     common.update(config.mesh, **{"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1, **mesh})
     common.update(config.parallel, block_q=8, block_k=8)   # sequence > 1: ring blocks that fit T=32 (zigzag 2x2x8)
     return config
@@ -112,32 +113,38 @@ def run(config, devices, data):
 
 @pytest.fixture(scope="module")
 def single_device_results():
-    """Loss, logits and grads on one device, computed once per number of KV heads."""
+    """Loss, logits and grads on one device, computed once per number of KV heads and layer layout."""
     cache = {}
 
-    def get(kv_heads):
-        if kv_heads not in cache:
-            cache[kv_heads] = run(small_config(num_kv_heads=kv_heads), jax.devices()[:1],
-                                  batch(np.random.default_rng(0)))[1:]
-        return cache[kv_heads]
+    def get(kv_heads, scan_layers):
+        if (kv_heads, scan_layers) not in cache:
+            cache[kv_heads, scan_layers] = run(small_config(num_kv_heads=kv_heads, scan_layers=scan_layers),
+                                               jax.devices()[:1], batch(np.random.default_rng(0)))[1:]
+        return cache[kv_heads, scan_layers]
     return get
 
 
-@pytest.mark.parametrize("mesh", [
-    dict(data=2, fsdp=2, tensor=2),
-    dict(fsdp=8),
-    dict(data=2, tensor=4),
-    dict(fsdp=2, sequence=2, tensor=2),
+@pytest.mark.parametrize("mesh, scan_layers", [
+    (dict(data=2, fsdp=2, tensor=2), False),
+    (dict(fsdp=8), False),
+    (dict(data=2, tensor=4), False),
+    (dict(fsdp=2, sequence=2, tensor=2), False),
+    (dict(data=2, fsdp=2, tensor=2), True),     # scanned layers: stacked params sharded likewise
+    (dict(fsdp=2, sequence=2, tensor=2), True),
 ])
-def test_sharded_equals_single_device(mesh, single_device_results):
+def test_sharded_equals_single_device(mesh, scan_layers, single_device_results):
     data = batch(np.random.default_rng(0))
     kv_heads = 4 if mesh.get("tensor") == 4 else 2
-    loss1, logits1, grads1 = single_device_results(kv_heads)
-    state, loss8, logits8, grads8 = run(small_config(num_kv_heads=kv_heads, **mesh), jax.devices(), data)
+    loss1, logits1, grads1 = single_device_results(kv_heads, scan_layers)
+    state, loss8, logits8, grads8 = run(small_config(num_kv_heads=kv_heads, scan_layers=scan_layers, **mesh),
+                                        jax.devices(), data)
     np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(logits8), np.asarray(logits1), rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(grads8), jax.tree.leaves(grads1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-    query = nnx.to_pure_dict(state)["blocks"][0]["attention"]["qkv"]["query"]["kernel"]
-    expected = P("fsdp" if mesh.get("fsdp", 1) > 1 else None, "tensor" if mesh.get("tensor", 1) > 1 else None, None)
-    assert query.sharding.is_equivalent_to(jax.sharding.NamedSharding(query.sharding.mesh, expected), 3)
+    params = nnx.to_pure_dict(state)
+    query = (params["layers"] if scan_layers else params["blocks"][0])["attention"]["qkv"]["query"]["kernel"]
+    layer_axis = (None,) if scan_layers else ()
+    expected = P(*layer_axis, "fsdp" if mesh.get("fsdp", 1) > 1 else None,
+                 "tensor" if mesh.get("tensor", 1) > 1 else None, None)
+    assert query.sharding.is_equivalent_to(jax.sharding.NamedSharding(query.sharding.mesh, expected), query.ndim)

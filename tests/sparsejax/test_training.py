@@ -203,20 +203,26 @@ def batches():
     return [next(iterator) for _ in range(4)]
 
 
-def test_sharded_equals_unsharded_and_grad_accumulation(batches):
-    """Same 4-step loss curve on 1 device, on 8 devices in several mesh shapes, and with 2 micro-batches."""
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_sharded_equals_unsharded_and_grad_accumulation(batches, scan_layers):
+    """Same 4-step loss curve on 1 device, on 8 devices in several mesh shapes, and with 2 micro-batches;
+    with unrolled and with scanned layers (the state initialiser gives the same parameters on 1 and 8
+    devices in both layouts)."""
     devices = jax.devices()
     assert len(devices) == 8, "tests/conftest.py sets 8 fake CPU devices"
     one = tiny_config(learning_rate=1e-2)
+    one.model.scan_layers = scan_layers
     one.mesh.update(data=1, fsdp=1, sequence=1, tensor=1)
     reference = _losses(one, devices[:1], batches)
     assert reference[-1] < reference[0]
     shapes = [dict(data=1, fsdp=8, sequence=1, tensor=1), dict(data=2, fsdp=2, sequence=1, tensor=2)]
     for shape in shapes:
         sharded = tiny_config(learning_rate=1e-2)
+        sharded.model.scan_layers = scan_layers
         sharded.mesh.update(**shape)
         np.testing.assert_allclose(_losses(sharded, devices, batches), reference, rtol=2e-5, err_msg=str(shape))
     accumulated = tiny_config(learning_rate=1e-2)
+    accumulated.model.scan_layers = scan_layers
     accumulated.mesh.update(data=2, fsdp=2, sequence=1, tensor=1)
     np.testing.assert_allclose(_losses(accumulated, devices[:4], batches, accum=2), reference, rtol=2e-5)
 

@@ -8,9 +8,11 @@ n=16, w=512), one document per row. Forward = the output; forward+backward = the
 sum(out · cotangent) with respect to every float input (q, the six K/V, gates, MLP weights). Dense:
 `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`, forward and the
 gradient with respect to q, k, v. `--breakdown` also times each NSA piece forward at the longest T,
-the importance pass + top-n on both implementations (`importance_topn_xla` / `importance_topn_pallas_gpu`),
-the Pallas importance kernel alone per launch configuration (`importance_kernel*`, all T in one call)
-and block_scores + top-n alone (`block_scores_topn`); on CPU the kernel runs in interpret mode.
+the importance pass + top-n on both implementations (`importance_topn_xla`; `importance_topn_pallas_gpu`:
+the fused kernel that scores, masks and keeps the top n in one pass), the unfused Pallas importance
+kernel alone per launch configuration (`importance_kernel*`: p_slc [B, K, T, S], all T in one call) and
+XLA's block_scores + top-n alone on its output (`block_scores_topn`; the unfused path costs the sum of
+the two); on CPU the kernels run in interpret mode.
 
     python benchmarks/nsa.py --out $OUT/nsa.json                      # GPU: 8k 16k 32k 64k
     python benchmarks/nsa.py --lengths 256 --heads 4 --kv-heads 2 --head-dim 16 --dense xla \
@@ -159,9 +161,9 @@ def importance_pieces(pieces, x, kc, lse, spec, t, interpret):
 
 
 def importance_check(x, kc, lse, spec, t, interpret, xla_selection, pallas_select, rows=256):
-    """On the device: the kernel's p_slc of the last `rows` queries against the same scores in XLA
-    float32 (max error relative to the largest score), and the share of (token, KV group) rows whose
-    selected blocks agree between the two implementations (near ties may differ). RESULTS["importance_check"]."""
+    """On the device: the unfused kernel's p_slc of the last `rows` queries against the same scores in
+    XLA float32 (max error relative to the largest score), and the share of (token, KV group) rows whose
+    selected blocks agree between the two implementations (the fused kernel's; near ties may differ). RESULTS["importance_check"]."""
     b, _, h, d = x["q"].shape
     l, s, ls = spec.compress_block, spec.compress_stride, spec.select_block
     n, kv = kc.shape[1], kc.shape[2]

@@ -1,8 +1,10 @@
 """NSA's selection importance on the Pallas GPU kernel (`pallas_kernels.nsa_importance`, interpret mode on
 CPU) against an independent float64 computation written from the paper: a dense softmax over the
 visible compressed tokens, summed over the G query heads of each KV group, mapped to selection blocks by
-Eq. 9 in its 1-based form. Then `select_blocks(implementation="pallas_gpu")` and `nsa_attention` with
-the Pallas kernels against the XLA path, the errors, and the lowering for CUDA (Triton IR, no GPU)."""
+Eq. 9 in its 1-based form. Then the fused kernel (scores, forced/impossible blocks and top-n in one pass)
+through `select_blocks(implementation="pallas_gpu")` and `nsa_attention` against the XLA path and, exactly,
+against top_blocks(block_scores(.)) of the unfused kernel's scores; the errors, and the lowering for CUDA
+(Triton IR, no GPU)."""
 import dataclasses
 import functools
 
@@ -13,8 +15,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import nsa_importance
-from pallas_kernels.nsa_importance import ImportanceConfig, check_supported, importance_scores
-from sparsejax.attention.compressed import compressed_attention, compressed_segments, document_starts, select_blocks
+from pallas_kernels.nsa_importance import ImportanceConfig, check_supported, importance_scores, importance_topn
+from sparsejax.attention.compressed import (block_scores, compressed_attention, compressed_segments, document_starts,
+                                            select_blocks, top_blocks)
 from sparsejax.attention.nsa import nsa_attention
 from sparsejax.parallel import context, nsa_context
 from sparsejax.parallel import mesh as mesh_lib
@@ -206,32 +209,130 @@ def test_clear_errors(change, message):
 
 
 # ------------------------------------------------------------------------------------------ selection
-def _selection_case(seed, g, t=150):
+def _selection_case(seed, g, t=150, dtype=jnp.float32, segments=True):
     kw = dict(block=8, stride=4, select_block=16)
-    args, _ = random_case(seed, t=t, g=g, d=16)
+    args, _ = random_case(seed, t=t, g=g, d=16, dtype=dtype, segments=segments)
     q, kc, _, _, seg, kv_seg = args
+    if kc.shape[1] == 0:                                 # T < l: no compression branch, no lse
+        return q, kc, None, seg, kw
     vc = jnp.asarray(np.random.default_rng(seed + 100).standard_normal(kc.shape), jnp.float32)
     _, lse = compressed_attention(q, kc, vc.astype(kc.dtype), seg, block_q=16, block_k=16, implementation="xla",
                                   **{k: kw[k] for k in ("block", "stride")})
     return q, kc, lse, seg, kw
 
 
-@pytest.mark.parametrize("g", [2, 16])
-def test_select_blocks_pallas_gives_the_xla_selection(g):
-    """Same counts everywhere, same indices wherever the n-th and (n+1)-th scores are not near ties."""
-    q, kc, lse, seg, kw = _selection_case(10 + g, g)
-    sel = dict(num_selected=4, num_initial=1, num_local=2, **kw)
-    xla = jax.jit(functools.partial(select_blocks, implementation="xla", **sel))(q, kc, lse, seg)
-    pallas = jax.jit(functools.partial(select_blocks, implementation="pallas_gpu", interpret=True,
-                                       chunk_elements=2 * 2 * 48 * 10, **sel))(q, kc, lse, seg)
-    np.testing.assert_array_equal(pallas[1], xla[1])
-    positions = np.broadcast_to(np.arange(q.shape[1]), q.shape[:2])
-    p_slc, _ = reference(q, kc, positions, seg, seg, num_blocks=10, **kw)
-    sorted_scores = -np.sort(-_masked_scores(p_slc, np.asarray(seg), sel), axis=-1)
+def _clear_rows(q, kc, seg, sel):
+    """[B, K, T] True where the float64 masked scores of the n-th and (n+1)-th block are not within 1e-3
+    (both infinite counts as clear), so that float rounding cannot reorder the cut."""
+    kw = {k: sel[k] for k in ("block", "stride", "select_block")}
+    t = q.shape[1]
+    p_slc, _ = reference(q, kc, np.broadcast_to(np.arange(t), q.shape[:2]), seg, seg,
+                         num_blocks=-(-t // sel["select_block"]), **kw)
+    scores = -np.sort(-_masked_scores(p_slc, np.asarray(seg), sel), axis=-1)
+    n = sel["num_selected"]
+    if n >= scores.shape[-1]:
+        return np.ones(scores.shape[:-1], bool)
     with np.errstate(invalid="ignore"):                  # inf - inf (both forced) is nan: clear too
-        clear = ~(sorted_scores[..., 3] - sorted_scores[..., 4] < 1e-3)
-    assert clear.mean() > 0.8
-    np.testing.assert_array_equal(np.asarray(pallas[0])[clear], np.asarray(xla[0])[clear])
+        return ~(scores[..., n - 1] - scores[..., n] < 1e-3)
+
+
+def _both_selections(q, kc, lse, seg, sel):
+    run_impl = lambda impl: jax.jit(functools.partial(select_blocks, implementation=impl,
+                                                      interpret=impl == "pallas_gpu", **sel))(q, kc, lse, seg)
+    return [tuple(np.asarray(x) for x in run_impl(impl)) for impl in ("pallas_gpu", "xla")]
+
+
+def assert_same_selection(q, kc, lse, seg, sel, min_clear=0.8):
+    """select_blocks on the fused kernel gives the XLA path's counts everywhere and its indices on every
+    row without a near tie at the cut."""
+    (idx_p, cnt_p), (idx_x, cnt_x) = _both_selections(q, kc, lse, seg, sel)
+    assert idx_p.shape == idx_x.shape
+    np.testing.assert_array_equal(cnt_p, cnt_x)
+    clear = _clear_rows(q, kc, seg, sel)
+    assert clear.mean() > min_clear
+    np.testing.assert_array_equal(idx_p[clear], idx_x[clear])
+    return cnt_x
+
+
+SELECTIONS = (dict(num_selected=4, num_initial=1, num_local=2), dict(num_selected=8, num_initial=2, num_local=1))
+
+
+@pytest.mark.parametrize("g", [1, 4, 16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_topn_gives_the_xla_selection(g, dtype):
+    """select_blocks(implementation="pallas_gpu") (one kernel: scores, forced/impossible blocks, running
+    top-n) against select_blocks(implementation="xla"): T = 150 (S = 10, not a multiple of l' = 16 nor of
+    the 15-block step), packed documents and padding in row 1, n = 4 and n = 8 (documents with fewer
+    valid blocks than n, so counts below n)."""
+    q, kc, lse, seg, kw = _selection_case(20 + g, g, dtype=dtype)
+    counts = [assert_same_selection(q, kc, lse, seg, dict(**sel, **kw)) for sel in SELECTIONS]
+    assert (counts[1] < 8).any() and (counts[1] == 8).any()
+
+
+def test_fused_topn_is_top_blocks_of_the_kernel_scores():
+    """Exact, ties included: the fused kernel keeps what `top_blocks(block_scores(.))` keeps of the
+    unfused kernel's p_slc (the same floats), for queries in a random row order (the sharded rows: a tile's
+    first and last blocks come from its tokens, not from its place), two launch configurations."""
+    args, _ = random_case(11, t=150, g=4, d=16, permuted=True)
+    q, kc, lse, positions, q_seg, kv_seg = args
+    row_seg = np.ones((2, 150), np.int32)
+    np.put_along_axis(row_seg, np.asarray(positions), np.asarray(q_seg), axis=1)    # the rows' documents
+    doc = jnp.take_along_axis(document_starts(jnp.asarray(row_seg)), positions, axis=1)
+    kw = dict(block=8, stride=4, select_block=16, num_blocks=10)
+    for sel in SELECTIONS:
+        for config in (None, SMALL):
+            p_slc = jax.jit(functools.partial(importance_scores, interpret=True, config=config, **kw))(*args)
+            scores = jnp.concatenate([block_scores(p_slc[i:i + 1], positions[i], doc[i:i + 1], select_block=16,
+                                                   num_initial=sel["num_initial"], num_local=sel["num_local"])
+                                      for i in range(2)])
+            want = top_blocks(scores, sel["num_selected"])
+            got = jax.jit(functools.partial(importance_topn, interpret=True, config=config, **kw, **sel))(*args, doc)
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("t", [6, 12])
+def test_fused_topn_before_any_compressed_token(t):
+    """T < l' (one block): T = 6 < l has N = 0 (no key to read, lse None), T = 12 has compressed tokens
+    that only the last queries see; both select the one block, as the XLA path does."""
+    q, kc, lse, seg, kw = _selection_case(30, 4, t=t, segments=False)
+    assert (kc.shape[1] == 0) == (t < kw["block"])
+    for sel in SELECTIONS:
+        counts = assert_same_selection(q, kc, lse, seg, dict(**sel, **kw), min_clear=0.99)
+        assert (counts == 1).all()
+
+
+def test_fused_topn_needs_the_forced_blocks(monkeypatch):
+    """The comparison can fail: a kernel that forgets the forced blocks (scores as they come) selects
+    other blocks than the XLA path."""
+    q, kc, lse, seg, kw = _selection_case(21, 4)
+    monkeypatch.setattr(nsa_importance, "selection_scores", functools.partial(
+        lambda y, blocks, own, first, **_: jnp.where((blocks >= first) & (blocks <= own), y, -jnp.inf)))
+    with pytest.raises(AssertionError):
+        assert_same_selection(q, kc, lse, seg, dict(**SELECTIONS[0], **kw))
+
+
+def test_large_n_takes_the_unfused_kernel():
+    """n > MAX_SELECTED: the unfused kernel per chunk and XLA's top-n (every valid block at S = 10)."""
+    q, kc, lse, seg, kw = _selection_case(22, 2)
+    sel = dict(num_selected=nsa_importance.MAX_SELECTED + 1, num_initial=1, num_local=2, **kw)
+    (idx_p, cnt_p), (idx_x, cnt_x) = _both_selections(q, kc, lse, seg, sel)
+    np.testing.assert_array_equal(cnt_p, cnt_x)
+    np.testing.assert_array_equal(idx_p, idx_x)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_selected=0), "takes 1 .. 32"),
+    (dict(num_selected=33), "takes 1 .. 32"),
+    (dict(num_local=-1), "num_local=-1"),
+    (dict(doc_shape=(1, 5)), "doc_starts must be integers of shape"),
+])
+def test_fused_topn_clear_errors(change, message):
+    c = dict(num_selected=16, num_initial=1, num_local=2, doc_shape=(1, 40))
+    c.update(change)
+    doc = jax.ShapeDtypeStruct(c.pop("doc_shape"), jnp.int32)
+    with pytest.raises(ValueError, match=message):
+        nsa_importance.check_selection(doc, (1, 40), **c)
 
 
 def _masked_scores(p_slc, seg, sel):
@@ -308,28 +409,34 @@ def test_select_blocks_rejects_unknown_implementation():
 @pytest.mark.parametrize("config", [ImportanceConfig(128, 64, 4, 3), ImportanceConfig(256, 64, 8, 2),
                                     ImportanceConfig(128, 128, 8, 2, precise=False)])
 def test_benchmark_configs_lower_for_cuda(config):
-    """Launch configurations that benchmarks/nsa.py sweeps lower too (paper shapes, bf16)."""
+    """Launch configurations that benchmarks/nsa.py sweeps lower too (paper shapes, bf16), unfused and fused."""
     b, t, hq, hkv, d = 1, 2048, 64, 4, 128
     n = (t - 32) // 16 + 1
     shapes = [((b, t, hq, d), jnp.bfloat16), ((b, n, hkv, d), jnp.bfloat16), ((b, hq, t), jnp.float32),
               ((b, t), jnp.int32), ((b, t), jnp.int32), ((b, n), jnp.int32)]
-    fn = functools.partial(importance_scores, block=32, stride=16, select_block=64, num_blocks=t // 64, config=config)
-    lowered = jax.jit(fn).trace(*(jax.ShapeDtypeStruct(*x) for x in shapes)).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("xla.gpu.triton") == 1
+    kw = dict(block=32, stride=16, select_block=64, num_blocks=t // 64, config=config)
+    for fn, extra in ((functools.partial(importance_scores, **kw), []),
+                      (functools.partial(importance_topn, num_selected=16, num_initial=1, num_local=2, **kw),
+                       [((b, t), jnp.int32)])):
+        lowered = jax.jit(fn).trace(*(jax.ShapeDtypeStruct(*x) for x in shapes + extra)).lower(
+            lowering_platforms=("cuda",))
+        assert lowered.as_text().count("xla.gpu.triton") == 1
 
 
-@pytest.mark.parametrize("hq, hkv, d, dtype", [(64, 4, 128, jnp.bfloat16), (8, 8, 192, jnp.float32)])
-def test_lowers_for_cuda_without_gpu(hq, hkv, d, dtype):
-    """The kernel lowers to one Triton custom call for CUDA (Triton IR only: the PTX compile happens on
-    the device, exercised by benchmarks/nsa.py --breakdown): the paper's heads (G = 16, D = 128, bf16)
-    inside select_blocks' chunk loop, and G = 1 (no group sum) with a chunked head dim in float32."""
+@pytest.mark.parametrize("hq, hkv, d, dtype, n", [(64, 4, 128, jnp.bfloat16, 16), (8, 8, 192, jnp.float32, 32),
+                                                  (16, 4, 64, jnp.bfloat16, 48)])
+def test_lowers_for_cuda_without_gpu(hq, hkv, d, dtype, n):
+    """select_blocks' kernel lowers to one Triton custom call for CUDA (Triton IR only: the PTX compile
+    happens on the device, exercised by benchmarks/nsa.py --breakdown): the fused top-n at the paper's
+    heads (G = 16, D = 128, bf16, n = 16) and at G = 1 (no group sum) with a chunked head dim in float32
+    and n = 32; the unfused kernel in its chunk loop for n = 48."""
     b, t = 1, 4096
     n = (t - 32) // 16 + 1
     q = jax.ShapeDtypeStruct((b, t, hq, d), dtype)
     kc = jax.ShapeDtypeStruct((b, n, hkv, d), dtype)
     lse = jax.ShapeDtypeStruct((b, hq, t), jnp.float32)
     seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
-    fn = functools.partial(select_blocks, block=32, stride=16, select_block=64, num_selected=16, num_initial=1,
+    fn = functools.partial(select_blocks, block=32, stride=16, select_block=64, num_selected=n, num_initial=1,
                            num_local=2, implementation="pallas_gpu", chunk_elements=1 << 18)
     lowered = jax.jit(fn).trace(q, kc, lse, seg).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 1

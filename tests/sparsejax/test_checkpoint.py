@@ -273,3 +273,29 @@ def test_kill9_mid_save_resumes_exactly_and_sigterm_saves(tmp_path):
     for step, record in killed_history.items():
         assert history[step]["loss"] == record["loss"], step
         assert history[step]["grad_norm"] == record["grad_norm"], step
+
+
+def test_scanned_layers_round_trip_and_the_other_layout_is_refused(tmp_path):
+    """A scanned-layer state restores exactly; the config recorded with it names the layout, and a
+    config with unrolled layers is refused (the layouts are not converted)."""
+    from sparsejax.data import make_train_iterator
+    config = tiny_config()
+    config.model.scan_layers = True
+    mesh = make_mesh(config)
+    factory = StateFactory(config, mesh, make_optimizer(config.train))
+    state = factory.create()
+    assert jax.tree.leaves(state.params["layers"])[0].shape[0] == TINY["num_layers"]
+    checkpointer = Checkpointer(str(tmp_path), keep=2, async_save=False)
+    checkpointer.save(0, state, make_train_iterator(config), config)
+    checkpointer.wait()
+    checkpointer.check_compatible(0, config)
+    restored = checkpointer.restore_state(0, factory.abstract_with_shardings())
+    assert jax.tree.structure(restored.to_dict()) == jax.tree.structure(state.to_dict())
+    for a, b in zip(jax.tree.leaves(state.to_dict()), jax.tree.leaves(restored.to_dict())):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding == b.sharding
+    unrolled = tiny_config()
+    with pytest.raises(CheckpointError, match=r"config.model.scan_layers was True, now False.*stacked "
+                                              r"\[num_layers, \.\.\.\].*--config.model.scan_layers=True"):
+        checkpointer.check_compatible(0, unrolled)
+    checkpointer.close()

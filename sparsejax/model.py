@@ -12,9 +12,7 @@ blocks (`config.model.scan_layers`):
   [L, ...] with the logical name "layers" first (never sharded: `sparsejax.parallel.mesh`). Created
   by `nnx.vmap` over L split parameter keys; the forward is one `jax.lax.scan` over the layer axis,
   so one layer body is traced and compiled whatever L. Only `nnx.Param` state is allowed per layer.
-
-Remat keeps the activation memory of one layer at a time in both layouts (in the scan, the policy
-wraps the scan body).
+  The remat policy wraps the scan body, so checkpoint names and policies act as in the list layout.
 
 Remat (`config.model.remat`): "none"; "full" (recompute the whole block in the backward pass);
 "dots" (save the outputs of matmuls without batch dimensions, i.e. the projections and the MLP,
@@ -95,10 +93,11 @@ def stacked_blocks(config, rngs: nnx.Rngs) -> Block:
         return Block(config, rngs=layer_rngs)
 
     blocks = create(rngs)
-    other = nnx.to_pure_dict(nnx.state(blocks, nnx.Not(nnx.Param)))
-    if jax.tree.leaves(other):
+    other = jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(blocks, nnx.Not(nnx.Param))))
+    if jax.tree.leaves(other, is_leaf=lambda x: isinstance(x, tuple)):
         raise ValueError(f"config.model.scan_layers = True needs layers that hold only nnx.Param state; the "
-                         f"{config.attention.kind!r} layer also holds {other}; set config.model.scan_layers = False")
+                         f"{config.attention.kind!r} layer also holds {other} (shapes); "
+                         f"set config.model.scan_layers = False")
     return blocks
 
 

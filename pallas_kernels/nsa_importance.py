@@ -37,6 +37,21 @@ s − 1 tokens, which are recomputed (at the paper's r = 4, s = 2 and bn = 64: 1
 new tokens of 64). With this the band matrix W[u, c] = c_{r·c + r + s − 2 − u} is the same for every
 step, and any r works (no power-of-two or alignment condition on l'/d).
 
+Fused top-n (`importance_topn`, what `select_blocks` uses for n <= 32). The same tile walk, but each
+step's block scores stay in registers: masked as `compressed.block_scores` does (+inf for the first
+`num_initial` blocks of the token's document and the `num_local` blocks ending at its own block, −inf
+outside [document's first block, own block]) and merged into a running top-n per token ([tokens, n]
+scores and block indices, unsorted). Steps run in ascending block order, so every new block has a
+higher index than the running ones and `top_blocks`' tie rule (equal scores: lower index) becomes
+"enter only if strictly above the running n-th score". A merge round takes, in every row at once, the
+row's best new block (lowest index among equals) and replaces its worst running entry (lowest score,
+then highest index) while the new block beats it; the rounds stop as soon as no row has an entrant, so
+a step costs the test (two row reductions) plus one round per entering block of its busiest token,
+instead of a sort. Steps start at the block of the earliest document start among the tile's tokens and
+end at the latest token's own block (the blocks past the last visible compressed token score 0 but can
+be forced or fill a short document's n). At the end the n indices are sorted ascending (n rounds of
+min) and written with the counts: [B, K, T, n] + [B, K, T] int32 instead of p_slc [B, K, T, S] float32.
+
 Precision. The logits dot runs in the inputs' dtype with float32 accumulation (tf32 for float32
 inputs, as in `block_sparse.pallas_gpu`). The two small dots that map and sum the probabilities take
 float32 operands against W and E, small integers exact in 16-bit floats. With `precise=True` (the

@@ -230,9 +230,10 @@ def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select
     implementation: None (pallas_gpu on GPU, xla elsewhere), "xla" or "pallas_gpu" (`interpret=True`
     runs the kernel in interpret mode, for CPU tests). Query chunks of C tokens keep the largest
     intermediate under `chunk_elements` float32s: [B, H, C, max(N, S)] for xla, [B, K, C, S] for
-    pallas_gpu with n > 32 (n <= 32: one fused kernel, no chunks). xla only: the chunks are split into `causal_parts` consecutive parts, each reading only
-    the compressed tokens its last query can see (static slices), so about half of the T·N logits are
-    never computed; the kernel skips them per query tile by itself.
+    pallas_gpu with n > 32 (n <= 32: one fused kernel, no chunks). xla only: the chunks are split
+    into `causal_parts` consecutive parts, each reading only the compressed tokens its last query can
+    see (static slices), so about half of the T·N logits are never computed; the kernel skips them per
+    query tile by itself.
     """
     implementation = resolve_importance(implementation)
     q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))

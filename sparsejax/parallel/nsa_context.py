@@ -12,8 +12,8 @@ static block permutation. Branches:
   (`ContextParallel.attend_gathered`).
 - selection: scores of the local queries over the gathered compressed keys (Eq. 9, forced blocks,
   top-n: `compressed.py`'s pieces, with the queries' row indices and document starts passed
-  explicitly; on GPU the Pallas importance kernel through `compressed.select_blocks_pallas`, which
-  reuses the compression branch's lse), then the selected blocks through the ring (or all-gather)
+  explicitly; on GPU the fused Pallas importance + top-n kernel through `compressed.select_blocks_pallas`,
+  which reuses the compression branch's lse), then the selected blocks through the ring (or all-gather)
   scheme, block_q = 1; the row's first block (forced for every query of the first document) from a
   copy on every device.
 - window: `nsa.window_attention`'s blocks of `BlockLayout.sliding_window` through the scheme, with the

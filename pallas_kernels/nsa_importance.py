@@ -168,9 +168,9 @@ def _geometry(q, k_cmp, tq, num_blocks, *, block, stride, select_block, sm_scale
 
 def default_config(q, k_cmp, *, block: int, stride: int, select_block: int) -> ImportanceConfig:
   """128 rows (8 tokens × 16 heads at G = 16); 64 compressed tokens per step unless fewer than 7/8
-  of them would be new blocks' tokens (large l'/d), then 128; 8 warps for a [128, 128] q tile (the
-  Triton flash-attention habit on Hopper; untuned: benchmarks/nsa.py --breakdown times the others);
-  pipelining depth inside shared memory."""
+  of them would be new blocks' tokens (large l'/d), then 128; 4 warps (measured on an H200 at
+  T = 65,536, G = 16, D = 128, unfused kernel: 4 warps 17.5 ms, 8 warps 24.9 ms; benchmarks/RESULTS.md,
+  NSA); pipelining depth inside shared memory."""
   r, s = select_block // stride, block // stride
   block_n = 64 if ((64 - s + 1) // r) * r >= 56 else 128
   rows = max(128, _next_pow2(q.shape[2] // k_cmp.shape[2]))
@@ -178,8 +178,7 @@ def default_config(q, k_cmp, *, block: int, stride: int, select_block: int) -> I
   d = q.shape[-1]
   room = _SMEM_BUDGET - rows * d * size
   stages = max(1, min(3, room // (block_n * d * size)))
-  return ImportanceConfig(rows=rows, block_n=block_n, num_warps=8 if rows * d >= 128 * 128 else 4,
-                          num_stages=stages)
+  return ImportanceConfig(rows=rows, block_n=block_n, num_warps=4, num_stages=stages)
 
 
 def check_supported(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *, block: int, stride: int,

@@ -187,4 +187,7 @@ def validate_rules(rules: Rules) -> None:
     missing = set(DEFAULT_RULES) - set(rules)
     if missing:
         raise ValueError(f"sharding_rules lacks {sorted(missing)}; every logical name needs a rule")
+    if tuple(rules["layers"]):
+        raise ValueError(f"sharding_rules.layers = {tuple(rules['layers'])!r}: the stacked layer axis of scanned "
+                         f"layers (config.model.scan_layers) is sliced by the scan at every layer; it must be ()")
 

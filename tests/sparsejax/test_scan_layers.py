@@ -138,3 +138,11 @@ def test_layers_with_non_parameter_state_are_refused(monkeypatch):
                                          r"'counting'.*scan_layers = False"):
         Transformer(config, rngs=nnx.Rngs(0))
 
+
+
+def test_the_layer_axis_cannot_be_sharded():
+    from sparsejax import config as config_lib
+    config = small_config(scan_layers=True)
+    config.sharding_rules.layers = ("fsdp",)
+    with pytest.raises(ValueError, match=r"sharding_rules.layers = \('fsdp',\): .* it must be \(\)"):
+        config_lib.validate(config)

@@ -8,11 +8,12 @@ n=16, w=512), one document per row. Forward = the output; forward+backward = the
 sum(out · cotangent) with respect to every float input (q, the six K/V, gates, MLP weights). Dense:
 `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`, forward and the
 gradient with respect to q, k, v. `--breakdown` also times each NSA piece forward at the longest T,
-the importance pass + top-n on both implementations (`importance_topn_xla`; `importance_topn_pallas_gpu`:
-the fused kernel that scores, masks and keeps the top n in one pass), the unfused Pallas importance
-kernel alone per launch configuration (`importance_kernel*`: p_slc [B, K, T, S], all T in one call) and
-XLA's block_scores + top-n alone on its output (`block_scores_topn`; the unfused path costs the sum of
-the two); on CPU the kernels run in interpret mode.
+the importance pass + top-n on each path (`importance_topn_xla`; `importance_topn_pallas_gpu`: the
+Pallas kernel's block scores per chunk of queries, then XLA's top-n, the default; `importance_topn_pallas_gpu_fused`:
+the kernel that scores, masks and keeps the top n in one pass, `--fused-topn` for the whole-attention
+rows), the unfused Pallas importance kernel alone per launch configuration (`importance_kernel*`:
+p_slc [B, K, T, S], all T in one call) and XLA's block_scores + top-n alone on its output
+(`block_scores_topn`); on CPU the kernels run in interpret mode.
 
     python benchmarks/nsa.py --out $OUT/nsa.json                      # GPU: 8k 16k 32k 64k
     python benchmarks/nsa.py --lengths 256 --heads 4 --kv-heads 2 --head-dim 16 --dense xla \
@@ -109,8 +110,10 @@ def breakdown(args, spec, t, dtype):
     lse = cmp_attention(x["q"], kc, vc, x["segment_ids"])[1]
     sel = dict(block=l, stride=s, select_block=spec.select_block, num_selected=spec.num_selected,
                num_initial=spec.num_initial, num_local=spec.num_local, chunk_elements=spec.score_chunk_elements)
-    selects = {name: jax.jit(functools.partial(cmp_lib.select_blocks, implementation=name, interpret=interpret,
-                                               **sel)) for name in cmp_lib.IMPORTANCE_IMPLEMENTATIONS}
+    paths = {"xla": dict(implementation="xla"), "pallas_gpu": dict(implementation="pallas_gpu"),
+             "pallas_gpu_fused": dict(implementation="pallas_gpu", fused_topn=True)}
+    selects = {name: jax.jit(functools.partial(cmp_lib.select_blocks, interpret=interpret, **path, **sel))
+               for name, path in paths.items()}
     for name, select in selects.items():
         res = guarded(f"importance_topn_{name}@{t}", lambda: bench(select, x["q"], kc, lse, x["segment_ids"]))
         if res:
@@ -118,7 +121,7 @@ def breakdown(args, spec, t, dtype):
     importance_pieces(pieces, x, kc, lse, spec, t, interpret)
     idx, cnt = selects["xla"](x["q"], kc, lse, x["segment_ids"])
     guarded(f"importance_check@{t}", lambda: importance_check(x, kc, lse, spec, t, interpret, (idx, cnt),
-                                                              selects["pallas_gpu"]))
+                                                              selects["pallas_gpu_fused"]))
     pieces["slc_attention"] = bench(jax.jit(lambda x, i, c: selected_attention(
         x["q"], x["k_slc"], x["v_slc"], x["segment_ids"], i, c, select_block=spec.select_block,
         implementation=impl)), x, idx, cnt)[0]
@@ -163,7 +166,8 @@ def importance_pieces(pieces, x, kc, lse, spec, t, interpret):
 def importance_check(x, kc, lse, spec, t, interpret, xla_selection, pallas_select, rows=256):
     """On the device: the unfused kernel's p_slc of the last `rows` queries against the same scores in
     XLA float32 (max error relative to the largest score), and the share of (token, KV group) rows whose
-    selected blocks agree between the two implementations (the fused kernel's; near ties may differ). RESULTS["importance_check"]."""
+    selected blocks agree between the two implementations (the fused kernel's; near ties may differ).
+    RESULTS["importance_check"]."""
     b, _, h, d = x["q"].shape
     l, s, ls = spec.compress_block, spec.compress_stride, spec.select_block
     n, kv = kc.shape[1], kc.shape[2]
@@ -213,11 +217,14 @@ def main():
     p.add_argument("--implementation", default="auto", help="block_sparse_attention implementation")
     p.add_argument("--dense", default="cudnn", help="jax.nn.dot_product_attention implementation")
     p.add_argument("--breakdown", action="store_true", help="time each NSA piece at the longest length")
+    p.add_argument("--fused-topn", action="store_true", help="whole-attention rows with the fused importance + "
+                   "top-n kernel (config.attention.nsa.fused_topn)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dtype = jnp.dtype(args.dtype)
     spec = NSASpec(compress_block=args.l, compress_stride=args.d, select_block=args.lp, num_selected=args.n,
-                   window=args.w, window_block=args.wb, implementation=args.implementation)
+                   window=args.w, window_block=args.wb, implementation=args.implementation,
+                   fused_topn=args.fused_topn)
     RESULTS["meta"] = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), jax=jax.__version__,
                            device=jax.devices()[0].device_kind, python=platform.python_version(), args=vars(args))
     print(f"# {RESULTS['meta']['device']}, jax {jax.__version__}, B=1 H={args.heads} K={args.kv_heads} "

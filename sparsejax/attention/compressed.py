@@ -38,11 +38,13 @@ The importance pass never materialises [T, N] in memory: `select_blocks` walks q
 log-sum-exp (p = exp(s − lse): no second reduction), maps to blocks and keeps only the top-n
 indices [B, K, T, n]. It is not differentiable (indices); it reads its inputs through stop_gradient.
 Two implementations: "xla" (the chunk's [B, K, G, C, N] float32 logits go through HBM, then
-`block_scores` and `top_blocks`) and "pallas_gpu" (`pallas_kernels.nsa_importance.importance_topn`:
-one kernel computes the Eq. 9 block scores, applies the forced/impossible blocks and keeps a running
-top-n per (token, KV group), writing only the indices and counts; for n > 32 the unfused kernel writes
-the block scores [B, K, C, S] per chunk and XLA takes the top-n). The default (implementation=None) is
-pallas_gpu on GPU and xla elsewhere.
+`block_scores` and `top_blocks`) and "pallas_gpu" (`pallas_kernels.nsa_importance.importance_scores`
+writes the Eq. 9 block scores [B, K, C, S] per chunk of queries, XLA takes the top-n). With
+`fused_topn=True` (n <= 32) "pallas_gpu" runs `nsa_importance.importance_topn` instead: one kernel
+computes the scores, applies the forced/impossible blocks and keeps a running top-n per (token, KV
+group), writing only the indices and counts. The fused kernel is opt-in until it has been compiled and
+timed on a GPU (benchmarks/RESULTS.md, NSA); the unfused one has been (2026-11-28). The default
+(implementation=None) is pallas_gpu on GPU and xla elsewhere.
 """
 from __future__ import annotations
 
@@ -218,7 +220,7 @@ def resolve_importance(implementation: str | None) -> str:
 def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select_block: int, num_selected: int,
                   num_initial: int, num_local: int, chunk_elements: int = 1 << 26, causal_parts: int = 8,
                   sm_scale: float | None = None, implementation: str | None = None,
-                  interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                  interpret: bool = False, fused_topn: bool = False) -> tuple[jax.Array, jax.Array]:
     """Per (token, KV group) selected blocks from the compression probabilities.
 
     q [B, T, H, D] (rotated), k_cmp [B, N, K, D] (rotated; N may be 0), lse [B, H, T] float32 of the
@@ -230,7 +232,7 @@ def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select
     implementation: None (pallas_gpu on GPU, xla elsewhere), "xla" or "pallas_gpu" (`interpret=True`
     runs the kernel in interpret mode, for CPU tests). Query chunks of C tokens keep the largest
     intermediate under `chunk_elements` float32s: [B, H, C, max(N, S)] for xla, [B, K, C, S] for
-    pallas_gpu with n > 32 (n <= 32: one fused kernel, no chunks). xla only: the chunks are split
+    pallas_gpu (with `fused_topn` and n <= 32: one fused kernel, no chunks). xla only: the chunks are split
     into `causal_parts` consecutive parts, each reading only the compressed tokens its last query can
     see (static slices), so about half of the T·N logits are never computed; the kernel skips them per
     query tile by itself.
@@ -246,7 +248,7 @@ def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select
             q, k_cmp, lse, segment_ids, compressed_segments(segment_ids, n, block, stride),
             jnp.arange(t, dtype=jnp.int32), doc_start, block=block, stride=stride, select_block=select_block,
             num_blocks=num_blocks, num_selected=num_selected, num_initial=num_initial, num_local=num_local,
-            chunk_elements=chunk_elements, sm_scale=sm_scale, interpret=interpret)
+            chunk_elements=chunk_elements, sm_scale=sm_scale, interpret=interpret, fused_topn=fused_topn)
     kv_heads = k_cmp.shape[2]
     g = h // kv_heads
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
@@ -298,16 +300,16 @@ def select_blocks(q, k_cmp, lse, segment_ids, *, block: int, stride: int, select
 def select_blocks_pallas(q, k_cmp, lse, segment_ids, kv_segments, row_index, doc_start, *, block: int, stride: int,
                          select_block: int, num_blocks: int, num_selected: int, num_initial: int, num_local: int,
                          chunk_elements: int = 1 << 26, sm_scale: float | None = None,
-                         interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                         interpret: bool = False, fused_topn: bool = False) -> tuple[jax.Array, jax.Array]:
     """`select_blocks` through the Pallas GPU kernel, for queries at any row indices (the sharded,
     permuted sequence of `sparsejax.parallel.nsa_context` too).
 
     q [B, T, H, D], k_cmp [B, N, K, D] (N may be 0), lse [B, H, T] float32 (ignored when N = 0),
     segment_ids [B, T], kv_segments [B, N] (`compressed_segments` of the row), row_index [T] int32 (each
     query's index in the packed row), doc_start [B, T] (row index of each query's document start);
-    num_blocks S = ⌈T_row / l'⌉. For n <= `nsa_importance.MAX_SELECTED` one kernel over all T scores,
-    masks and keeps the top n (`importance_topn`: no [B, K, T, S] scores in HBM). Larger n: per chunk of
-    C queries (B·K·C·S <= chunk_elements) the kernel's p_slc [B, K, C, S], then `block_scores` and
+    num_blocks S = ⌈T_row / l'⌉. With `fused_topn` and n <= `nsa_importance.MAX_SELECTED` one kernel over
+    all T scores, masks and keeps the top n (`importance_topn`: no [B, K, T, S] scores in HBM). Otherwise
+    per chunk of C queries (B·K·C·S <= chunk_elements) the kernel's p_slc [B, K, C, S], then `block_scores` and
     `top_blocks`. Returns indices [B, K, T, n'] (past the count: S) and counts [B, K, T] int32.
     """
     from pallas_kernels import nsa_importance        # lazily: only the GPU path needs the kernel module
@@ -316,7 +318,7 @@ def select_blocks_pallas(q, k_cmp, lse, segment_ids, kv_segments, row_index, doc
     kv_heads = k_cmp.shape[2]
     row_index = row_index.astype(jnp.int32)
     positions = jnp.broadcast_to(row_index, (b, t))
-    if num_selected <= nsa_importance.MAX_SELECTED:
+    if fused_topn and num_selected <= nsa_importance.MAX_SELECTED:
         return nsa_importance.importance_topn(
             q, k_cmp, lse if k_cmp.shape[1] else None, positions, segment_ids, kv_segments, doc_start, block=block,
             stride=stride, select_block=select_block, num_blocks=num_blocks, num_selected=num_selected,

@@ -73,6 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
         "compress_kernel_block_k": 64,
         "score_chunk_elements": 1 << 26,     # bound on the importance pass's per-chunk float32 scores
         "implementation": "auto",    # block_sparse_attention implementation; auto = best for the backend
+        "fused_topn": False,         # GPU: importance scores, masking and top-n in one Pallas kernel (opt-in:
+                                     # not yet compiled on a GPU; compressed.select_blocks)
     })
 
 
@@ -92,6 +94,7 @@ class NSASpec:
     compress_kernel_block_k: int = 64
     score_chunk_elements: int = 1 << 26
     implementation: str = "auto"
+    fused_topn: bool = False
     interpret: bool = False          # run a Pallas implementation in interpret mode (CPU tests); not a config key
 
     def __post_init__(self):
@@ -144,6 +147,8 @@ def check_hyperparameters(c) -> None:
     if get("implementation") not in IMPLEMENTATIONS:
         raise ValueError(f"config.attention.nsa.implementation = {get('implementation')!r}; "
                          f"valid choices: {list(IMPLEMENTATIONS)}")
+    if not isinstance(get("fused_topn"), bool):
+        raise ValueError(f"config.attention.nsa.fused_topn = {get('fused_topn')!r}; valid choices: True, False")
 
 
 def validate(config) -> None:
@@ -223,7 +228,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k
                                     num_selected=spec.num_selected, num_initial=spec.num_initial,
                                     num_local=spec.num_local, chunk_elements=spec.score_chunk_elements,
                                     implementation=importance_implementation(spec.kernel_implementation),
-                                    interpret=spec.interpret)
+                                    interpret=spec.interpret, fused_topn=spec.fused_topn)
     # Under remat, a policy that saves this name spares the backward pass the importance pass.
     indices, counts = checkpoint_name((indices, counts), "nsa_selection")
     o_slc = selected_attention(q, k_slc, v_slc, segment_ids, indices, counts, select_block=spec.select_block,

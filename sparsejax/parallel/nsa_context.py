@@ -12,8 +12,8 @@ static block permutation. Branches:
   (`ContextParallel.attend_gathered`).
 - selection: scores of the local queries over the gathered compressed keys (Eq. 9, forced blocks,
   top-n: `compressed.py`'s pieces, with the queries' row indices and document starts passed
-  explicitly; on GPU the fused Pallas importance + top-n kernel through `compressed.select_blocks_pallas`,
-  which reuses the compression branch's lse), then the selected blocks through the ring (or all-gather)
+  explicitly; on GPU the Pallas importance kernel (fused with the top-n under `fused_topn`) through
+  `compressed.select_blocks_pallas`, which reuses the compression branch's lse), then the selected blocks through the ring (or all-gather)
   scheme, block_q = 1; the row's first block (forced for every query of the first document) from a
   copy on every device.
 - window: `nsa.window_attention`'s blocks of `BlockLayout.sliding_window` through the scheme, with the
@@ -114,7 +114,8 @@ def select_sharded(q, kc, kv_segments, segment_ids, row_index, doc_start, *, spe
             return select_blocks_pallas(q, kc, lse, seg, kv_seg, tidx, start, block=l, stride=d, select_block=ls,
                                         num_blocks=num_blocks, num_selected=spec.num_selected,
                                         num_initial=spec.num_initial, num_local=spec.num_local,
-                                        chunk_elements=spec.score_chunk_elements, interpret=cp.interpret)
+                                        chunk_elements=spec.score_chunk_elements, interpret=cp.interpret,
+                                        fused_topn=spec.fused_topn)
 
         return jax.shard_map(local_pallas, mesh=cp.mesh(),
                              in_specs=(tokens, P(b, None, h, None), P(b, h, "sequence"), P(b, None), seq,

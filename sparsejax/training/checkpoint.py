@@ -32,17 +32,27 @@ from sparsejax.training.state import TrainState
 
 
 
+# Keys of a variant's sub-section that choose how it is computed (kernels, tiles, chunking), not what:
+# a run may resume with other values (e.g. a GPU checkpoint continued on another backend).
+_EXECUTION_KEYS = ("implementation", "fused_topn", "score_chunk_elements", "compress_kernel_block_q",
+                   "compress_kernel_block_k", "window_block")
+
+
 def _model_defining(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a config (JSON dict) whose change makes an old checkpoint unusable (different
-    parameter shapes or meaning): `model`, `attention.kind` and the chosen variant's sub-section.
-    The other variants' sub-sections do not describe the saved model. `model.scan_layers` records the
-    parameter layout; configs saved before it existed had one entry per layer (False)."""
+    parameter shapes or meaning): `model`, `attention.kind` and the chosen variant's sub-section
+    without its execution keys (`_EXECUTION_KEYS`). The other variants' sub-sections do not describe
+    the saved model. `model.scan_layers` records the parameter layout; configs saved before it existed
+    had one entry per layer (False)."""
     attention = config.get("attention") or {}
     kind = attention.get("kind")
     model = config.get("model")
     if isinstance(model, dict):
         model = {"scan_layers": False, **model}
-    return {"model": model, "attention": {"kind": kind, kind: attention.get(kind)}}
+    variant = attention.get(kind)
+    if isinstance(variant, dict):
+        variant = {k: v for k, v in variant.items() if k not in _EXECUTION_KEYS}
+    return {"model": model, "attention": {"kind": kind, kind: variant}}
 
 
 def _layout_hint(saved: dict[str, Any], current: dict[str, Any]) -> str:

@@ -299,3 +299,16 @@ def test_scanned_layers_round_trip_and_the_other_layout_is_refused(tmp_path):
                                               r"\[num_layers, \.\.\.\].*--config.model.scan_layers=True"):
         checkpointer.check_compatible(0, unrolled)
     checkpointer.close()
+
+
+def test_execution_keys_do_not_block_a_resume():
+    """A variant's kernel choices (implementation, fused top-n, tiles, chunking) may change on resume;
+    its hyper-parameters may not."""
+    from sparsejax.training.checkpoint import _model_defining
+    saved = {"model": {"d_model": 64}, "attention": {"kind": "nsa", "dense": {"implementation": "auto"}, "nsa": {
+        "num_selected": 16, "implementation": "auto", "fused_topn": False, "score_chunk_elements": 1 << 26}}}
+    resumed = {"model": {"d_model": 64}, "attention": {"kind": "nsa", "nsa": {
+        "num_selected": 16, "implementation": "pallas_gpu", "fused_topn": True, "score_chunk_elements": 1 << 20}}}
+    assert _model_defining(saved) == _model_defining(resumed)
+    resumed["attention"]["nsa"]["num_selected"] = 8
+    assert _model_defining(saved) != _model_defining(resumed)

@@ -236,16 +236,17 @@ def _clear_rows(q, kc, seg, sel):
         return ~(scores[..., n - 1] - scores[..., n] < 1e-3)
 
 
-def _both_selections(q, kc, lse, seg, sel):
-    run_impl = lambda impl: jax.jit(functools.partial(select_blocks, implementation=impl,
-                                                      interpret=impl == "pallas_gpu", **sel))(q, kc, lse, seg)
+def _both_selections(q, kc, lse, seg, sel, fused=True):
+    run_impl = lambda impl: jax.jit(functools.partial(
+        select_blocks, implementation=impl, interpret=impl == "pallas_gpu", fused_topn=fused and impl == "pallas_gpu",
+        **sel))(q, kc, lse, seg)
     return [tuple(np.asarray(x) for x in run_impl(impl)) for impl in ("pallas_gpu", "xla")]
 
 
-def assert_same_selection(q, kc, lse, seg, sel, min_clear=0.8):
-    """select_blocks on the fused kernel gives the XLA path's counts everywhere and its indices on every
-    row without a near tie at the cut."""
-    (idx_p, cnt_p), (idx_x, cnt_x) = _both_selections(q, kc, lse, seg, sel)
+def assert_same_selection(q, kc, lse, seg, sel, min_clear=0.8, fused=True):
+    """select_blocks on the Pallas kernel (fused with the top-n, or not) gives the XLA path's counts
+    everywhere and its indices on every row without a near tie at the cut."""
+    (idx_p, cnt_p), (idx_x, cnt_x) = _both_selections(q, kc, lse, seg, sel, fused=fused)
     assert idx_p.shape == idx_x.shape
     np.testing.assert_array_equal(cnt_p, cnt_x)
     clear = _clear_rows(q, kc, seg, sel)
@@ -267,6 +268,15 @@ def test_fused_topn_gives_the_xla_selection(g, dtype):
     q, kc, lse, seg, kw = _selection_case(20 + g, g, dtype=dtype)
     counts = [assert_same_selection(q, kc, lse, seg, dict(**sel, **kw)) for sel in SELECTIONS]
     assert (counts[1] < 8).any() and (counts[1] == 8).any()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_unfused_kernel_gives_the_xla_selection(dtype):
+    """The default GPU path (fused_topn=False): the kernel's block scores per chunk of queries, then XLA's
+    block_scores and top-n, select what the XLA path selects (G = 4, the fused test's case)."""
+    q, kc, lse, seg, kw = _selection_case(24, 4, dtype=dtype)
+    for sel in SELECTIONS:
+        assert_same_selection(q, kc, lse, seg, dict(**sel, chunk_elements=2 * 2 * 48 * 10, **kw), fused=False)
 
 
 def test_fused_topn_is_top_blocks_of_the_kernel_scores():
@@ -347,11 +357,12 @@ def _masked_scores(p_slc, seg, sel):
     return np.where(forced[:, None], np.inf, np.where(valid[:, None], p_slc, -np.inf))
 
 
-def test_nsa_attention_wires_the_kernel():
-    """nsa_attention with implementation="pallas_gpu" (every kernel interpreted) selects what the XLA
-    implementation selects and gives the same output."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_nsa_attention_wires_the_kernel(fused):
+    """nsa_attention with implementation="pallas_gpu" (every kernel interpreted; the importance kernel
+    fused with the top-n or not) selects what the XLA implementation selects and gives the same output."""
     inputs = make_inputs(2, segment_ids=packed_segments())
-    spec = dataclasses.replace(SPEC, implementation="pallas_gpu", interpret=True)
+    spec = dataclasses.replace(SPEC, implementation="pallas_gpu", interpret=True, fused_topn=fused)
     run_spec = lambda s: jax.jit(lambda x: nsa_attention(**x, spec=s, rope_theta=THETA))(inputs)
     (out_p, (idx_p, cnt_p)), (out_x, (idx_x, cnt_x)) = run_spec(spec), run_spec(SPEC)
     np.testing.assert_array_equal(cnt_p, cnt_x)
@@ -359,7 +370,8 @@ def test_nsa_attention_wires_the_kernel():
     np.testing.assert_allclose(out_p, out_x, atol=2e-5, rtol=2e-5)
 
 
-def test_select_sharded_takes_the_kernel_with_the_compression_lse():
+@pytest.mark.parametrize("fused", [False, True])
+def test_select_sharded_takes_the_kernel_with_the_compression_lse(fused):
     """Context parallelism (zigzag over 4 sequence shards × 2 batch shards): select_sharded on the kernel
     with the compression branch's lse selects what the unsharded XLA select_blocks selects."""
     b, t, h, kv, d = 2, 256, 4, 2, 16
@@ -380,7 +392,7 @@ def test_select_sharded_takes_the_kernel_with_the_compression_lse():
     config.parallel.update(block_q=16, block_k=16)
     cp = dataclasses.replace(context.from_config(config), implementation="pallas_gpu", interpret=True)
     spec = dataclasses.replace(SPEC, compress_block=8, compress_stride=4, select_block=16, num_selected=4,
-                               score_chunk_elements=2 * 2 * 24 * 16)
+                               score_chunk_elements=2 * 2 * 24 * 16, fused_topn=fused)
     perm = cp.permutation(t)
     take = lambda x, axis=1: jnp.take(x, jnp.asarray(perm), axis=axis)
     kv_seg = compressed_segments(seg, kc.shape[1], 8, 4)
@@ -423,20 +435,23 @@ def test_benchmark_configs_lower_for_cuda(config):
         assert lowered.as_text().count("xla.gpu.triton") == 1
 
 
-@pytest.mark.parametrize("hq, hkv, d, dtype, n", [(64, 4, 128, jnp.bfloat16, 16), (8, 8, 192, jnp.float32, 32),
-                                                  (16, 4, 64, jnp.bfloat16, 48)])
-def test_lowers_for_cuda_without_gpu(hq, hkv, d, dtype, n):
+@pytest.mark.parametrize("hq, hkv, d, dtype, n, fused", [(64, 4, 128, jnp.bfloat16, 16, True),
+                                                         (64, 4, 128, jnp.bfloat16, 16, False),
+                                                         (8, 8, 192, jnp.float32, 32, True),
+                                                         (16, 4, 64, jnp.bfloat16, 48, True)])
+def test_lowers_for_cuda_without_gpu(hq, hkv, d, dtype, n, fused):
     """select_blocks' kernel lowers to one Triton custom call for CUDA (Triton IR only: the PTX compile
     happens on the device, exercised by benchmarks/nsa.py --breakdown): the fused top-n at the paper's
     heads (G = 16, D = 128, bf16, n = 16) and at G = 1 (no group sum) with a chunked head dim in float32
-    and n = 32; the unfused kernel in its chunk loop for n = 48."""
+    and n = 32; the unfused kernel in its chunk loop at the paper's heads (the default) and for n = 48
+    (more than the fused kernel keeps)."""
     b, t = 1, 4096
-    n = (t - 32) // 16 + 1
+    num_cmp = (t - 32) // 16 + 1
     q = jax.ShapeDtypeStruct((b, t, hq, d), dtype)
-    kc = jax.ShapeDtypeStruct((b, n, hkv, d), dtype)
+    kc = jax.ShapeDtypeStruct((b, num_cmp, hkv, d), dtype)
     lse = jax.ShapeDtypeStruct((b, hq, t), jnp.float32)
     seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
     fn = functools.partial(select_blocks, block=32, stride=16, select_block=64, num_selected=n, num_initial=1,
-                           num_local=2, implementation="pallas_gpu", chunk_elements=1 << 18)
+                           num_local=2, implementation="pallas_gpu", chunk_elements=1 << 18, fused_topn=fused)
     lowered = jax.jit(fn).trace(q, kc, lse, seg).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 1

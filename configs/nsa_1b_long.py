@@ -8,7 +8,9 @@ not zigzag: NSA's selected blocks cluster near each query and at the document's 
 zigzag leaves unbalanced per ring step (benchmarks/RESULTS.md, "Ring"). Rows of packed
 documents from the embedded corpus, with a quarter of the rows long-context retrieval tasks
 (pass keys, needles) so that the context length is used. Remat of everything (`full`): at 1M tokens
-the activations, not the weights, fill the memory.
+the activations, not the weights, fill the memory. Scanned layers (`model.scan_layers`): with 16 unrolled
+layers the 1M-token step did not finish compiling within several minutes on 4 H200s
+(benchmarks/RESULTS.md, Ring).
 
     python train.py --config=configs/nsa_1b_long.py --workdir=runs/nsa_1b_long
     python train.py --config=configs/nsa_1b_long.py --config.data.seq_len=524288 ...   # shorter
@@ -19,7 +21,7 @@ from configs import nsa_1b
 
 def get_config():
     config = nsa_1b.get_config()
-    common.update(config.model, remat="full")
+    common.update(config.model, remat="full", scan_layers=True)
     common.update(config.data, seq_len=1 << 20, global_batch_size=1)
     common.update(config.data.synthetic_mixture, fraction=0.25)
     common.update(config.mesh, data=1, fsdp=1, sequence=-1, tensor=1)

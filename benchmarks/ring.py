@@ -10,6 +10,11 @@ Sections:
   (`jax.nn.dot_product_attention`) on one GPU at the same shape. With n GPUs the sequence is n times
   longer, so each GPU computes about n times the blocks of the 1-GPU run (the exact counts come from
   the balance report); efficiency = t_1 · (max blocks per device on n / blocks on 1) / t_n.
+- `step_layouts`: on one GPU, the single-device kernel (no ring, no communication) forward + backward
+  over each (device, step) layout that the zigzag ring of `--layout_shards` shards computes at
+  `--tokens_per_gpu` tokens per shard: local queries against the visiting shard's K/V with their
+  positions. Time per block against the causal layout of one shard separates the layouts' own cost
+  from the ring's (RESULTS.md, Ring (a)).
 - `balance`: the per-device, per-step blocks of the balance report, max/mean per device, for dense
   causal attention (zigzag, striped, none) and for NSA's ring branches (selection from real
   compression scores of random projections, without the row's first block, which every device
@@ -45,6 +50,7 @@ flags.DEFINE_integer("heads", 16, "scaling: query heads.")
 flags.DEFINE_integer("kv_heads", 8, "scaling: KV heads.")
 flags.DEFINE_integer("head_dim", 128, "scaling: head dim.")
 flags.DEFINE_integer("block", 128, "scaling: kernel block size (block_q = block_k).")
+flags.DEFINE_integer("layout_shards", 4, "step_layouts: ring size whose per-step layouts are timed.")
 flags.DEFINE_integer("balance_tokens", 65536, "balance: sequence length.")
 flags.DEFINE_integer("balance_shards", 4, "balance: sequence shards.")
 flags.DEFINE_list("lengths", ["1048576", "524288", "262144"], "longest: sequence lengths, longest first.")
@@ -162,6 +168,53 @@ def scaling() -> list[dict]:
             row["efficiency"] = ideal / row["median_s"]
         rows.append(row)
         progress(f"scaling: {row}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------- step_layouts
+def step_layouts() -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from pallas_kernels import BlockLayout, block_sparse_attention
+    from sparsejax.parallel import context, ring
+
+    dtype = jnp.float32 if FLAGS.smoke else jnp.bfloat16
+    h, hkv, d, blk, n, tl = FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim, FLAGS.block, FLAGS.layout_shards, \
+        FLAGS.tokens_per_gpu
+    cp = context.from_config(context_config(n, n * tl, "ring", "zigzag", blk), num_devices=n)
+    perm = np.asarray(cp.permutation(n * tl), np.int32)
+    spec = ring.make_spec(axis="sequence", num_shards=n, inner=None, block_q=blk, block_k=blk, head_dim=d)
+    key = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(kk, (1, tl, hh, d), dtype) for kk, hh in zip(key, (h, hkv, hkv)))
+    seg = jnp.ones((1, tl), jnp.int32)
+
+    def time_layout(layout, q_pos, kv_pos):
+        def loss(q, k, v):
+            return block_sparse_attention(q, k, v, layout, q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=seg,
+                                          kv_segment_ids=seg, return_lse=False).astype(jnp.float32).sum()
+        return timed(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), q, k, v, steps=FLAGS.steps,
+                     warmup=FLAGS.warmup)
+
+    causal = BlockLayout.causal(tl, tl, block_q=blk, block_k=blk, num_head_units=hkv)
+    base = time_layout(causal, None, None)
+    blocks = int(causal.kv_counts.sum())
+    rows = [{"layout": "causal", "blocks": blocks, **base, "us_per_block": 1e6 * base["median_s"] / blocks}]
+    progress(f"step_layouts: causal {rows[-1]}")
+    shard_pos = [jnp.asarray(perm[r * tl:(r + 1) * tl])[None] for r in range(n)]
+    for r in (0, n - 1):                  # the two extremes of zigzag: first and last device
+        q_ranges = ring.block_ranges(shard_pos[r], seg, blk)
+        for step in range(n):
+            s = (r - step) % n
+            layout = jax.jit(lambda qr, kp, s=s: ring.step_layout(qr, kp, seg, None, s, spec=spec,
+                                                                   num_kv_heads=hkv))(q_ranges, shard_pos[s])
+            blocks = int(layout.kv_counts.sum())
+            row = {"layout": f"device {r} step {step} (shard {s})", "blocks": blocks,
+                   **time_layout(layout, shard_pos[r], shard_pos[s])}
+            row["us_per_block"] = 1e6 * row["median_s"] / max(blocks, 1)
+            row["relative_to_causal"] = row["us_per_block"] / rows[0]["us_per_block"]
+            rows.append(row)
+            progress(f"step_layouts: {row}")
     return rows
 
 
@@ -288,7 +341,8 @@ def main(argv):
               "jax_version": jax.__version__, "devices": jax.device_count(),
               "device_kind": jax.devices()[0].device_kind, "flags": {k: getattr(FLAGS, k) for k in (
                   "tokens_per_gpu", "scheme", "balance", "heads", "kv_heads", "head_dim", "block", "layers")}}
-    for section, fn in (("scaling", scaling), ("balance", balance_section), ("longest", longest)):
+    for section, fn in (("scaling", scaling), ("step_layouts", step_layouts), ("balance", balance_section),
+                        ("longest", longest)):
         if section in FLAGS.sections:
             try:
                 result[section] = fn()

@@ -87,3 +87,22 @@ def test_attention_benchmarks_run_on_cpu(tmp_path, script, args):
     errors = {k: v for k, v in result.get("errors", {}).items() if "cudnn" not in k.lower()}
     assert not errors, errors
     assert len(json.dumps(result)) > 200
+
+
+def test_ring_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/ring.py --smoke (8 fake CPU devices, tiny shapes): scaling over 1, 2, 4 devices and the
+    per-step layouts run, and the layouts timed alone list exactly the blocks of the ring's balance report."""
+    out = tmp_path / "ring.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ring.py"), "--smoke",
+                           "--sections=scaling,step_layouts", f"--out={out}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    scaling = {row["gpus"]: row for row in result["scaling"]}
+    assert sorted(scaling) == [1, 2, 4] and all(row["efficiency"] > 0 for row in scaling.values())
+    layouts = {row["layout"]: row for row in result["step_layouts"]}
+    assert layouts["causal"]["blocks"] == scaling[1]["blocks_max_per_device"]
+    report = scaling[4]["blocks_per_device_step"]
+    for device in (0, 3):
+        timed = [row["blocks"] for name, row in layouts.items() if name.startswith(f"device {device} ")]
+        assert timed == report[device] and all(row["us_per_block"] > 0 for row in layouts.values())

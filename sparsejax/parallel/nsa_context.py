@@ -13,9 +13,9 @@ static block permutation. Branches:
 - selection: scores of the local queries over the gathered compressed keys (Eq. 9, forced blocks,
   top-n: `compressed.py`'s pieces, with the queries' row indices and document starts passed
   explicitly; on GPU the Pallas importance kernel (fused with the top-n under `fused_topn`) through
-  `compressed.select_blocks_pallas`, which reuses the compression branch's lse), then the selected blocks through the ring (or all-gather)
-  scheme, block_q = 1; the row's first block (forced for every query of the first document) from a
-  copy on every device.
+  `compressed.select_blocks_pallas`, which reuses the compression branch's lse), then the selected
+  blocks through the ring (or all-gather) scheme, block_q = 1; the row's first block (forced for every
+  query of the first document) from a copy on every device.
 - window: `nsa.window_attention`'s blocks of `BlockLayout.sliding_window` through the scheme, with the
   kernel's sliding window masking the far edge.
 """

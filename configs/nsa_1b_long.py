@@ -1,8 +1,8 @@
 """`configs/nsa_1b.py` at ultra-long context: 1M tokens per row, the sequence sharded over every device.
 
 The model and NSA hyper-parameters are those of `nsa_1b` (about 1B parameters, GQA 16, l=32, d=16,
-l'=64, n=16, w=512; scanned layers, so the ring's shard_map is traced once, inside the scan body). The mesh puts all devices on `sequence` (e.g. 4 H200s: 256k tokens each) and
-attention runs as a ring over stripes of 128 tokens (`config.parallel`, `sparsejax/parallel/`): the
+l'=64, n=16, w=512; scanned layers, so the ring's shard_map is traced once, inside the scan body).
+The mesh puts all devices on `sequence` (e.g. 4 H200s: 256k tokens each) and attention runs as a ring over stripes of 128 tokens (`config.parallel`, `sparsejax/parallel/`): the
 compressed K/V (T/16 tokens) are gathered, the selection and window branches ride the ring. Stripes,
 not zigzag: NSA's selected blocks cluster near each query and at the document's first block, which
 zigzag leaves unbalanced per ring step (benchmarks/RESULTS.md, "Ring"). Rows of packed

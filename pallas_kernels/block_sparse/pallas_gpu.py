@@ -70,12 +70,20 @@ class KernelConfig:
     block's list can be much longer than the mean, e.g. NSA's always-selected block 0, which would
     otherwise serialise the whole backward on one program); 0 never splits. Split lists write
     float32 partial tiles that a second kernel sums in a fixed order (deterministic).
+  stagger: each program walks its list from entry (program id mod list length), wrapping around,
+    instead of from entry 0. Programs that run together then read different K/V (or Q) blocks at
+    each moment rather than all the same one: when every list is the same (a ring step visiting a
+    shard that the queries see whole), the shared block is an L2 hot spot, measured on an H200 at
+    +14% time per block (benchmarks/notes_kernels.md, "List stagger"). The order of the
+    online-softmax and gradient sums changes with it, not the result beyond rounding; still
+    deterministic.
   """
   rows: int
   num_warps: int
   num_stages: int
   skip_full_masks: bool = False
   list_chunk: int | None = None
+  stagger: bool = True
 
   def __post_init__(self):
     if self.rows < _MIN_ROWS or self.rows & (self.rows - 1):
@@ -221,6 +229,15 @@ def _masked(g, x, fill, ok_fn, block, kv_pos, q_bounds):
   return jax.lax.cond(full, lambda x: x, lambda x: jnp.where(ok_fn(), x, fill), x)
 
 
+def _walk(g, seed, count):
+  """Entry of a list of `count` entries visited at step n (a function of n): n itself, or with
+  `g.stagger` the list rotated to start at entry (seed mod count)."""
+  if not g.stagger:
+    return lambda n: n
+  start = seed % jnp.maximum(count, 1)
+  return lambda n: jnp.where(n + start >= count, n + start - count, n + start)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
   """Static sizes shared by the kernels."""
@@ -239,6 +256,7 @@ class _Geometry:
   scale_log2: float  # sm_scale * log2(e)
   skip_full_masks: bool = False
   window: int | None = None  # static: None compiles no window term
+  stagger: bool = False      # KernelConfig.stagger
 
   @property
   def r(self):  # query heads per head unit
@@ -286,10 +304,12 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geomet
   q_pos = _load_vec(q_pos_ref, tok, q_valid, 0)
   q_seg = _load_vec(q_seg_ref, tok, q_valid, 0) if g.has_seg else None
   q_bounds = _q_bounds(g, q_pos, q_valid)
+  count = kv_cnt_ref[unit]
+  entry = _walk(g, prog, count)
 
   def body(n, carry):
     acc, m_prev, l_prev = carry
-    block = kv_idx_ref[unit, n]
+    block = kv_idx_ref[unit, entry(n)]
     k_rows, k_tok, k_valid = _kv_block_rows(g, block, kv_head)
     k = _load_rows(k_ref, k_rows, k_valid, g.dqk_chunks)
     kv_pos = _load_vec(kv_pos_ref, k_tok, k_valid, 0)
@@ -311,7 +331,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geomet
   acc0 = [jnp.zeros((g.rows, w), jnp.float32) for _, w in g.dv_chunks]
   m0 = jnp.full((g.rows,), -jnp.inf, jnp.float32)
   l0 = jnp.zeros((g.rows,), jnp.float32)
-  acc, m, l = jax.lax.fori_loop(0, kv_cnt_ref[unit], body, (acc0, m0, l0))
+  acc, m, l = jax.lax.fori_loop(0, count, body, (acc0, m0, l0))
 
   seen = l > 0.0
   inv_l = 1.0 / jnp.where(seen, l, 1.0)
@@ -341,9 +361,11 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometr
   lse2 = _lse_base2(plgpu.load(lse_ref.at[head, tok], mask=q_valid, other=-jnp.inf))
   delta = plgpu.load(delta_ref.at[head, tok], mask=q_valid, other=0.0)
   q_bounds = _q_bounds(g, q_pos, q_valid)
+  count = kv_cnt_ref[unit]
+  entry = _walk(g, prog, count)
 
   def body(n, dq):
-    block = kv_idx_ref[unit, n]
+    block = kv_idx_ref[unit, entry(n)]
     k_rows, k_tok, k_valid = _kv_block_rows(g, block, kv_head)
     k = _load_rows(k_ref, k_rows, k_valid, g.dqk_chunks)
     v = _load_rows(v_ref, k_rows, k_valid, g.dv_chunks)
@@ -358,7 +380,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometr
     return [a + plgpu.dot(ds, kc) for a, kc in zip(dq, k)]
 
   dq0 = [jnp.zeros((g.rows, w), jnp.float32) for _, w in g.dqk_chunks]
-  dq = jax.lax.fori_loop(0, kv_cnt_ref[unit], body, dq0)
+  dq = jax.lax.fori_loop(0, count, body, dq0)
   sm_scale = g.scale_log2 / _LOG2E
   _store_rows(dq_ref, q_rows, q_valid, g.dqk_chunks, [a * sm_scale for a in dq])
 
@@ -384,9 +406,10 @@ def _split_act_refs(g: _Geometry, refs):
   return (None, None) + refs[:6] + (refs[6:],)
 
 
-def _dkv_block(g: _Geometry, acts, block, kv_head, ranges):
+def _dkv_block(g: _Geometry, acts, block, kv_head, ranges, seed):
   """dK [bk, Dqk] (scaled) and dV [bk, Dv] chunk tiles of one KV block, accumulated over the CSR
-  entry ranges that `ranges(visit, carry)` walks (it calls `visit(u, start, end, carry)`)."""
+  entry ranges that `ranges(visit, carry)` walks (it calls `visit(u, start, end, carry)`); `seed`
+  (the program id) staggers where each range's walk starts (`_walk`)."""
   q_idx_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, \
       delta_ref = acts
   k_rows, k_tok, k_valid = _kv_block_rows(g, block, kv_head)
@@ -433,12 +456,15 @@ def _dkv_block(g: _Geometry, acts, block, kv_head, ranges):
     return dk, dv
 
   def visit(u, start, end, carry):
+    steps = (end - start + per_step - 1) // per_step
+    entry = _walk(g, seed, steps)
+
     def over_entries(s, carry):
-      n0 = start + s * per_step
+      n0 = start + entry(s) * per_step
       if tiles == 1:
         return step(u, n0, end, 0, carry)
       return jax.lax.fori_loop(0, tiles, lambda t, c: step(u, n0, end, t, c), carry)
-    return jax.lax.fori_loop(0, (end - start + per_step - 1) // per_step, over_entries, carry)
+    return jax.lax.fori_loop(0, steps, over_entries, carry)
 
   dk0 = [jnp.zeros((g.block_k, w), jnp.float32) for _, w in g.dqk_chunks]
   dv0 = [jnp.zeros((g.block_k, w), jnp.float32) for _, w in g.dv_chunks]
@@ -460,7 +486,7 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometr
     return jax.lax.fori_loop(0, units_per_group, over_unit, carry)
 
   dk, dv, k_rows, k_valid = _dkv_block(g, (q_idx_ref, q_pos_ref, kv_pos_ref, *acts), block, kv_head,
-                                       ranges)
+                                       ranges, seed=block)
   _store_rows(dk_ref, k_rows, k_valid, g.dqk_chunks, dk)
   _store_rows(dv_ref, k_rows, k_valid, g.dv_chunks, dv)
 
@@ -474,7 +500,7 @@ def _dkv_partial_kernel(table_ref, q_idx_ref, q_pos_ref, kv_pos_ref, *refs, g: _
   block, u = table_ref[0, prog], table_ref[1, prog]
   start, end = table_ref[2, prog], table_ref[3, prog]
   dk, dv, _, _ = _dkv_block(g, (q_idx_ref, q_pos_ref, kv_pos_ref, *acts), block, kv_head,
-                            lambda visit, carry: visit(u, start, end, carry))
+                            lambda visit, carry: visit(u, start, end, carry), seed=prog)
   rows = (kv_head * num_programs + prog) * g.block_k + jnp.arange(g.block_k)
   every = jnp.ones((g.block_k,), jnp.bool_)
   _store_rows(dk_part_ref, rows, every, g.dqk_chunks, dk)
@@ -512,7 +538,7 @@ def _geometry(q, k, v, layout, cfg: KernelConfig, sm_scale, causal, has_seg, win
       block_q=layout.block_q, block_k=layout.block_k, rows=cfg.rows,
       dqk_chunks=_chunks(q.shape[-1]), dv_chunks=_chunks(v.shape[-1]), causal=bool(causal),
       has_seg=has_seg, scale_log2=float(sm_scale) * _LOG2E,
-      skip_full_masks=cfg.skip_full_masks and not has_seg, window=window)
+      skip_full_masks=cfg.skip_full_masks and not has_seg, window=window, stagger=cfg.stagger)
 
 
 def _pick(n_lead: int, b):

@@ -9,9 +9,9 @@ sum(out · cotangent) with respect to every float input (q, the six K/V, gates, 
 `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`, forward and the
 gradient with respect to q, k, v. `--breakdown` also times each NSA piece forward at the longest T,
 the importance pass + top-n on each path (`importance_topn_xla`; `importance_topn_pallas_gpu`: the
-Pallas kernel's block scores per chunk of queries, then XLA's top-n, the default; `importance_topn_pallas_gpu_fused`:
-the kernel that scores, masks and keeps the top n in one pass, `--fused-topn` for the whole-attention
-rows), the unfused Pallas importance kernel alone per launch configuration (`importance_kernel*`:
+Pallas kernel's block scores per chunk of queries, then XLA's top-n, `--no-fused-topn` for the
+whole-attention rows; `importance_topn_pallas_gpu_fused`: the kernel that scores, masks and keeps the
+top n in one pass, the default as in NSA's config), the unfused Pallas importance kernel alone per launch configuration (`importance_kernel*`:
 p_slc [B, K, T, S], all T in one call) and XLA's block_scores + top-n alone on its output
 (`block_scores_topn`); on CPU the kernels run in interpret mode.
 
@@ -217,8 +217,9 @@ def main():
     p.add_argument("--implementation", default="auto", help="block_sparse_attention implementation")
     p.add_argument("--dense", default="cudnn", help="jax.nn.dot_product_attention implementation")
     p.add_argument("--breakdown", action="store_true", help="time each NSA piece at the longest length")
-    p.add_argument("--fused-topn", action="store_true", help="whole-attention rows with the fused importance + "
-                   "top-n kernel (config.attention.nsa.fused_topn)")
+    p.add_argument("--fused-topn", action=argparse.BooleanOptionalAction, default=True,
+                   help="whole-attention rows with the fused importance + top-n kernel "
+                        "(config.attention.nsa.fused_topn, the default) or without it")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dtype = jnp.dtype(args.dtype)

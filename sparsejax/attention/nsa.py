@@ -73,8 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
         "compress_kernel_block_k": 64,
         "score_chunk_elements": 1 << 26,     # bound on the importance pass's per-chunk float32 scores
         "implementation": "auto",    # block_sparse_attention implementation; auto = best for the backend
-        "fused_topn": False,         # GPU: importance scores, masking and top-n in one Pallas kernel (opt-in:
-                                     # not yet compiled on a GPU; compressed.select_blocks)
+        "fused_topn": True,          # GPU: importance scores, masking and top-n in one Pallas kernel
+                                     # (n <= 32; compressed.select_blocks); False: scores, then XLA top-n
     })
 
 
@@ -94,7 +94,7 @@ class NSASpec:
     compress_kernel_block_k: int = 64
     score_chunk_elements: int = 1 << 26
     implementation: str = "auto"
-    fused_topn: bool = False
+    fused_topn: bool = True
     interpret: bool = False          # run a Pallas implementation in interpret mode (CPU tests); not a config key
 
     def __post_init__(self):

@@ -272,7 +272,7 @@ def test_fused_topn_gives_the_xla_selection(g, dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_unfused_kernel_gives_the_xla_selection(dtype):
-    """The default GPU path (fused_topn=False): the kernel's block scores per chunk of queries, then XLA's
+    """The unfused GPU path (fused_topn=False): the kernel's block scores per chunk of queries, then XLA's
     block_scores and top-n, select what the XLA path selects (G = 4, the fused test's case)."""
     q, kc, lse, seg, kw = _selection_case(24, 4, dtype=dtype)
     for sel in SELECTIONS:

@@ -1,7 +1,7 @@
 """Speed of the `pallas_gpu` block-sparse attention kernels on a GPU, with cuDNN and tokamax timed in
 the same run. Prints a table per section and writes every number to a JSON file.
 
-Sections (select with --sections, default all):
+Sections (select with --sections, default check,a,b,c):
   check  correctness at a moderate size: pallas_gpu against `xla` and `reference` for out, lse, dq,
          dk, dv (relative Frobenius error), bf16 and f32, dense, sparse, segments, NSA shapes.
   a      dense causal layout, bf16, B=1, H=16, D=128, L in --dense-lengths: forward and
@@ -14,12 +14,18 @@ Sections (select with --sections, default all):
          (block 0 and the token's own block always, the rest random causal), T in --nsa-lengths.
   tune   launch-parameter sweep of the three kernels at the dense 32k shape.
   tune_nsa  the same at the NSA shape (--tune-nsa-length).
+  lists  time per listed block over list shapes, `KernelConfig.stagger` off and on (forward and
+         forward+backward, bf16, 16 q / 8 KV heads, D=128, 128x128 blocks, T = --lists-length):
+         ramp (causal), uniform_prefix (every row blocks 0..nq/2-1, all keys visible), uniform_band
+         (row i: blocks i-j mod nq, j < nq/2), bimodal (half the rows empty, half all nq blocks) and
+         nsa_select (section c's layout); with the staggered results' difference to the unstaggered.
 
   python benchmarks/kernels.py --out $OUT/kernels.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -343,8 +349,108 @@ def section_tune_nsa(args):
   RESULTS["tune_nsa"] = dict(base={n: dataclasses.asdict(c) for n, c in base.items()}, rows=rows)
 
 
+LISTS_BLOCK = 128  # lists: block_q = block_k
+
+
+def list_layout(rows, units, nq):
+  """The layout whose query block i visits KV blocks rows[i] in each of `units` head units
+  (kv_indices [1, units, nq, K]); 128x128 blocks, nq KV blocks."""
+  cap = max(1, *map(len, rows))
+  idx = np.zeros((nq, cap), np.int32)
+  for i, row in enumerate(rows):
+    idx[i, :len(row)] = row
+  cnt = np.array([len(row) for row in rows], np.int32)
+  return BlockLayout.from_indices(np.broadcast_to(idx, (1, units, nq, cap)),
+                                  np.broadcast_to(cnt, (1, units, nq)), block_q=LISTS_BLOCK,
+                                  block_k=LISTS_BLOCK, num_kv_blocks=nq)
+
+
+def list_shapes(t):
+  """name -> () -> (layout, query heads, KV heads, every key visible) of the `lists` section at length t.
+  Visible shapes put the queries at positions t.. after every key (a ring step visiting a shard)."""
+  nq = t // LISTS_BLOCK
+  half = nq // 2
+  return {
+      "ramp": lambda: (BlockLayout.causal(t, t, block_q=LISTS_BLOCK, block_k=LISTS_BLOCK, num_head_units=8),
+                       16, 8, False),
+      "uniform_prefix": lambda: (list_layout([range(half)] * nq, 8, nq), 16, 8, True),
+      "uniform_band": lambda: (list_layout([[(i - j) % nq for j in range(half)] for i in range(nq)], 8, nq),
+                               16, 8, True),
+      "bimodal": lambda: (list_layout([[]] * half + [range(nq)] * (nq - half), 8, nq), 16, 8, True),
+      "nsa_select": lambda: (nsa_layout(4, t, 4), 64, 4, False),
+  }
+
+
+@contextlib.contextmanager
+def stagger(on):
+  """Inside: `pallas_gpu.default_configs` gives the three kernels KernelConfig.stagger = on."""
+  defaults = pallas_gpu.default_configs
+  pallas_gpu.default_configs = lambda *a: {n: dataclasses.replace(c, stagger=on)
+                                           for n, c in defaults(*a).items()}
+  try:
+    yield
+  finally:
+    pallas_gpu.default_configs = defaults
+
+
+def max_rel_diff(a, b):
+  """max over leaves of max|a - b| / max|b| (float32)."""
+  return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))) /
+                   max(float(jnp.max(jnp.abs(y.astype(jnp.float32)))), 1e-30))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def list_fns(layout, t, visible):
+  """{"fwd": out, "fwd_bwd": grad of sum(out) in q, k, v}: new jitted functions of (q, k, v), traced
+  with the `default_configs` of the moment (one jitted function would keep its first trace). Segment
+  ids all one; queries at positions t.. after every key if `visible`, else causal."""
+  kv_pos = jnp.arange(t, dtype=jnp.int32)[None]
+  seg = jnp.ones((1, t), jnp.int32)
+
+  def attend(q, k, v):
+    return block_sparse_attention(q, k, v, layout, q_positions=kv_pos + (t if visible else 0),
+                                  kv_positions=kv_pos, q_segment_ids=seg, kv_segment_ids=seg,
+                                  return_lse=False, implementation="pallas_gpu", interpret=INTERPRET)
+  loss = lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum()  # noqa: E731
+  return {"fwd": jax.jit(attend), "fwd_bwd": jax.jit(jax.grad(loss, argnums=(0, 1, 2)))}
+
+
+def section_lists(args):
+  t = args.lists_length
+  if t < 2 * LISTS_BLOCK or t % (2 * LISTS_BLOCK):
+    raise ValueError(f"--lists-length must be a positive multiple of {2 * LISTS_BLOCK}, got {t}")
+  print(f"\n== lists: time per listed block over list shapes, stagger off / on, T={t} ==")
+  print(f"  {'shape':15s} {'mode':8s} {'blocks':>9s}  {'off: ms':>9s} {'ns/block':>8s}  {'on: ms':>9s} "
+        f"{'ns/block':>8s}  {'on/off':>6s}  rel diff")
+  timing_kw = dict(reps=1, warmup=1) if INTERPRET else dict(reps=10, warmup=1)
+  rows = []
+  for name, make in list_shapes(t).items():
+    def run(name=name, make=make):
+      layout, hq, hkv, visible = make()
+      q, k, v, _ = qkv(7, 1, t, hq, hkv, 128, 128)
+      blocks = int(layout.kv_counts.sum())
+      out = []
+      for mode in ("fwd", "fwd_bwd"):
+        res, row = {}, {}
+        for on in (False, True):
+          with stagger(on):  # traced inside: the first call compiles
+            fn = list_fns(layout, t, visible)[mode]
+            res[on] = jax.block_until_ready(fn(q, k, v))
+            row[on] = dict(shape=name, mode=mode, stagger=on, blocks=blocks,
+                           ms=median_ms(fn, q, k, v, **timing_kw), rel_diff=None)
+          row[on]["ns_per_block"] = 1e6 * row[on]["ms"] / blocks
+        row[True]["rel_diff"] = max_rel_diff(res[True], res[False])
+        out += [row[False], row[True]]
+        print(f"  {name:15s} {mode:8s} {blocks:9d}  " + "  ".join(
+            f"{row[on]['ms']:9.2f} {row[on]['ns_per_block']:8.1f}" for on in (False, True)) +
+              f"  {row[True]['ms'] / row[False]['ms']:6.3f}  {row[True]['rel_diff']:.1e}", flush=True)
+      return out
+    rows += guarded(f"lists/{name}", run) or []
+  RESULTS["lists"] = dict(length=t, block=LISTS_BLOCK, rows=rows)
+
+
 SECTIONS = {"check": section_check, "a": section_dense, "b": section_density, "c": section_nsa,
-            "tune": section_tune, "tune_nsa": section_tune_nsa}
+            "tune": section_tune, "tune_nsa": section_tune_nsa, "lists": section_lists}
 
 
 def main():
@@ -360,6 +466,7 @@ def main():
   p.add_argument("--tune-length", type=int, default=32768)
   p.add_argument("--check-length", type=int, default=1024)
   p.add_argument("--tune-nsa-length", type=int, default=16384)
+  p.add_argument("--lists-length", type=int, default=65536)
   p.add_argument("--block-q", type=int, default=128)
   p.add_argument("--block-k", type=int, default=64)
   p.add_argument("--no-tokamax", action="store_true")

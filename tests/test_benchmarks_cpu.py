@@ -89,6 +89,34 @@ def test_attention_benchmarks_run_on_cpu(tmp_path, script, args):
     assert len(json.dumps(result)) > 200
 
 
+def test_kernels_lists_section_runs_on_cpu(tmp_path):
+    """benchmarks/kernels.py --sections lists at T=256 (two 128-blocks, kernels in interpret mode):
+    every list shape timed forward and forward+backward with the stagger off and on, over the blocks
+    its layout lists, and the staggered results equal to the unstaggered up to bf16 rounding."""
+    out = tmp_path / "lists.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), "--interpret",
+                           "--sections", "lists", "--lists-length", "256", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert not result.get("errors"), result.get("errors")
+    # nq = 2 query blocks, 8 KV-head units; NSA: 4 KV heads x 256 one-token units, each listing its own
+    # 64-block and every earlier one (at most 16)
+    expected = {"ramp": 8 * (1 + 2), "uniform_prefix": 8 * 2 * 1, "uniform_band": 8 * 2 * 1,
+                "bimodal": 8 * (0 + 2), "nsa_select": 4 * 64 * (1 + 2 + 3 + 4)}
+    rows = result["lists"]["rows"]
+    assert sorted((r["shape"], r["mode"], r["stagger"]) for r in rows) == sorted(
+        (shape, mode, on) for shape in expected for mode in ("fwd", "fwd_bwd") for on in (False, True))
+    for r in rows:
+        assert r["blocks"] == expected[r["shape"]] and r["ms"] > 0
+        assert r["ns_per_block"] == pytest.approx(1e6 * r["ms"] / r["blocks"])
+        if r["stagger"]:
+            assert 0 <= r["rel_diff"] < 2e-2, r
+        else:
+            assert r["rel_diff"] is None, r
+    assert any(r["rel_diff"] for r in rows)  # the stagger reached the kernels: the sums' order changed
+
+
 def test_ring_benchmark_runs_on_cpu(tmp_path):
     """benchmarks/ring.py --smoke (8 fake CPU devices, tiny shapes): scaling over 1, 2, 4 devices and the
     per-step layouts run, and the layouts timed alone list exactly the blocks of the ring's balance report."""

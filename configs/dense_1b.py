@@ -7,7 +7,8 @@ Shape: d_model 2048, 16 layers, 16 heads of 128, 8 KV heads (GQA 2), SwiGLU 8192
 Layers unrolled, the configuration measured on the GPU. `--config.model.scan_layers=True` stacks the
 parameters [16, ...] and traces one layer: on CPU the train step compiles in 3.7 s instead of 13.7 s
 and the initialiser in 2.5 s instead of 22.2 s (benchmarks/compile_time.py; on the H200 the unrolled
-initialiser takes ~90 s to compile); its step speed on the GPU is not measured yet.
+initialiser takes ~90 s to compile, the scanned step 15 s). Scanned, the step is 5% slower on the
+H200: 0.993 s against 0.944 s (51.1% against 53.8% MFU).
 
     python train.py --config=configs/dense_1b.py --workdir=/tmp/dense_1b
 """

@@ -3,7 +3,7 @@ the value and the valid choices."""
 import ml_collections
 import pytest
 
-from configs import common, dense_1b, dense_tiny
+from configs import common, dense_1b, dense_tiny, nsa_1b, nsa_tiny
 from sparsejax import config as config_lib
 
 
@@ -12,7 +12,8 @@ def config():
     return dense_tiny.get_config()
 
 
-@pytest.mark.parametrize("module, devices", [(dense_tiny, 1), (dense_tiny, 8), (dense_1b, 1), (dense_1b, 8)])
+@pytest.mark.parametrize("module, devices", [(dense_tiny, 1), (dense_tiny, 8), (dense_1b, 1), (dense_1b, 8),
+                                             (nsa_tiny, 1), (nsa_1b, 1)])
 def test_shipped_configs_are_valid(module, devices):
     config_lib.validate(module.get_config(), num_devices=devices)
 

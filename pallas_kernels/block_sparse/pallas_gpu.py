@@ -72,11 +72,12 @@ class KernelConfig:
     float32 partial tiles that a second kernel sums in a fixed order (deterministic).
   stagger: each program walks its list from entry (program id mod list length), wrapping around,
     instead of from entry 0. Programs that run together then read different K/V (or Q) blocks at
-    each moment rather than all the same one: when every list is the same (a ring step visiting a
-    shard that the queries see whole), the shared block is an L2 hot spot, measured on an H200 at
-    +14% time per block (benchmarks/notes_kernels.md, "List stagger"). The order of the
-    online-softmax and gradient sums changes with it, not the result beyond rounding; still
-    deterministic.
+    each moment rather than all the same one. When every list is the same (a ring step visiting a
+    shard that the queries see whole) the shared block is a hot spot: on an H200 at 64k the
+    forward takes 61.1 ns per block unstaggered, 53.7 staggered, like the causal layout's 53.3
+    (`benchmarks/kernels.py --sections lists`). The order of the online-softmax and gradient sums
+    changes, the result only by rounding; still deterministic. `default_configs` staggers units of
+    several tokens; NSA's one-token units measured 1.7% slower with it, so they walk from entry 0.
   """
   rows: int
   num_warps: int
@@ -119,12 +120,15 @@ def default_configs(q, k, v, layout) -> dict[str, KernelConfig]:
   # Measured on the H200 (benchmarks/notes_kernels.md): 16-row tiles (NSA) run best with 2 warps
   # and 2 stages (3.83 vs 4.44 ms at T=16k); 128-row tiles were measured with 8 warps, 3 stages.
   stages = 2 if rows <= 16 or d_total > 256 else 3
-  fwd = KernelConfig(rows=rows, num_warps=warps, num_stages=_stages(stages, bk, rows, d_total, size))
+  stagger = layout.block_q > 1
+  fwd = KernelConfig(rows=rows, num_warps=warps, num_stages=_stages(stages, bk, rows, d_total, size),
+                     stagger=stagger)
   dq_rows = min(rows, 64)
-  dq = KernelConfig(rows=dq_rows, num_warps=4, num_stages=_stages(2, bk, dq_rows, d_total, size))
+  dq = KernelConfig(rows=dq_rows, num_warps=4, num_stages=_stages(2, bk, dq_rows, d_total, size),
+                    stagger=stagger)
   dkv_rows = 64 if bk >= 64 else 32
   dkv = KernelConfig(rows=dkv_rows, num_warps=4 if bk <= 64 else 8,
-                     num_stages=_stages(2, dkv_rows, bk, d_total, size))
+                     num_stages=_stages(2, dkv_rows, bk, d_total, size), stagger=stagger)
   return {"fwd": fwd, "dq": dq, "dkv": dkv}
 
 

@@ -91,9 +91,20 @@ IMPORTANCE_CONFIGS = ((128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8
                       (64, 64, 4, 3, True), (128, 64, 8, 3, False))
 
 
+def fwd_bwd(fn, argnums):
+    """jit of the gradient of sum(fn(...)'s output) w.r.t. `argnums` (the forward + backward of a piece;
+    for a function returning (out, lse), of out)."""
+    def loss(*args):
+        out = fn(*args)
+        return (out[0] if isinstance(out, tuple) else out).astype(jnp.float32).sum()
+    return jax.jit(jax.grad(loss, argnums=argnums))
+
+
 def breakdown(args, spec, t, dtype):
-    """Forward time of each NSA piece at length t; the importance pass + top-n on both implementations
-    (A/B), the Pallas kernel's scores alone for a few launch configurations, and top-n alone."""
+    """Forward time of each NSA piece at length t and, as `<piece>_fwd_bwd`, its forward + backward
+    (compression MLP, compression / selection / window attention); the importance pass + top-n on
+    each implementation (A/B), the Pallas kernel's scores alone for a few launch configurations, and
+    top-n alone."""
     x = make_inputs(args, t, dtype)
     impl = spec.kernel_implementation
     interpret = jax.default_backend() == "cpu"           # the CPU smoke test runs the kernel interpreted
@@ -101,12 +112,16 @@ def breakdown(args, spec, t, dtype):
     pieces = {}
     comp = jax.jit(lambda x: cmp_lib.compress(x["k_cmp"], x["compress_k"], block=l, stride=s))
     pieces["compress_mlp_k"] = bench(comp, x)[0]
+    pieces["compress_mlp_k_fwd_bwd"] = bench(fwd_bwd(lambda k, p: cmp_lib.compress(k, p, block=l, stride=s),
+                                                     (0, 1)), x["k_cmp"], x["compress_k"])[0]
     kc = comp(x)
     vc = jax.jit(lambda x: cmp_lib.compress(x["v_cmp"], x["compress_v"], block=l, stride=s))(x)
-    cmp_attention = jax.jit(lambda q, kc, vc, seg: cmp_lib.compressed_attention(
+    cmp_fn = lambda q, kc, vc, seg: cmp_lib.compressed_attention(
         q, kc, vc, seg, block=l, stride=s, block_q=spec.compress_kernel_block_q,
-        block_k=spec.compress_kernel_block_k, implementation=impl))
+        block_k=spec.compress_kernel_block_k, implementation=impl)
+    cmp_attention = jax.jit(cmp_fn)
     pieces["cmp_attention"] = bench(cmp_attention, x["q"], kc, vc, x["segment_ids"])[0]
+    pieces["cmp_attention_fwd_bwd"] = bench(fwd_bwd(cmp_fn, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
     lse = cmp_attention(x["q"], kc, vc, x["segment_ids"])[1]
     sel = dict(block=l, stride=s, select_block=spec.select_block, num_selected=spec.num_selected,
                num_initial=spec.num_initial, num_local=spec.num_local, chunk_elements=spec.score_chunk_elements)
@@ -122,12 +137,16 @@ def breakdown(args, spec, t, dtype):
     idx, cnt = selects["xla"](x["q"], kc, lse, x["segment_ids"])
     guarded(f"importance_check@{t}", lambda: importance_check(x, kc, lse, spec, t, interpret, (idx, cnt),
                                                               selects["pallas_gpu_fused"]))
-    pieces["slc_attention"] = bench(jax.jit(lambda x, i, c: selected_attention(
-        x["q"], x["k_slc"], x["v_slc"], x["segment_ids"], i, c, select_block=spec.select_block,
-        implementation=impl)), x, idx, cnt)[0]
-    pieces["win_attention"] = bench(jax.jit(lambda x: window_attention(
-        x["q"], x["k_win"], x["v_win"], x["segment_ids"], window=spec.window, block=spec.window_block,
-        implementation=impl)), x)[0]
+    slc_fn = lambda q, k, v, seg, i, c: selected_attention(q, k, v, seg, i, c, select_block=spec.select_block,
+                                                           implementation=impl)
+    slc_args = (x["q"], x["k_slc"], x["v_slc"], x["segment_ids"], idx, cnt)
+    pieces["slc_attention"] = bench(jax.jit(slc_fn), *slc_args)[0]
+    pieces["slc_attention_fwd_bwd"] = bench(fwd_bwd(slc_fn, (0, 1, 2)), *slc_args)[0]
+    win_fn = lambda q, k, v, seg: window_attention(q, k, v, seg, window=spec.window, block=spec.window_block,
+                                                   implementation=impl)
+    win_args = (x["q"], x["k_win"], x["v_win"], x["segment_ids"])
+    pieces["win_attention"] = bench(jax.jit(win_fn), *win_args)[0]
+    pieces["win_attention_fwd_bwd"] = bench(fwd_bwd(win_fn, (0, 1, 2)), *win_args)[0]
     return pieces
 
 
@@ -262,7 +281,7 @@ def main():
         pieces = guarded(f"breakdown@{t}", lambda: breakdown(args, spec, t, dtype))
         if pieces:
             RESULTS["breakdown"] = {"T": t, **pieces}
-            print(f"# forward pieces at T={t}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in pieces.items()), flush=True)
+            print(f"# pieces at T={t}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in pieces.items()), flush=True)
         save()
 
 

@@ -22,6 +22,8 @@ p_slc [B, K, T, S], all T in one call) and XLA's block_scores + top-n alone on i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import functools
 import json
@@ -36,6 +38,7 @@ from timing import bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pallas_kernels.block_sparse import pallas_gpu  # noqa: E402
 from pallas_kernels.nsa_importance import ImportanceConfig, importance_scores  # noqa: E402
 from sparsejax.attention import compressed as cmp_lib  # noqa: E402
 from sparsejax.attention.compressed import CompressionParams  # noqa: E402
@@ -100,11 +103,28 @@ def fwd_bwd(fn, argnums):
     return jax.jit(jax.grad(loss, argnums=argnums))
 
 
+# CSR entries per dK/dV program tried for the compression attention's backward (`KernelConfig.list_chunk`)
+CMP_DKV_CHUNKS = (32, 128)
+
+
+@contextlib.contextmanager
+def dkv_list_chunk(chunk):
+    """Inside: `pallas_gpu.default_configs` gives the dK/dV kernel `list_chunk=chunk`."""
+    defaults = pallas_gpu.default_configs
+    pallas_gpu.default_configs = lambda *a: dict(
+        defaults(*a), dkv=dataclasses.replace(defaults(*a)["dkv"], list_chunk=chunk))
+    try:
+        yield
+    finally:
+        pallas_gpu.default_configs = defaults
+
+
 def breakdown(args, spec, t, dtype):
     """Forward time of each NSA piece at length t and, as `<piece>_fwd_bwd`, its forward + backward
-    (compression MLP, compression / selection / window attention); the importance pass + top-n on
-    each implementation (A/B), the Pallas kernel's scores alone for a few launch configurations, and
-    top-n alone."""
+    (compression MLP, compression / selection / window attention; on GPU also the compression
+    attention with its dK/dV lists cut into `CMP_DKV_CHUNKS`); the importance pass + top-n on each
+    implementation (A/B), the Pallas kernel's scores alone for a few launch configurations, and top-n
+    alone."""
     x = make_inputs(args, t, dtype)
     impl = spec.kernel_implementation
     interpret = jax.default_backend() == "cpu"           # the CPU smoke test runs the kernel interpreted
@@ -122,6 +142,13 @@ def breakdown(args, spec, t, dtype):
     cmp_attention = jax.jit(cmp_fn)
     pieces["cmp_attention"] = bench(cmp_attention, x["q"], kc, vc, x["segment_ids"])[0]
     pieces["cmp_attention_fwd_bwd"] = bench(fwd_bwd(cmp_fn, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
+    if impl == "pallas_gpu" or (impl is None and jax.default_backend() == "gpu"):
+        for chunk in CMP_DKV_CHUNKS:            # its dK/dV lists cut into chunks (see RESULTS, NSA)
+            with dkv_list_chunk(chunk):
+                res = guarded(f"cmp_attention_fwd_bwd_chunk{chunk}@{t}", lambda: bench(
+                    fwd_bwd(cmp_fn, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"]))
+            if res:
+                pieces[f"cmp_attention_fwd_bwd_chunk{chunk}"] = res[0]
     lse = cmp_attention(x["q"], kc, vc, x["segment_ids"])[1]
     sel = dict(block=l, stride=s, select_block=spec.select_block, num_selected=spec.num_selected,
                num_initial=spec.num_initial, num_local=spec.num_local, chunk_elements=spec.score_chunk_elements)

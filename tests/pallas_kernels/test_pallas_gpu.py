@@ -142,6 +142,16 @@ def test_split_kv_lists(monkeypatch):
                block_k=16, density=0.7, dtype=jnp.float32))
 
 
+def test_split_kv_lists_units_over_several_tiles(monkeypatch):
+  """The split dK/dV pass with query units larger than a dK/dV tile (NSA's compression attention:
+  64-token units x 16 heads): 8-token units x 4 heads = 32 rows over 16-row tiles, chunks of 3."""
+  configs = pallas_gpu.default_configs
+  monkeypatch.setattr(pallas_gpu, "default_configs", lambda *a: dict(
+      configs(*a), dkv=pallas_gpu.KernelConfig(rows=16, num_warps=4, num_stages=2, list_chunk=3)))
+  _check(_case(12, batch=1, tq=40, tk=48, hq=8, hkv=2, hl=2, dqk=16, dv=32, block_q=8,
+               block_k=16, density=0.8, dtype=jnp.float32))
+
+
 def test_split_is_chosen_for_skewed_lists():
   """NSA-like shapes (many one-token units, short lists) split; dense causal ones do not."""
   t = 8192

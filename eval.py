@@ -6,7 +6,9 @@
 
 Reports validation loss, perplexity and bits per byte, the attention variant's statistics, and
 passkey / needle-in-a-haystack accuracy over `config.eval`'s grid of context lengths and depths;
-writes `DIR/eval/report_<step>.json` and the heatmap `DIR/eval/retrieval_<step>.png`.
+writes `DIR/eval/report_<step>.json` and the heatmap `DIR/eval/retrieval_<step>.png`. Runs under
+the config's mesh, so a config that shards the sequence (`configs/nsa_1b_long.py`) evaluates with
+its ring or all-gather attention.
 Exit status 1 with a message for an invalid config or a missing or damaged checkpoint.
 """
 from __future__ import annotations

@@ -30,13 +30,15 @@ def make_example(task: str, rng: np.random.Generator, context_len: int, depth: f
     raise ValueError(f"task={task!r}; valid choices: ('passkey', 'needle')")
 
 
-def score_examples(logits_fn: LogitsFn, examples: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+def score_examples(logits_fn: LogitsFn, examples: list[tuple[np.ndarray, np.ndarray]], *,
+                   pad_multiple: int = PAD_MULTIPLE) -> np.ndarray:
     """bool [N]: whether greedy decoding after each prompt reproduces its answer.
 
     All examples go through one forward pass as rows of one batch: row n holds prompt + answer[:-1]
-    as segment 1 and padding (segment 0) after it, so causal attention keeps rows exact."""
+    as segment 1 and padding (segment 0) after it, so causal attention keeps rows exact. The rows'
+    width is rounded up to `pad_multiple` (a sequence-sharded model needs its balance granule)."""
     lengths = [len(p) + len(a) - 1 for p, a in examples]
-    width = -(-max(lengths) // PAD_MULTIPLE) * PAD_MULTIPLE
+    width = -(-max(lengths) // pad_multiple) * pad_multiple
     n = len(examples)
     inputs = np.zeros((n, width), np.int32)
     segments = np.zeros((n, width), np.int32)
@@ -53,7 +55,7 @@ def score_examples(logits_fn: LogitsFn, examples: list[tuple[np.ndarray, np.ndar
     return correct
 
 
-def retrieval_grid(logits_fn: LogitsFn, tokenizer, eval_config) -> dict:
+def retrieval_grid(logits_fn: LogitsFn, tokenizer, eval_config, *, pad_multiple: int = PAD_MULTIPLE) -> dict:
     """Accuracy of every task in `eval_config.tasks` over `context_lengths` × `depths`.
 
     Returns {task: {"context_lengths": [...], "depths": [...], "accuracy": [[float per depth] per
@@ -70,7 +72,8 @@ def retrieval_grid(logits_fn: LogitsFn, tokenizer, eval_config) -> dict:
                             for _ in range(eval_config.samples_per_cell)]
                 hits = []
                 for start in range(0, len(examples), eval_config.batch_size):
-                    hits.append(score_examples(logits_fn, examples[start:start + eval_config.batch_size]))
+                    hits.append(score_examples(logits_fn, examples[start:start + eval_config.batch_size],
+                                               pad_multiple=pad_multiple))
                 row.append(float(np.concatenate(hits).mean()))
             accuracy.append(row)
         report[task] = {"context_lengths": list(eval_config.context_lengths), "depths": list(eval_config.depths),

@@ -3,11 +3,15 @@
 Loads the latest (or a given) checkpoint of `workdir`, then reports validation loss, perplexity and
 bits per byte, the attention variant's statistics on validation data, and passkey / needle accuracy
 over `config.eval`'s grid; writes `workdir/eval/report_<step>.json` and `workdir/eval/retrieval_<step>.png`.
-Runs in one process (any number of local devices).
+Runs in one process (any number of local devices) under the config's mesh, as training does: with
+`sequence` > 1 the model takes its sequence-parallel path (ring or all-gather), batches pass the
+same balance permutation, and retrieval rows are padded to the balance granule and their logits put
+back in token order.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -19,10 +23,13 @@ from absl import logging
 from sparsejax import config as config_lib
 from sparsejax.data import make_eval_iterator, make_tokenizer
 from sparsejax.evaluation import language_modeling, plots, retrieval
-from sparsejax.parallel.mesh import make_mesh
+from sparsejax.parallel import balance as balance_lib
+from sparsejax.parallel import context
+from sparsejax.parallel.mesh import batch_sharding, make_mesh, rules_from_config
 from sparsejax.training.checkpoint import CheckpointError, Checkpointer, config_to_json_dict
 from sparsejax.training.optimizer import make_optimizer
 from sparsejax.training.state import StateFactory, merge_model
+from sparsejax.training.step import make_global_batch
 
 
 def load_model_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -44,29 +51,58 @@ def load_model_state(config: ml_collections.ConfigDict, workdir: str, step: int 
     return factory.graphdef, state.params, state.rest, step
 
 
+def make_logits_fn(config: ml_collections.ConfigDict, mesh, graphdef, params, rest) -> retrieval.LogitsFn:
+    """`logits_fn(inputs, positions, segment_ids) -> logits [N, L, V]` (numpy in, numpy out) that runs the
+    model under `mesh`: rows padded to a multiple of the batch axes, the sequence permuted by the
+    config's balance scheme (L must be a multiple of `context.sequence_multiple(config)`) and the
+    logits returned in the original token order."""
+    rules = rules_from_config(config)
+    sharding = batch_sharding(mesh, rules)
+    row_ways = math.prod(mesh.shape[axis] for axis in rules["batch"])
+    cp = context.from_config(config)
+
+    @jax.jit
+    def forward(params, rest, inputs, positions, segment_ids):
+        perm = None if cp is None or cp.balance == "none" else cp.permutation(inputs.shape[1])
+        if perm is not None:
+            inputs, positions, segment_ids = (jnp.take(x, perm, axis=1) for x in (inputs, positions, segment_ids))
+        logits = merge_model(graphdef, params, rest)(inputs, positions, segment_ids)[0]
+        return logits if perm is None else jnp.take(logits, balance_lib.inverse(perm), axis=1)
+
+    def logits_fn(inputs, positions, segment_ids):
+        n = inputs.shape[0]
+        rows = [np.pad(np.asarray(x, np.int32), ((0, -n % row_ways), (0, 0)))
+                for x in (inputs, positions, segment_ids)]                      # padding rows: segment 0
+        with jax.set_mesh(mesh):
+            logits = forward(params, rest, *(jax.device_put(x, sharding) for x in rows))
+        return np.asarray(logits)[:n]
+    return logits_fn
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
     """Evaluates checkpoint `step` (default: latest) of `workdir`; returns the report dict."""
     config_lib.validate(config, jax.device_count())
     graphdef, params, rest, step = load_model_state(config, workdir, step)
-
-    @jax.jit
-    def forward(params, rest, inputs, positions, segment_ids):
-        return merge_model(graphdef, params, rest)(inputs, positions, segment_ids)
-
-    def logits_fn(inputs, positions, segment_ids):
-        return forward(params, rest, jnp.asarray(inputs), jnp.asarray(positions), jnp.asarray(segment_ids))[0]
-
+    mesh = make_mesh(config)
+    sharding = batch_sharding(mesh, rules_from_config(config))
+    boundary = context.data_boundary(config)
     tokenizer = make_tokenizer(config.data)
 
     @jax.jit
     def batch_sums(params, rest, batch):  # parameters are arguments, not constants baked into the program
         model_forward = lambda *inputs: merge_model(graphdef, params, rest)(*inputs)  # noqa: E731
-        return language_modeling.make_sums_fn(model_forward, tokenizer.token_bytes)(batch)
+        return language_modeling.make_sums_fn(model_forward, tokenizer.token_bytes)(boundary(batch))
+
+    def sums(batch):  # token sums: the balance permutation does not change them
+        with jax.set_mesh(mesh):
+            return batch_sums(params, rest, make_global_batch(batch, sharding, batch["inputs"].shape[0]))
 
     batches = make_eval_iterator(config, "validation", num_batches=config.eval.validation_batches)
-    lm, stats = language_modeling.evaluate(lambda batch: batch_sums(params, rest, batch), batches)
+    lm, stats = language_modeling.evaluate(sums, batches)
 
-    grid = retrieval.retrieval_grid(logits_fn, tokenizer, config.eval)
+    pad = math.lcm(retrieval.PAD_MULTIPLE, context.sequence_multiple(config))
+    grid = retrieval.retrieval_grid(make_logits_fn(config, mesh, graphdef, params, rest), tokenizer, config.eval,
+                                    pad_multiple=pad)
     report = {"workdir": os.path.abspath(workdir), "step": step, "attention": config.attention.kind,
               "validation": lm, "attention_stats": stats, "retrieval": grid,
               "config": config_to_json_dict(config)}

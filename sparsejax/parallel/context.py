@@ -84,6 +84,20 @@ def alignment(config) -> int:
     return math.lcm(*blocks)
 
 
+def sequence_multiple(config, num_devices: int | None = None) -> int:
+    """Tokens that every sequence fed to the model under this config's mesh must hold a multiple of
+    (the balance scheme's granule over the sequence shards); 1 when the sequence is not sharded."""
+    n = sequence_shards(config, num_devices)
+    if n == 1:
+        return 1
+    p, unit = config.parallel, alignment(config)
+    if p.balance == "zigzag":
+        return 2 * n * unit
+    if p.balance == "striped":
+        return n * math.lcm(p.stripe_size, unit)
+    return n * unit
+
+
 def validate(config, num_devices: int | None = None) -> None:
     """Check `config.parallel` and its fit with the mesh, data and variant; raises ValueError."""
     p = config.parallel

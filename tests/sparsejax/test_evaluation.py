@@ -86,3 +86,69 @@ def test_heatmap_writes_png(tmp_path):
     path = tmp_path / "h.png"
     plots.retrieval_heatmap(grid, str(path), title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("kind, balance", [("dense", "zigzag"), ("nsa", "striped")])
+def test_logits_fn_with_the_sequence_sharded_equals_one_device(kind, balance):
+    """eval.py's forward under a mesh with sequence = 4 (ring; the balance permutation applied and
+    undone) gives the logits of sequence = 1 for the same parameters, on a row of two packed
+    documents and padding, one row for two-way batch axes (padded with an empty row)."""
+    from test_context_training import tiny
+
+    from sparsejax import config as config_lib
+    from sparsejax.evaluation.run import make_logits_fn
+    from sparsejax.parallel import context, mesh as mesh_lib
+    from sparsejax.training.optimizer import make_optimizer
+    from sparsejax.training.state import StateFactory
+
+    configs = {1: tiny(kind, data=2), 4: tiny(kind, data=2, sequence=4)}
+    configs[4].parallel.update(context_scheme="ring", balance=balance)
+    width = max(256, context.sequence_multiple(configs[4], 8))
+    assert width % context.sequence_multiple(configs[4], 8) == 0
+    rng = np.random.default_rng(3)
+    inputs = rng.integers(0, configs[1].model.vocab_size, (1, width)).astype(np.int32)
+    cut = width // 3
+    segments = np.where(np.arange(width) < cut, 1, 2)[None].astype(np.int32)
+    segments[:, -7:] = 0                                                      # padding tokens
+    positions = np.where(segments == 2, np.arange(width) - cut, np.arange(width))
+    positions = np.where(segments > 0, positions, 0).astype(np.int32)
+
+    logits, params = {}, None
+    for sequence, n_dev in ((1, 2), (4, 8)):
+        config = configs[sequence]
+        config_lib.validate(config, n_dev)
+        mesh = mesh_lib.make_mesh(config, jax.devices()[:n_dev])
+        factory = StateFactory(config, mesh, make_optimizer(config.train))
+        if params is None:                      # the same parameters on both meshes
+            state = factory.create()
+            params = jax.tree.map(np.asarray, (state.params, state.rest))
+        placed = jax.device_put(params, (factory.shardings.params, factory.shardings.rest))
+        logits[sequence] = make_logits_fn(config, mesh, factory.graphdef, *placed)(inputs, positions, segments)
+    assert logits[4].shape == logits[1].shape == (1, width, configs[1].model.vocab_size)
+    real = segments[0] > 0      # padding tokens (segment 0, position 0) have no defined output
+    np.testing.assert_allclose(logits[4][0, real], logits[1][0, real], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind, balance", [("dense", "zigzag"), ("nsa", "striped")])
+def test_evaluate_with_the_sequence_sharded_equals_one_device(tmp_path, kind, balance):
+    """`evaluate` (eval.py) of one checkpoint under sequence = 1 (data = 8) and under sequence = 4
+    (data = 2, ring): the same validation loss and bits per byte, and the same retrieval grid
+    (its rows of 2 examples padded to the batch axes)."""
+    from test_context_training import tiny
+
+    from sparsejax.evaluation.run import evaluate
+    from sparsejax.training.loop import train
+
+    configs = {1: tiny(kind, data=8), 4: tiny(kind, data=2, sequence=4)}   # all 8 devices
+    configs[4].parallel.update(context_scheme="ring", balance=balance)
+    for config in configs.values():
+        config.data.global_batch_size = 8
+        config.train.update(num_steps=1, checkpoint_every=1)
+        config.eval.update(validation_batches=2, context_lengths=(256,), depths=(0.5,), samples_per_cell=3,
+                           batch_size=2, tasks=("passkey",))
+    train(configs[1], str(tmp_path))
+    reports = {s: evaluate(config, str(tmp_path)) for s, config in configs.items()}
+    for key in ("loss", "bits_per_byte", "tokens"):
+        np.testing.assert_allclose(reports[4]["validation"][key], reports[1]["validation"][key], rtol=1e-5)
+    assert reports[4]["retrieval"] == reports[1]["retrieval"]
+    assert reports[4]["step"] == reports[1]["step"] == 1

@@ -25,7 +25,6 @@ Sections (select with --sections, default check,a,b,c):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -381,18 +380,6 @@ def list_shapes(t):
   }
 
 
-@contextlib.contextmanager
-def stagger(on):
-  """Inside: `pallas_gpu.default_configs` gives the three kernels KernelConfig.stagger = on."""
-  defaults = pallas_gpu.default_configs
-  pallas_gpu.default_configs = lambda *a: {n: dataclasses.replace(c, stagger=on)
-                                           for n, c in defaults(*a).items()}
-  try:
-    yield
-  finally:
-    pallas_gpu.default_configs = defaults
-
-
 def max_rel_diff(a, b):
   """max over leaves of max|a - b| / max|b| (float32)."""
   return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))) /
@@ -433,7 +420,7 @@ def section_lists(args):
       for mode in ("fwd", "fwd_bwd"):
         res, row = {}, {}
         for on in (False, True):
-          with stagger(on):  # traced inside: the first call compiles
+          with timing.kernel_configs(stagger=on):  # traced inside: the first call compiles
             fn = list_fns(layout, t, visible)[mode]
             res[on] = jax.block_until_ready(fn(q, k, v))
             row[on] = dict(shape=name, mode=mode, stagger=on, blocks=blocks,

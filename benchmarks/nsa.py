@@ -22,8 +22,6 @@ p_slc [B, K, T, S], all T in one call) and XLA's block_scores + top-n alone on i
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import datetime
 import functools
 import json
@@ -38,7 +36,6 @@ from timing import bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pallas_kernels.block_sparse import pallas_gpu  # noqa: E402
 from pallas_kernels.nsa_importance import ImportanceConfig, importance_scores  # noqa: E402
 from sparsejax.attention import compressed as cmp_lib  # noqa: E402
 from sparsejax.attention.compressed import CompressionParams  # noqa: E402
@@ -107,18 +104,6 @@ def fwd_bwd(fn, argnums):
 CMP_DKV_CHUNKS = (32, 128)
 
 
-@contextlib.contextmanager
-def dkv_list_chunk(chunk):
-    """Inside: `pallas_gpu.default_configs` gives the dK/dV kernel `list_chunk=chunk`."""
-    defaults = pallas_gpu.default_configs
-    pallas_gpu.default_configs = lambda *a: dict(
-        defaults(*a), dkv=dataclasses.replace(defaults(*a)["dkv"], list_chunk=chunk))
-    try:
-        yield
-    finally:
-        pallas_gpu.default_configs = defaults
-
-
 def breakdown(args, spec, t, dtype):
     """Forward time of each NSA piece at length t and, as `<piece>_fwd_bwd`, its forward + backward
     (compression MLP, compression / selection / window attention; on GPU also the compression
@@ -144,7 +129,7 @@ def breakdown(args, spec, t, dtype):
     pieces["cmp_attention_fwd_bwd"] = bench(fwd_bwd(cmp_fn, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
     if impl == "pallas_gpu" or (impl is None and jax.default_backend() == "gpu"):
         for chunk in CMP_DKV_CHUNKS:            # its dK/dV lists cut into chunks (see RESULTS, NSA)
-            with dkv_list_chunk(chunk):
+            with timing.kernel_configs(("dkv",), list_chunk=chunk):
                 res = guarded(f"cmp_attention_fwd_bwd_chunk{chunk}@{t}", lambda: bench(
                     fwd_bwd(cmp_fn, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"]))
             if res:

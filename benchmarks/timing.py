@@ -2,6 +2,8 @@
 `python benchmarks/<name>.py`, which puts this folder first on sys.path)."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import statistics
 import time
 import traceback
@@ -44,3 +46,20 @@ def guarded(name: str, fn, errors: dict):
         print(f"  [{name}] FAILED: {msg}", flush=True)
         errors[name] = msg + "\n" + traceback.format_exc()[-2000:]
         return None
+
+
+@contextlib.contextmanager
+def kernel_configs(kernels=("fwd", "dq", "dkv"), **fields):
+    """Inside: `pallas_gpu.default_configs` gives `kernels` their default `KernelConfig` with `fields`
+    replaced (e.g. `stagger=False`, `list_chunk=32`). Functions must be traced inside to see it."""
+    from pallas_kernels.block_sparse import pallas_gpu
+    defaults = pallas_gpu.default_configs
+
+    def changed(*args):
+        return {name: dataclasses.replace(cfg, **fields) if name in kernels else cfg
+                for name, cfg in defaults(*args).items()}
+    pallas_gpu.default_configs = changed
+    try:
+        yield
+    finally:
+        pallas_gpu.default_configs = defaults

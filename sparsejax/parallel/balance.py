@@ -40,6 +40,16 @@ def unit_size(seq_len: int, num_shards: int, scheme: str, *, stripe: int) -> int
     raise ValueError(f"balance scheme {scheme!r} is not one of {SCHEMES}")
 
 
+def granule(num_shards: int, scheme: str, *, stripe: int, block: int) -> int:
+    """Tokens that a sequence must hold a multiple of for `scheme` over `num_shards` shards in blocks
+    of `block` (zigzag: 2 chunks per shard; striped: one stripe per shard per round)."""
+    if scheme == "zigzag":
+        return 2 * num_shards * block
+    if scheme == "striped":
+        return num_shards * stripe
+    return num_shards * block
+
+
 def check(seq_len: int, num_shards: int, scheme: str, *, stripe: int, block: int) -> None:
     """Raise ValueError unless `scheme` can split `seq_len` tokens over `num_shards` shards in whole
     blocks of `block` tokens (the kernel's block size; chunks and stripes must be multiples of it)."""
@@ -48,26 +58,15 @@ def check(seq_len: int, num_shards: int, scheme: str, *, stripe: int, block: int
     for name, value in (("seq_len", seq_len), ("num_shards", num_shards), ("block", block)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive int")
-    if scheme == "zigzag":
-        need = 2 * num_shards * block
-        if seq_len % need:
-            raise ValueError(
-                f"zigzag balance needs seq_len divisible by 2 * sequence shards * block = 2*{num_shards}*{block}"
-                f" = {need}; got seq_len={seq_len}")
-    elif scheme == "striped":
-        if not isinstance(stripe, (int, np.integer)) or stripe < 1 or stripe % block:
-            raise ValueError(f"striped balance needs stripe a positive multiple of the block size {block}; got stripe={stripe!r}")
-        need = num_shards * stripe
-        if seq_len % need:
-            raise ValueError(
-                f"striped balance needs seq_len divisible by sequence shards * stripe = {num_shards}*{stripe} = {need};"
-                f" got seq_len={seq_len}")
-    else:
-        need = num_shards * block
-        if seq_len % need:
-            raise ValueError(
-                f"sequence sharding needs seq_len divisible by sequence shards * block = {num_shards}*{block} = {need};"
-                f" got seq_len={seq_len}")
+    if scheme == "striped" and (not isinstance(stripe, (int, np.integer)) or stripe < 1 or stripe % block):
+        raise ValueError(f"striped balance needs stripe a positive multiple of the block size {block}; got stripe={stripe!r}")
+    need = granule(num_shards, scheme, stripe=stripe, block=block)
+    if seq_len % need:
+        what = {"zigzag": f"zigzag balance needs seq_len divisible by 2 * sequence shards * block = 2*{num_shards}",
+                "striped": f"striped balance needs seq_len divisible by sequence shards * stripe = {num_shards}"}
+        what = what.get(scheme, f"sequence sharding needs seq_len divisible by sequence shards * block = {num_shards}")
+        size = stripe if scheme == "striped" else block
+        raise ValueError(f"{what}*{size} = {need}; got seq_len={seq_len}")
 
 
 def permutation(seq_len: int, num_shards: int, scheme: str, *, stripe: int = 128) -> np.ndarray:

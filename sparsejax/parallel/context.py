@@ -90,12 +90,8 @@ def sequence_multiple(config, num_devices: int | None = None) -> int:
     n = sequence_shards(config, num_devices)
     if n == 1:
         return 1
-    p, unit = config.parallel, alignment(config)
-    if p.balance == "zigzag":
-        return 2 * n * unit
-    if p.balance == "striped":
-        return n * math.lcm(p.stripe_size, unit)
-    return n * unit
+    return balance_lib.granule(n, config.parallel.balance, stripe=config.parallel.stripe_size,
+                               block=alignment(config))
 
 
 def validate(config, num_devices: int | None = None) -> None:

@@ -14,11 +14,12 @@ Sections (select with --sections, default check,a,b,c):
          (block 0 and the token's own block always, the rest random causal), T in --nsa-lengths.
   tune   launch-parameter sweep of the three kernels at the dense 32k shape.
   tune_nsa  the same at the NSA shape (--tune-nsa-length).
-  lists  time per listed block over list shapes, `KernelConfig.stagger` off and on (forward and
-         forward+backward, bf16, 16 q / 8 KV heads, D=128, 128x128 blocks, T = --lists-length):
-         ramp (causal), uniform_prefix (every row blocks 0..nq/2-1, all keys visible), uniform_band
-         (row i: blocks i-j mod nq, j < nq/2), bimodal (half the rows empty, half all nq blocks) and
-         nsa_select (section c's layout); with the staggered results' difference to the unstaggered.
+  lists  time per listed block over list shapes and `KernelConfig.stagger` spans (--lists-staggers;
+         forward and forward+backward, bf16, 16 q / 8 KV heads, D=128, 128x128 blocks, T =
+         --lists-length): ramp (causal), uniform_prefix (every row blocks 0..nq/2-1, all keys
+         visible), uniform_band (row i: blocks i-j mod nq, j < nq/2), bimodal (half the rows empty,
+         half all nq blocks) and nsa_select (section c's layout); with each staggered result's
+         difference to the unstaggered one.
 
   python benchmarks/kernels.py --out $OUT/kernels.json
 """
@@ -406,31 +407,36 @@ def section_lists(args):
   t = args.lists_length
   if t < 2 * LISTS_BLOCK or t % (2 * LISTS_BLOCK):
     raise ValueError(f"--lists-length must be a positive multiple of {2 * LISTS_BLOCK}, got {t}")
-  print(f"\n== lists: time per listed block over list shapes, stagger off / on, T={t} ==")
-  print(f"  {'shape':15s} {'mode':8s} {'blocks':>9s}  {'off: ms':>9s} {'ns/block':>8s}  {'on: ms':>9s} "
-        f"{'ns/block':>8s}  {'on/off':>6s}  rel diff")
+  spans = [0] + [s for s in args.lists_staggers if s]  # 0 (no stagger) first: the others' baseline
+  shapes = list_shapes(t)
+  unknown = sorted(set(args.lists_shapes or shapes) - set(shapes))
+  if unknown:
+    raise ValueError(f"--lists-shapes: unknown {unknown}; choose from {list(shapes)}")
+  print(f"\n== lists: time per listed block over list shapes and stagger spans {spans}, T={t} ==")
+  print(f"  {'shape':15s} {'mode':8s} {'blocks':>9s}  " +
+        "  ".join(f"{f'ns/blk @{s}':>11s}" for s in spans) + "  max rel diff")
   timing_kw = dict(reps=1, warmup=1) if INTERPRET else dict(reps=10, warmup=1)
   rows = []
-  for name, make in list_shapes(t).items():
-    def run(name=name, make=make):
-      layout, hq, hkv, visible = make()
+  for name in args.lists_shapes or shapes:
+    def run(name=name):
+      layout, hq, hkv, visible = shapes[name]()
       q, k, v, _ = qkv(7, 1, t, hq, hkv, 128, 128)
       blocks = int(layout.kv_counts.sum())
       out = []
       for mode in ("fwd", "fwd_bwd"):
-        res, row = {}, {}
-        for on in (False, True):
-          with timing.kernel_configs(stagger=on):  # traced inside: the first call compiles
+        base, here = None, []
+        for span in spans:
+          with timing.kernel_configs(stagger=span):  # traced inside: the first call compiles
             fn = list_fns(layout, t, visible)[mode]
-            res[on] = jax.block_until_ready(fn(q, k, v))
-            row[on] = dict(shape=name, mode=mode, stagger=on, blocks=blocks,
-                           ms=median_ms(fn, q, k, v, **timing_kw), rel_diff=None)
-          row[on]["ns_per_block"] = 1e6 * row[on]["ms"] / blocks
-        row[True]["rel_diff"] = max_rel_diff(res[True], res[False])
-        out += [row[False], row[True]]
-        print(f"  {name:15s} {mode:8s} {blocks:9d}  " + "  ".join(
-            f"{row[on]['ms']:9.2f} {row[on]['ns_per_block']:8.1f}" for on in (False, True)) +
-              f"  {row[True]['ms'] / row[False]['ms']:6.3f}  {row[True]['rel_diff']:.1e}", flush=True)
+            res = jax.block_until_ready(fn(q, k, v))
+            ms = median_ms(fn, q, k, v, **timing_kw)
+          base = res if span == 0 else base
+          here.append(dict(shape=name, mode=mode, stagger=span, blocks=blocks, ms=ms,
+                           ns_per_block=1e6 * ms / blocks,
+                           rel_diff=None if span == 0 else max_rel_diff(res, base)))
+        out += here
+        print(f"  {name:15s} {mode:8s} {blocks:9d}  " + "  ".join(f"{r['ns_per_block']:11.1f}" for r in here) +
+              f"  {max([r['rel_diff'] for r in here[1:]], default=0.0):.1e}", flush=True)
       return out
     rows += guarded(f"lists/{name}", run) or []
   RESULTS["lists"] = dict(length=t, block=LISTS_BLOCK, rows=rows)
@@ -454,6 +460,11 @@ def main():
   p.add_argument("--check-length", type=int, default=1024)
   p.add_argument("--tune-nsa-length", type=int, default=16384)
   p.add_argument("--lists-length", type=int, default=65536)
+  p.add_argument("--lists-staggers", type=lambda s: [int(x) for x in s.split(",")],
+                 default=[1 << 20, 64, 16],
+                 help="lists: KernelConfig.stagger spans timed after 0 (no stagger); 1048576 = the whole list")
+  p.add_argument("--lists-shapes", type=lambda s: s.split(","), default=None,
+                 help="lists: list shapes to time (default all)")
   p.add_argument("--block-q", type=int, default=128)
   p.add_argument("--block-k", type=int, default=64)
   p.add_argument("--no-tokamax", action="store_true")

@@ -91,11 +91,13 @@ def test_attention_benchmarks_run_on_cpu(tmp_path, script, args):
 
 def test_kernels_lists_section_runs_on_cpu(tmp_path):
     """benchmarks/kernels.py --sections lists at T=256 (two 128-blocks, kernels in interpret mode):
-    every list shape timed forward and forward+backward with the stagger off and on, over the blocks
-    its layout lists, and the staggered results equal to the unstaggered up to bf16 rounding."""
+    every list shape timed forward and forward+backward with no stagger and two stagger spans, over
+    the blocks its layout lists, and the staggered results equal to the unstaggered up to bf16
+    rounding."""
     out = tmp_path / "lists.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), "--interpret",
-                           "--sections", "lists", "--lists-length", "256", "--out", str(out)],
+                           "--sections", "lists", "--lists-length", "256", "--lists-staggers", "1048576,1",
+                           "--out", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=400, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -106,11 +108,13 @@ def test_kernels_lists_section_runs_on_cpu(tmp_path):
                 "bimodal": 8 * (0 + 2), "nsa_select": 4 * 64 * (1 + 2 + 3 + 4)}
     rows = result["lists"]["rows"]
     assert sorted((r["shape"], r["mode"], r["stagger"]) for r in rows) == sorted(
-        (shape, mode, on) for shape in expected for mode in ("fwd", "fwd_bwd") for on in (False, True))
+        (shape, mode, span) for shape in expected for mode in ("fwd", "fwd_bwd") for span in (0, 1, 1 << 20))
     for r in rows:
         assert r["blocks"] == expected[r["shape"]] and r["ms"] > 0
         assert r["ns_per_block"] == pytest.approx(1e6 * r["ms"] / r["blocks"])
-        if r["stagger"]:
+        if r["stagger"] == 1:  # starts spread over one entry: every walk starts at entry 0
+            assert r["rel_diff"] == 0.0, r
+        elif r["stagger"]:
             assert 0 <= r["rel_diff"] < 2e-2, r
         else:
             assert r["rel_diff"] is None, r

@@ -54,6 +54,9 @@ _MIN_ROWS = 16  # smallest M of a tensor-core tile
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _BLOCK_K_CHOICES = (16, 32, 64, 128)
 _MAX_HEAD_DIM = 256
+# KernelConfig.stagger of units of several tokens: starts spread over 64 entries (64 128x128 K/V
+# blocks of one head are 4 MiB in bf16, well inside an H200's L2; see the field's docstring).
+STAGGER = 64
 _SMEM_BUDGET = 200 * 1024  # bytes of shared memory a program may plan for (the H100/H200 allow 227 KB)
 
 
@@ -70,25 +73,31 @@ class KernelConfig:
     block's list can be much longer than the mean, e.g. NSA's always-selected block 0, which would
     otherwise serialise the whole backward on one program); 0 never splits. Split lists write
     float32 partial tiles that a second kernel sums in a fixed order (deterministic).
-  stagger: each program walks its list from entry (program id mod list length), wrapping around,
-    instead of from entry 0. Programs that run together then read different K/V (or Q) blocks at
-    each moment rather than all the same one. When every list is the same (a ring step visiting a
-    shard that the queries see whole) the shared block is a hot spot: on an H200 at 64k the
-    forward takes 61.1 ns per block unstaggered, 53.7 staggered, like the causal layout's 53.3
-    (`benchmarks/kernels.py --sections lists`). The order of the online-softmax and gradient sums
-    changes, the result only by rounding; still deterministic. `default_configs` staggers units of
-    several tokens; NSA's one-token units measured 1.7% slower with it, so they walk from entry 0.
+  stagger: spread where the programs start walking their lists over the first `stagger` entries:
+    each program starts at entry (program id mod min(stagger, list length)), wrapping around; 0:
+    every program starts at entry 0. Programs that run together then read different K/V (or Q)
+    blocks at each moment rather than all the same one. When every list is the same (a ring step
+    visiting a shard that the queries see whole) the shared block is a hot spot: on an H200 at 64k
+    the forward takes 61.1 ns per block unstaggered, 53.7 with starts spread over the whole list,
+    like the causal layout's 53.3 (`benchmarks/kernels.py --sections lists`). A bounded spread keeps
+    the blocks that the running programs read close together in the list, so that they share the L2
+    cache also when one head's listed K/V is larger than it. The order of the online-softmax and
+    gradient sums changes, the result only by rounding; still deterministic. `default_configs`
+    staggers units of several tokens (STAGGER); NSA's one-token units measured 1.7% slower with it,
+    so they start at entry 0.
   """
   rows: int
   num_warps: int
   num_stages: int
   skip_full_masks: bool = False
   list_chunk: int | None = None
-  stagger: bool = True
+  stagger: int = 0
 
   def __post_init__(self):
     if self.rows < _MIN_ROWS or self.rows & (self.rows - 1):
       raise ValueError(f"rows={self.rows} must be a power of two >= {_MIN_ROWS}")
+    if self.stagger < 0:
+      raise ValueError(f"stagger={self.stagger} must be >= 0 (0: no stagger)")
 
 
 def _next_pow2(n: int) -> int:
@@ -120,7 +129,7 @@ def default_configs(q, k, v, layout) -> dict[str, KernelConfig]:
   # Measured on the H200 (benchmarks/notes_kernels.md): 16-row tiles (NSA) run best with 2 warps
   # and 2 stages (3.83 vs 4.44 ms at T=16k); 128-row tiles were measured with 8 warps, 3 stages.
   stages = 2 if rows <= 16 or d_total > 256 else 3
-  stagger = layout.block_q > 1
+  stagger = STAGGER if layout.block_q > 1 else 0
   fwd = KernelConfig(rows=rows, num_warps=warps, num_stages=_stages(stages, bk, rows, d_total, size),
                      stagger=stagger)
   dq_rows = min(rows, 64)
@@ -235,10 +244,10 @@ def _masked(g, x, fill, ok_fn, block, kv_pos, q_bounds):
 
 def _walk(g, seed, count):
   """Entry of a list of `count` entries visited at step n (a function of n): n itself, or with
-  `g.stagger` the list rotated to start at entry (seed mod count)."""
+  `g.stagger` the list rotated to start at entry (seed mod min(g.stagger, count))."""
   if not g.stagger:
     return lambda n: n
-  start = seed % jnp.maximum(count, 1)
+  start = seed % jnp.clip(count, 1, g.stagger)
   return lambda n: jnp.where(n + start >= count, n + start - count, n + start)
 
 
@@ -260,7 +269,7 @@ class _Geometry:
   scale_log2: float  # sm_scale * log2(e)
   skip_full_masks: bool = False
   window: int | None = None  # static: None compiles no window term
-  stagger: bool = False      # KernelConfig.stagger
+  stagger: int = 0          # KernelConfig.stagger
 
   @property
   def r(self):  # query heads per head unit

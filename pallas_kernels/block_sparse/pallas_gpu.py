@@ -57,6 +57,11 @@ _MAX_HEAD_DIM = 256
 # KernelConfig.stagger of units of several tokens: starts spread over 64 entries (64 128x128 K/V
 # blocks of one head are 4 MiB in bf16, well inside an H200's L2; see the field's docstring).
 STAGGER = 64
+# dK/dV: fewer programs than this (KV blocks x KV heads x batch) split their lists (_list_chunk) into
+# chunks of at least _DKV_MIN_CHUNK_STEPS steps, about _DKV_SPLIT_PROGRAMS programs in all.
+_DKV_MIN_PROGRAMS = 1024
+_DKV_SPLIT_PROGRAMS = 2048
+_DKV_MIN_CHUNK_STEPS = 8
 _SMEM_BUDGET = 200 * 1024  # bytes of shared memory a program may plan for (the H100/H200 allow 227 KB)
 
 
@@ -636,7 +641,7 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   )(*ins)
 
   g = _geometry(q, k, v, layout, cfgs["dkv"], sm_scale, causal, has_seg, window)
-  chunk = _list_chunk(g, layout, cfgs["dkv"])
+  chunk = _list_chunk(g, layout, cfgs["dkv"], b)
   dkv = _dkv_split if chunk else _dkv_whole
   dk, dv = dkv(g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk)
   return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape))
@@ -661,15 +666,25 @@ def _dkv_shapes(g, b, k_dtype, v_dtype, rows=None):
           jax.ShapeDtypeStruct((b, rows, sum(w for _, w in g.dv_chunks)), v_dtype)]
 
 
-def _list_chunk(g: _Geometry, layout, cfg: KernelConfig) -> int:
-  """CSR entries per dK/dV program (0: one program per KV block); see KernelConfig.list_chunk."""
+def _list_chunk(g: _Geometry, layout, cfg: KernelConfig, batch: int) -> int:
+  """CSR entries per dK/dV program (0: one program per KV block); see KernelConfig.list_chunk.
+
+  Split when one KV block's list can be much longer than the mean (NSA's always-selected block 0),
+  or when one program per (KV block, KV head, batch) is too few to fill the GPU (NSA's compression
+  attention at 64k: 64 blocks x 4 heads; its backward 89.6 ms whole, 62.5 split, on an H200)."""
   if cfg.list_chunk is not None:
     return int(cfg.list_chunk)
   nq, cap = layout.kv_indices.shape[2:]
   per = _per_step(g)
   mean = -(-nq * cap // layout.num_kv_blocks)
   chunk = per * -(-2 * mean // per)
-  return chunk if nq > 2 * chunk else 0
+  if nq > 2 * chunk:
+    return chunk
+  if layout.num_kv_blocks * g.hkv * batch < _DKV_MIN_PROGRAMS:
+    entries = nq * cap * layout.kv_indices.shape[1] * batch  # bound on the list entries of all heads
+    chunk = per * max(_DKV_MIN_CHUNK_STEPS, -(-entries // (_DKV_SPLIT_PROGRAMS * per)))
+    return chunk if nq > chunk else 0
+  return 0
 
 
 def _chunk_table(layout, hkv: int, chunk: int, num_programs: int):

@@ -152,18 +152,27 @@ def test_split_kv_lists_units_over_several_tiles(monkeypatch):
                block_k=16, density=0.8, dtype=jnp.float32))
 
 
-def test_split_is_chosen_for_skewed_lists():
-  """NSA-like shapes (many one-token units, short lists) split; dense causal ones do not."""
+def test_split_is_chosen_for_skewed_lists_and_few_programs():
+  """NSA-like shapes split: many one-token units with short lists (selection: chunks of twice the
+  mean list), and the compression attention's 64 KV blocks x 4 heads, too few dK/dV programs for a
+  GPU (chunks of 128 entries: about 2048 programs). Dense causal layouts over enough KV blocks and
+  heads do not."""
   t = 8192
   nsa = BlockLayout.from_indices(jnp.zeros((1, 4, t, 16), jnp.int32), jnp.ones((1, 4, t), jnp.int32),
                                  block_q=1, block_k=64, num_kv_blocks=t // 64)
   dense = BlockLayout.causal(t, t, block_q=128, block_k=64, num_head_units=16)
-  for layout, hq, hkv, split in ((nsa, 64, 4, True), (dense, 16, 16, False)):
-    q = jax.ShapeDtypeStruct((1, t, hq, 128), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, t, hkv, 128), jnp.bfloat16)
+  cmp_t, nq, nk = 65536, 1024, 64  # compressed tokens i at positions 16 i + 31, in blocks of 64
+  counts = jnp.clip(((jnp.arange(nq) + 1) * 64 - 32) // (64 * 16) + 1, 0, nk).astype(jnp.int32)
+  cmp = BlockLayout.from_indices(jnp.broadcast_to(jnp.arange(nk, dtype=jnp.int32), (1, 4, nq, nk)),
+                                 jnp.broadcast_to(counts, (1, 4, nq)), block_q=64, block_k=64,
+                                 num_kv_blocks=nk)
+  for layout, tq, hq, hkv, chunk in ((nsa, t, 64, 4, 2048), (dense, t, 16, 16, 0), (cmp, cmp_t, 64, 4, 128)):
+    tk = layout.num_kv_blocks * layout.block_k
+    q = jax.ShapeDtypeStruct((1, tq, hq, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, tk, hkv, 128), jnp.bfloat16)
     cfg = pallas_gpu.default_configs(q, k, k, layout)["dkv"]
     g = pallas_gpu._geometry(q, k, k, layout, cfg, 1.0, True, False)
-    assert bool(pallas_gpu._list_chunk(g, layout, cfg)) == split
+    assert pallas_gpu._list_chunk(g, layout, cfg, batch=1) == chunk
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))

@@ -1,0 +1,437 @@
+"""Block-sparse flash attention forward in Pallas Mosaic GPU (Hopper: wgmma, TMA, mbarriers).
+
+The same contract as `pallas_gpu.forward` (docs/contracts.md §1) for the tiles Hopper runs fastest:
+`forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, sm_scale=..., causal=...)` returns
+out [B, Tq, Hq, Dv] in q's dtype and lse [B, Hq, Tq] float32 (natural log, -inf for rows that see
+nothing), so `pallas_gpu.backward` consumes it unchanged.
+
+One program (CTA) per (query unit of 128 tokens, query head, batch), three warpgroups:
+
+* two consumer warpgroups of 64 query rows each. Each keeps its Q tile in shared memory, computes
+  S = Q Kᵀ and O += P V with wgmma, and an online softmax in float32 in base 2 (sm_scale·log2 e
+  folded into one multiply-add per logit). A schedule barrier makes the two warpgroups take turns
+  on the tensor cores (one runs its softmax while the other multiplies);
+* one producer warpgroup that walks the unit's list (`kv_indices`, read with scalar loads) and
+  TMA-loads the listed K/V blocks, with their key positions (and segment ids), into a ring of
+  `num_stages` shared-memory slots; per slot one barrier says "K loaded", one "V loaded", and two
+  say "K (V) consumed by both consumers".
+
+With a list per KV head (Hl = Hkv) each query head of the group still runs its own program over the
+group's list. Every program walks its list starting at entry (unit mod min(stagger, count)),
+wrapping around, as `pallas_gpu` does (`KernelConfig.stagger`); units run heaviest first (the
+last query units of a causal layout have the longest lists).
+
+Masking. Keys are visible iff kv_pos <= q_pos (causal) and the segment ids are equal. Without
+segment ids, a block whose largest key position is <= the smallest query position of a
+consumer's 64 rows skips the element mask (a block-level test on two scalars: the per-block maxima
+of kv_pos and the per-tile minima of q_pos, reduced by XLA before the launch). Rows that see
+nothing give out 0 and lse -inf.
+
+Supported (`check_supported`): bfloat16 or float16; Dqk = Dv in {64, 128}; layout.block_q = 128;
+layout.block_k in {64, 128}; Tq a multiple of 128 and Tk of block_k (no ragged ends); no sliding
+window; sm_scale > 0. Launch parameters: `MosaicConfig`.
+
+API differences between the jax versions this runs on (0.10.2 on CPU, 0.11.2 on the GPU) are kept
+to `_load_vector` (`plgpu.load`'s index argument: required in 0.10, deprecated in 0.11).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_BLOCK_Q = 128            # query tokens per program: two consumer warpgroups x 64 rows
+_WG_ROWS = 64             # rows of one consumer warpgroup (the wgmma M)
+_CONSUMERS = 2
+_BLOCK_K_CHOICES = (64, 128)
+_HEAD_DIMS = (64, 128)
+_DTYPES = (jnp.bfloat16, jnp.float16)
+_SMEM_LIMIT = 227 * 1024  # bytes of shared memory a Hopper CTA may use
+_SMEM_RESERVED = 4 * 1024  # barriers, reduction scratch and alignment
+STAGGER = 64
+_LOAD_TAKES_INDEX = (
+    inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+  """Launch parameters.
+
+  num_stages: K/V blocks in flight (slots of the shared-memory ring), >= 2.
+  stagger: starts spread over the first `stagger` list entries (`pallas_gpu.KernelConfig.stagger`);
+    0: every program starts at entry 0.
+  pingpong: the two consumer warpgroups alternate on the tensor cores (a schedule barrier);
+    False lets them run freely.
+  """
+  num_stages: int = 2
+  stagger: int = STAGGER
+  pingpong: bool = True
+
+  def __post_init__(self):
+    if self.num_stages < 2:
+      raise ValueError(f"num_stages={self.num_stages} must be >= 2")
+    if self.stagger < 0:
+      raise ValueError(f"stagger={self.stagger} must be >= 0 (0: no stagger)")
+
+
+def smem_bytes(d: int, block_k: int, num_stages: int, itemsize: int, has_seg: bool) -> int:
+  """Shared memory of one program: Q/O tiles, the K/V ring, positions (and segment ids), lse."""
+  tiles = _BLOCK_Q * d * itemsize + num_stages * 2 * block_k * d * itemsize
+  ints = (1 + has_seg) * 4 * (_BLOCK_Q + num_stages * block_k)
+  return tiles + ints + 4 * _BLOCK_Q + _SMEM_RESERVED
+
+
+def default_config(q, layout) -> MosaicConfig:
+  """The deepest ring (up to 4 stages) that fits shared memory, without segment ids."""
+  d, size = q.shape[-1], jnp.dtype(q.dtype).itemsize
+  stages = max(s for s in (2, 3, 4)
+               if s == 2 or smem_bytes(d, layout.block_k, s, size, True) <= _SMEM_LIMIT)
+  return MosaicConfig(num_stages=stages)
+
+
+def check_supported(q, k, v, layout, config: MosaicConfig | None = None, has_seg: bool = True) -> None:
+  """Raise ValueError naming the values this kernel cannot run (the caller falls back to Triton)."""
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+  if len(dtypes) != 1 or jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
+    raise ValueError(f"mosaic_gpu needs q, k, v all bfloat16 or all float16; got q {q.dtype}, "
+                     f"k {k.dtype}, v {v.dtype}")
+  dqk, dv = q.shape[-1], v.shape[-1]
+  if dqk != dv or dqk not in _HEAD_DIMS:
+    raise ValueError(f"mosaic_gpu needs Dqk = Dv in {_HEAD_DIMS}; got Dqk={dqk}, Dv={dv}")
+  if layout.block_q != _BLOCK_Q:
+    raise ValueError(f"mosaic_gpu needs block_q={_BLOCK_Q}; got block_q={layout.block_q}")
+  if layout.block_k not in _BLOCK_K_CHOICES:
+    raise ValueError(f"mosaic_gpu needs block_k in {_BLOCK_K_CHOICES}; got block_k={layout.block_k}")
+  tq, tk = q.shape[1], k.shape[1]
+  if tq % _BLOCK_Q or tk % layout.block_k:
+    raise ValueError(f"mosaic_gpu needs Tq a multiple of {_BLOCK_Q} and Tk of block_k="
+                     f"{layout.block_k} (no ragged ends); got Tq={tq}, Tk={tk}")
+  cfg = config or default_config(q, layout)
+  need = smem_bytes(dqk, layout.block_k, cfg.num_stages, jnp.dtype(q.dtype).itemsize, has_seg)
+  if need > _SMEM_LIMIT:
+    raise ValueError(f"mosaic_gpu: num_stages={cfg.num_stages} with block_k={layout.block_k}, "
+                     f"D={dqk} needs {need} bytes of shared memory, over {_SMEM_LIMIT}; use fewer stages")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """Static sizes of one launch."""
+  nq: int            # query units (programs along the first grid axis)
+  hq: int
+  hkv: int
+  hl: int            # head units of the layout
+  bl: int            # batch of the layout (1: broadcast)
+  block_k: int
+  d: int
+  dtype: jnp.dtype
+  causal: bool
+  has_seg: bool
+  scale_log2: float  # sm_scale * log2(e)
+  cfg: MosaicConfig
+
+  @property
+  def stages(self):
+    return self.cfg.num_stages
+
+  @property
+  def mask_mode(self):
+    """"always" (segment ids), "skip" (causal: blocks inside every row's past skip the mask) or
+    "never" (neither: every listed key is visible)."""
+    return "always" if self.has_seg else "skip" if self.causal else "never"
+
+  @property
+  def key_copies(self):
+    """TMA copies that land on one "K loaded" barrier: K, its positions (causal) and segment ids."""
+    return 1 + self.causal + self.has_seg
+
+  @property
+  def query_copies(self):
+    return 1 + self.causal + self.has_seg
+
+
+def _load_vector(ref, layout):
+  """A 1-D shared-memory ref as an array with `layout`."""
+  if _LOAD_TAKES_INDEX:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
+
+
+def _walk(g: _Geometry, seed, count):
+  """Entry of the list visited at step n (a function of n), rotated to start at entry
+  (seed mod min(stagger, count)) when `g.cfg.stagger`."""
+  if not g.cfg.stagger:
+    return lambda n: n
+  start = lax.rem(seed, jnp.clip(count, 1, g.cfg.stagger))
+  return lambda n: jnp.where(n + start >= count, n + start - count, n + start)
+
+
+def _row_bcast(x, shape):
+  return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _col_bcast(x, shape):
+  return lax.broadcast_in_dim(x, shape, [1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+  """Grid position of one program and the views of its list."""
+  batch: object     # batch index
+  head: object      # query head
+  unit: object      # query unit (heaviest first)
+  count: object     # entries of the unit's list
+  entry: object     # step -> list entry
+  kv_head: object
+  list_at: object   # step -> KV block index
+
+
+def _program(g: _Geometry, kv_idx_ref, kv_cnt_ref) -> _Program:
+  batch = lax.axis_index("batch")
+  head = lax.axis_index("heads")
+  unit = g.nq - 1 - lax.axis_index("q")
+  lb = batch if g.bl > 1 else 0
+  hu = head // (g.hq // g.hl)
+  count = kv_cnt_ref[lb, hu, unit]
+  entry = _walk(g, lax.axis_index("q"), count)
+  return _Program(batch=batch, head=head, unit=unit, count=count, entry=entry,
+                  kv_head=head // (g.hq // g.hkv),
+                  list_at=lambda n: kv_idx_ref[lb, hu, unit, entry(n)])
+
+
+def _producer(g: _Geometry, p: _Program, refs, bufs, bars):
+  """Walk the list and TMA-load each K/V block (and its key positions / segment ids) into ring
+  slot (step mod stages), once both consumers have released the slot."""
+  k_ref, v_ref, kv_pos_ref, kv_seg_ref = refs
+  k_smem, v_smem, pos_smem, seg_smem = bufs
+  k_bar, v_bar, k_free, v_free = bars
+
+  def load(n, slot):
+    block = p.list_at(n)
+    rows = pl.ds(block * g.block_k, g.block_k)
+    plgpu.copy_gmem_to_smem(k_ref.at[p.batch, rows, p.kv_head], k_smem.at[slot], k_bar.at[slot])
+    if g.causal:
+      plgpu.copy_gmem_to_smem(kv_pos_ref.at[p.batch, rows], pos_smem.at[slot], k_bar.at[slot])
+    if g.has_seg:
+      plgpu.copy_gmem_to_smem(kv_seg_ref.at[p.batch, rows], seg_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[p.batch, rows, p.kv_head], v_smem.at[slot], v_bar.at[slot])
+
+  for n in range(g.stages):
+    pl.when(n < p.count)(functools.partial(load, n, n))
+
+  @pl.loop(g.stages, jnp.maximum(p.count, g.stages))
+  def _refill(n):
+    slot = lax.rem(n, g.stages)
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
+    load(n, slot)
+
+
+def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_min_ref, kv_max_ref):
+  """Attention of 64 query rows over the listed blocks; writes their out rows and lse."""
+  q_ref, q_pos_ref, q_seg_ref, o_ref, lse_ref = refs
+  q_smem, qpos_smem, qseg_smem, lse_smem, k_smem, v_smem, pos_smem, seg_smem = bufs
+  q_bar, k_bar, v_bar, k_free, v_free, turn = bars
+  rows = pl.ds(p.unit * _BLOCK_Q + wg * _WG_ROWS, _WG_ROWS)
+  q_tile = q_smem.at[wg]
+
+  plgpu.copy_gmem_to_smem(q_ref.at[p.batch, rows, p.head], q_tile, q_bar.at[wg])
+  if g.causal:
+    plgpu.copy_gmem_to_smem(q_pos_ref.at[p.batch, rows], qpos_smem.at[wg], q_bar.at[wg])
+  if g.has_seg:
+    plgpu.copy_gmem_to_smem(q_seg_ref.at[p.batch, rows], qseg_smem.at[wg], q_bar.at[wg])
+  plgpu.barrier_wait(q_bar.at[wg])
+
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+  shape = (_WG_ROWS, g.block_k)
+  q_pos = _load_vector(qpos_smem.at[wg], row_layout) if g.causal else None
+  q_seg = _load_vector(qseg_smem.at[wg], row_layout) if g.has_seg else None
+  q_lo = q_min_ref[p.batch, p.unit * _CONSUMERS + wg] if g.mask_mode == "skip" else None
+
+  def take_turn():
+    if g.cfg.pingpong:
+      plgpu.barrier_arrive(turn)
+      plgpu.barrier_wait(turn)
+
+  def needs_mask(block):
+    """Whether a causal block (without segment ids) needs the element mask: a traced bool."""
+    return kv_max_ref[p.batch, block] > q_lo
+
+  def mask(s, slot):
+    ok = None
+    if g.causal:
+      kv_pos = _load_vector(pos_smem.at[slot], col_layout)
+      ok = _col_bcast(kv_pos, shape) <= _row_bcast(q_pos, shape)
+    if g.has_seg:
+      same = _col_bcast(_load_vector(seg_smem.at[slot], col_layout), shape) == _row_bcast(q_seg, shape)
+      ok = same if ok is None else ok & same
+    return jnp.where(ok, s, -jnp.inf)
+
+  def logits(n, slot, need):
+    """S = Q K^T of step n [64, bk] (raw), masked as the block needs."""
+    def qk(acc_ref):
+      plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+      take_turn()
+      return acc_ref[...]
+    s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+    if g.mask_mode == "always":
+      s = mask(s, slot)
+    elif g.mask_mode == "skip":
+      s = lax.cond(need, lambda s: mask(s, slot), lambda s: s, s)
+    plgpu.barrier_arrive(k_free.at[slot])
+    return s
+
+  def step(n, carry):
+    acc, m_prev, l_prev, *need = carry
+    slot = lax.rem(n, g.stages)
+    if g.mask_mode == "skip":   # look the next block up while this one computes
+      need, nxt = need[0], [needs_mask(p.list_at(jnp.minimum(n + 1, p.count - 1)))]
+    else:
+      need, nxt = None, []
+    s = logits(n, slot, need)
+
+    m_new = jnp.maximum(m_prev, s.max(axis=1) * g.scale_log2)              # base-2 running max
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)                     # rows that saw nothing yet
+    alpha = jnp.exp2(m_prev - m_safe)
+    prob = jnp.exp2(s * g.scale_log2 - _row_bcast(m_safe, shape))
+    l_new = l_prev * alpha + prob.sum(axis=1)
+    acc = acc * _row_bcast(alpha, acc.shape)
+    prob = prob.astype(g.dtype)
+    if g.cfg.pingpong:
+      plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(v_bar.at[slot])
+    if g.cfg.pingpong:
+      plgpu.barrier_wait(turn)
+
+    def pv(acc_ref):
+      plgpu.wgmma(acc_ref, prob, v_smem.at[slot])
+      nxt_slot = lax.rem(n + 1, g.stages)
+      pl.when(n + 1 < p.count)(lambda: plgpu.barrier_wait(k_bar.at[nxt_slot]))
+    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(v_free.at[slot])
+    return (acc, m_new, l_new, *nxt)
+
+  acc = plgpu.layout_cast(jnp.zeros((_WG_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
+  m = plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, jnp.float32), row_layout)
+  l = plgpu.layout_cast(jnp.zeros((_WG_ROWS,), jnp.float32), row_layout)
+  need0 = [needs_mask(p.list_at(0))] if g.mask_mode == "skip" else []
+  pl.when(p.count > 0)(lambda: plgpu.barrier_wait(k_bar.at[0]))
+  pl.when(wg == 1)(take_turn)   # the second warpgroup starts half a step behind the first
+  acc, m, l, *_ = lax.fori_loop(0, p.count, step, (acc, m, l, *need0))
+  pl.when(wg == 0)(take_turn)
+
+  seen = l > 0.0
+  l_safe = jnp.where(seen, l, 1.0)
+  q_tile[...] = (acc * _row_bcast(1.0 / l_safe, acc.shape)).astype(g.dtype)
+  lse_smem.at[wg][...] = jnp.where(seen, (m + jnp.log2(l_safe)) * _LN2, -jnp.inf)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(q_tile, o_ref.at[p.batch, rows, p.head])
+  plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[p.batch, p.head, rows])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_ref, *refs,
+            g: _Geometry):
+  if g.has_seg:
+    q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  else:
+    q_seg_ref = kv_seg_ref = None
+    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  p = _program(g, kv_idx_ref, kv_cnt_ref)
+  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  ints = lambda *shape: plgpu.SMEM(shape, jnp.int32)
+  scratch = dict(
+      q=plgpu.SMEM((_CONSUMERS, _WG_ROWS, g.d), g.dtype, transforms=swizzled),
+      k=plgpu.SMEM((g.stages, g.block_k, g.d), g.dtype, transforms=swizzled),
+      v=plgpu.SMEM((g.stages, g.block_k, g.d), g.dtype, transforms=swizzled),
+      qpos=ints(_CONSUMERS, _WG_ROWS) if g.causal else None,
+      qseg=ints(_CONSUMERS, _WG_ROWS) if g.has_seg else None,
+      pos=ints(g.stages, g.block_k) if g.causal else None,
+      seg=ints(g.stages, g.block_k) if g.has_seg else None,
+      lse=plgpu.SMEM((_CONSUMERS, _WG_ROWS), jnp.float32))
+  barriers = dict(
+      q=plgpu.Barrier(num_arrivals=g.query_copies, num_barriers=_CONSUMERS),
+      k=plgpu.Barrier(num_arrivals=g.key_copies, num_barriers=g.stages),
+      v=plgpu.Barrier(num_barriers=g.stages),
+      k_free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=g.stages),
+      v_free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=g.stages),
+      turn=plgpu.Barrier(num_arrivals=_CONSUMERS))
+
+  def body(s, b):
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < _CONSUMERS)
+    def _consume():
+      plgpu.set_max_registers(232, action="increase")
+      _consumer(g, p, wg, (q_ref, q_pos_ref, q_seg_ref, o_ref, lse_ref),
+                (s["q"], s["qpos"], s["qseg"], s["lse"], s["k"], s["v"], s["pos"], s["seg"]),
+                (b["q"], b["k"], b["v"], b["k_free"], b["v_free"], b["turn"]),
+                q_min_ref, kv_max_ref)
+
+    @pl.when(wg == _CONSUMERS)
+    def _produce():
+      plgpu.set_max_registers(40, action="decrease")
+      _producer(g, p, (k_ref, v_ref, kv_pos_ref, kv_seg_ref), (s["k"], s["v"], s["pos"], s["seg"]),
+                (b["k"], b["v"], b["k_free"], b["v_free"]))
+
+  pl.run_scoped(body, scratch, barriers, collective_axes="wg")
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrapper
+
+
+def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret=False,
+            window=None, config: MosaicConfig | None = None):
+  """out [B, Tq, Hq, Dv] (q's dtype), lse [B, Hq, Tq] float32 (natural log; -inf for empty rows).
+
+  q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D]; layout: `BlockLayout` with block_q = 128; q_pos [B, Tq],
+  kv_pos [B, Tk] int32; q_seg/kv_seg [B, Tq]/[B, Tk] int32 or None. `interpret` is accepted for
+  the implementation signature but must be False: the jax 0.10/0.11 Mosaic GPU interpreters do not
+  run register-operand or transposed wgmma."""
+  if interpret:
+    raise ValueError("mosaic_gpu has no interpret mode (jax's Mosaic GPU interpreter cannot run "
+                     "register-operand or transposed wgmma); got interpret=True")
+  if window is not None:
+    raise ValueError(f"mosaic_gpu does not support a sliding window; got window={window}")
+  if not float(sm_scale) > 0:
+    raise ValueError(f"mosaic_gpu needs sm_scale > 0; got sm_scale={sm_scale}")
+  has_seg = q_seg is not None
+  cfg = config or default_config(q, layout)
+  check_supported(q, k, v, layout, cfg, has_seg)
+  b, tq, hq, d = q.shape
+  tk, hkv = k.shape[1], k.shape[2]
+  nq = tq // _BLOCK_Q
+  g = _Geometry(nq=nq, hq=hq, hkv=hkv, hl=layout.kv_indices.shape[1],
+                bl=layout.kv_indices.shape[0], block_k=layout.block_k, d=d,
+                dtype=jnp.dtype(q.dtype), causal=bool(causal), has_seg=has_seg,
+                scale_log2=float(sm_scale) * _LOG2E, cfg=cfg)
+  q_pos, kv_pos = q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
+  q_min = q_pos.reshape(b, tq // _WG_ROWS, _WG_ROWS).min(-1)               # [B, Tq/64]
+  kv_max = kv_pos.reshape(b, tk // layout.block_k, layout.block_k).max(-1)  # [B, nk]
+  ins = [layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), q_min, kv_max,
+         q_pos, kv_pos]
+  if has_seg:
+    ins += [q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)]
+  out_type = (jax.ShapeDtypeStruct((b, tq, hq, d), q.dtype),
+              jax.ShapeDtypeStruct((b, hq, tq), jnp.float32))
+  out, lse = plgpu.kernel(
+      functools.partial(_kernel, g=g), out_type=out_type, grid=(nq, hq, b),
+      grid_names=("q", "heads", "batch"), num_threads=_CONSUMERS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      kernel_name="block_sparse_fwd_mosaic",
+  )(*ins, q, k, v)
+  return out, lse

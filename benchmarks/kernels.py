@@ -14,6 +14,8 @@ Sections (select with --sections, default check,a,b,c):
          (block 0 and the token's own block always, the rest random causal), T in --nsa-lengths.
   tune   launch-parameter sweep of the three kernels at the dense 32k shape.
   tune_nsa  the same at the NSA shape (--tune-nsa-length).
+  tune_density  launch-parameter variants at section b's layouts (L = --tune-length), each timed at
+         density 1 and --tune-density so that the ratio compares like with like.
   lists  time per listed block over list shapes and `KernelConfig.stagger` spans (--lists-staggers;
          forward and forward+backward, bf16, 16 q / 8 KV heads, D=128, 128x128 blocks, T =
          --lists-length): ramp (causal), uniform_prefix (every row blocks 0..nq/2-1, all keys
@@ -349,6 +351,35 @@ def section_tune_nsa(args):
   RESULTS["tune_nsa"] = dict(base={n: dataclasses.asdict(c) for n, c in base.items()}, rows=rows)
 
 
+def section_tune_density(args):
+  l, dens = args.tune_length, args.tune_density
+  print(f"\n== tune_density: launch parameters at section b's layouts, L={l}, density 1 and {dens} ==")
+  q, k, v, do = qkv(l + 1, 1, l, 16, 16, 128, 128)
+  layouts = {d: random_causal_layout(3, l, 16, 64, d) for d in (1.0, dens)}
+  base = pallas_gpu.default_configs(q, k, v, layouts[1.0])
+  fwd_vars = [{}, dict(num_stages=2), dict(num_stages=4), dict(num_warps=8), dict(num_warps=2),
+              dict(stagger=0)]
+  bwd_vars = [{}, dict(dq=dict(num_stages=3)), dict(dkv=dict(num_stages=3)), dict(dkv=dict(rows=32)),
+              dict(dq=dict(num_warps=8), dkv=dict(num_warps=8)), dict(dq=dict(stagger=0), dkv=dict(stagger=0))]
+  variants = [("fwd", dict(fwd=f)) for f in fwd_vars] + [("fwd+bwd", b) for b in bwd_vars]
+  rows = []
+  for what, var in variants:
+    cfg = {n: dataclasses.replace(c, **var.get(n, {})) for n, c in base.items()}
+    def run(cfg=cfg, what=what):
+      ms = {}
+      for d, layout in layouts.items():
+        fwd, fb = sparse_fns(layout, configs=cfg)
+        ms[d] = median_ms(fwd if what == "fwd" else fb, q, k, v, do, reps=10)
+      return ms
+    ms = guarded(f"tune_density/{what}/{var}", run)
+    if ms:
+      rows.append(dict(measure=what, change=var, configs={n: dataclasses.asdict(c) for n, c in cfg.items()},
+                       dense_ms=ms[1.0], sparse_ms=ms[dens], ratio=ms[dens] / ms[1.0]))
+      print(f"  {what:8s} {var}: density 1 {ms[1.0]:.2f} ms, {dens} {ms[dens]:.2f} ms, "
+            f"ratio {ms[dens] / ms[1.0]:.3f}", flush=True)
+  RESULTS["tune_density"] = dict(length=l, density=dens, rows=rows)
+
+
 LISTS_BLOCK = 128  # lists: block_q = block_k
 
 
@@ -443,7 +474,7 @@ def section_lists(args):
 
 
 SECTIONS = {"check": section_check, "a": section_dense, "b": section_density, "c": section_nsa,
-            "tune": section_tune, "tune_nsa": section_tune_nsa, "lists": section_lists}
+            "tune": section_tune, "tune_nsa": section_tune_nsa, "lists": section_lists, "tune_density": section_tune_density}
 
 
 def main():
@@ -459,6 +490,7 @@ def main():
   p.add_argument("--tune-length", type=int, default=32768)
   p.add_argument("--check-length", type=int, default=1024)
   p.add_argument("--tune-nsa-length", type=int, default=16384)
+  p.add_argument("--tune-density", type=float, default=0.1)
   p.add_argument("--lists-length", type=int, default=65536)
   p.add_argument("--lists-staggers", type=lambda s: [int(x) for x in s.split(",")],
                  default=[1 << 20, 64, 16],

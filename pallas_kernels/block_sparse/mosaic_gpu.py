@@ -55,7 +55,7 @@ _CONSUMERS = 2
 _BLOCK_K_CHOICES = (64, 128)
 _HEAD_DIMS = (64, 128)
 _DTYPES = (jnp.bfloat16, jnp.float16)
-_SMEM_LIMIT = 227 * 1024  # bytes of shared memory a Hopper CTA may use
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory a Hopper CTA may use
 _SMEM_RESERVED = 4 * 1024  # barriers, reduction scratch and alignment
 STAGGER = 64
 _LOAD_TAKES_INDEX = (
@@ -94,7 +94,7 @@ def default_config(q, layout) -> MosaicConfig:
   """The deepest ring (up to 4 stages) that fits shared memory, without segment ids."""
   d, size = q.shape[-1], jnp.dtype(q.dtype).itemsize
   stages = max(s for s in (2, 3, 4)
-               if s == 2 or smem_bytes(d, layout.block_k, s, size, True) <= _SMEM_LIMIT)
+               if s == 2 or smem_bytes(d, layout.block_k, s, size, True) <= SMEM_LIMIT)
   return MosaicConfig(num_stages=stages)
 
 
@@ -117,9 +117,9 @@ def check_supported(q, k, v, layout, config: MosaicConfig | None = None, has_seg
                      f"{layout.block_k} (no ragged ends); got Tq={tq}, Tk={tk}")
   cfg = config or default_config(q, layout)
   need = smem_bytes(dqk, layout.block_k, cfg.num_stages, jnp.dtype(q.dtype).itemsize, has_seg)
-  if need > _SMEM_LIMIT:
+  if need > SMEM_LIMIT:
     raise ValueError(f"mosaic_gpu: num_stages={cfg.num_stages} with block_k={layout.block_k}, "
-                     f"D={dqk} needs {need} bytes of shared memory, over {_SMEM_LIMIT}; use fewer stages")
+                     f"D={dqk} needs {need} bytes of shared memory, over {SMEM_LIMIT}; use fewer stages")
 
 
 @dataclasses.dataclass(frozen=True)

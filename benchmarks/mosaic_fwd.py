@@ -1,0 +1,338 @@
+"""The Mosaic GPU block-sparse forward (`pallas_kernels/block_sparse/mosaic_gpu.py`) on a Hopper GPU,
+against the Triton-lowered `pallas_gpu` forward and cuDNN in the same run. Prints a table per section
+and writes every number to a JSON file.
+
+Sections (select with --sections, default check,dense,sparse,variants):
+  check     correctness at a small size against `reference` (float32): max abs error of out and of
+            the finite lse, and whether the -inf rows agree. Cases: dense causal (block_k 64 and
+            128), a random non-causal layout with empty rows, GQA with one list per KV head
+            (Hl = Hkv), segment ids with causal masking, float16 with D = 64, and a layout of batch
+            1 broadcast over batch 2.
+  dense     dense causal layout, bf16, B=1, H=16 q heads, 16 KV heads, D=128, L in --lengths:
+            forward time and TFLOP/s (FLOPs 4*B*H*L^2*D/2) of mosaic_gpu (default config),
+            pallas_gpu (`block_sparse_attention(..., implementation="pallas_gpu", return_lse=True)`)
+            and cuDNN (`jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)`),
+            with the max abs difference of mosaic_gpu's out and lse to pallas_gpu's.
+  sparse    a random causal layout of 128x128 blocks at --density (each query unit's own block
+            kept), L = --sparse-length: mosaic_gpu vs pallas_gpu, TFLOP/s over the listed blocks
+            (4*D*128*128 per listed block and head).
+  variants  launch variants of mosaic_gpu at the dense causal shape, L = --variant-length:
+            block_k 64/128 x pipeline stages 2/3/4 (those that fit shared memory: block_k 128 takes
+            2), pingpong off, stagger off.
+
+With --interpret (a CPU smoke test of the script, tiny sizes) pallas_gpu runs in interpret mode and
+mosaic_gpu, which jax cannot interpret, is only lowered for CUDA (its rows say "lowered").
+
+  python benchmarks/mosaic_fwd.py --out $OUT/mosaic_fwd.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import timing
+
+from pallas_kernels import BlockLayout, block_sparse_attention
+from pallas_kernels.block_sparse import mosaic_gpu
+
+RESULTS: dict = {}
+INTERPRET = False
+
+
+def guarded(name, fn):
+  return timing.guarded(name, fn, RESULTS.setdefault("errors", {}))
+
+
+def qkv(seed, b, t, hq, hkv, d, dtype=jnp.bfloat16):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  return tuple(jax.random.normal(key, (b, t, h, d), jnp.float32).astype(dtype)
+               for key, h in ((k1, hq), (k2, hkv), (k3, hkv)))
+
+
+def default_positions(b, tq, tk):
+  return (jnp.broadcast_to(tk - tq + jnp.arange(tq, dtype=jnp.int32), (b, tq)),
+          jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (b, tk)))
+
+
+def mosaic_fn(layout, causal=True, config=None):
+  """Jitted mosaic_gpu forward of (q, k, v[, q_seg, kv_seg]) -> (out, lse), default positions."""
+  def f(q, k, v, q_seg=None, kv_seg=None):
+    q_pos, kv_pos = default_positions(q.shape[0], q.shape[1], k.shape[1])
+    return mosaic_gpu.forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg,
+                              sm_scale=q.shape[-1] ** -0.5, causal=causal, config=config)
+  return jax.jit(f)
+
+
+def pallas_fn(layout, causal=True, impl="pallas_gpu"):
+  def f(q, k, v, q_seg=None, kv_seg=None):
+    return block_sparse_attention(q, k, v, layout, causal=causal, return_lse=True, implementation=impl,
+                                  q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                  interpret=INTERPRET and impl == "pallas_gpu")
+  return jax.jit(f)
+
+
+def cudnn_fn():
+  return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                              implementation="cudnn"))
+
+
+def run_mosaic(fn, *args):
+  """fn(*args) on the GPU; with --interpret only its CUDA lowering (returns None)."""
+  if INTERPRET:
+    fn.trace(*args).lower(lowering_platforms=("cuda",))
+    return None
+  return jax.block_until_ready(fn(*args))
+
+
+def time_mosaic(fn, *args, reps=10):
+  """(median ms, first-call s), or (None, lowering s) with --interpret."""
+  if INTERPRET:
+    start = time.perf_counter()
+    run_mosaic(fn, *args)
+    return None, time.perf_counter() - start
+  return timing.bench(fn, *args, reps=reps)
+
+
+def dense_flops(b, h, l, d):
+  return 4 * b * h * l * l * d / 2
+
+
+def causal_layout(l, block_k, heads):
+  return BlockLayout.causal(l, l, block_q=128, block_k=block_k, num_head_units=heads)
+
+
+def random_layout(seed, tq, tk, heads, block_k, density, causal, empty_rows=0.0):
+  """Per-head random blocks kept with probability `density` (query units of 128 tokens); causal:
+  only blocks at or before the unit's keys, its own blocks always kept; `empty_rows`: the fraction
+  of units whose list is empty."""
+  nq, nk = tq // 128, tk // block_k
+  keys = jax.random.split(jax.random.key(seed), 2)
+  mask = jax.random.uniform(keys[0], (1, heads, nq, nk)) < density
+  if causal:
+    i, j = jnp.arange(nq)[:, None], jnp.arange(nk)[None, :]
+    first, last = (i * 128 + tk - tq) // block_k, (i * 128 + 127 + tk - tq) // block_k
+    mask = (mask & (j <= last)) | ((j >= first) & (j <= last))
+  empty = jax.random.uniform(keys[1], (1, heads, nq, 1)) < empty_rows
+  mask = mask & ~empty
+  cap = max(1, int(jnp.max(mask.sum(-1))))
+  return BlockLayout.from_block_mask(mask, block_q=128, block_k=block_k, max_kv_blocks=cap)
+
+
+def max_diffs(out, lse, out_ref, lse_ref):
+  """max |out - out_ref|, max |lse - lse_ref| over rows finite in both, and whether the -inf rows
+  agree."""
+  out, out_ref = np.asarray(out, np.float32), np.asarray(out_ref, np.float32)
+  lse, lse_ref = np.asarray(lse), np.asarray(lse_ref)
+  finite = np.isfinite(lse) & np.isfinite(lse_ref)
+  return dict(out_err=float(np.abs(out - out_ref).max()),
+              lse_err=float(np.abs(lse - lse_ref)[finite].max(initial=0.0)),
+              empty_rows_agree=bool((np.isneginf(lse) == np.isneginf(lse_ref)).all()),
+              empty_rows=int(np.isneginf(lse_ref).sum()),
+              nan=bool(np.isnan(out).any() or np.isnan(lse).any()))
+
+
+# ----------------------------------------------------------------------------------------- sections
+def section_check(args):
+  print("\n== check: mosaic_gpu vs reference (float32), max abs errors ==")
+  t = args.check_length
+  cases = [
+      ("dense causal bk128", dict(hq=4, hkv=4, d=128),
+       lambda: causal_layout(t, 128, 4), True, False),
+      ("dense causal bk64 GQA2", dict(hq=4, hkv=2, d=128),
+       lambda: causal_layout(t, 64, 4), True, False),
+      ("random non-causal, empty rows", dict(hq=4, hkv=4, d=128),
+       lambda: random_layout(1, t, t, 4, 64, 0.3, causal=False, empty_rows=0.25), False, False),
+      ("random causal GQA4 Hl=Hkv", dict(hq=8, hkv=2, d=128),
+       lambda: random_layout(2, t, t, 2, 128, 0.4, causal=True), True, False),
+      ("segments causal", dict(hq=4, hkv=4, d=128),
+       lambda: random_layout(3, t, t, 4, 64, 0.5, causal=True), True, True),
+      ("f16 D=64 segments non-causal", dict(hq=2, hkv=2, d=64, dtype=jnp.float16),
+       lambda: random_layout(4, t, t, 2, 128, 0.5, causal=False, empty_rows=0.2), False, True),
+      ("batch 2, layout batch 1", dict(b=2, hq=2, hkv=1, d=128),
+       lambda: causal_layout(t, 128, 2), True, False),
+  ]
+  out = {}
+  for name, sh, make_layout, causal, segments in cases:
+    def run(sh=sh, make_layout=make_layout, causal=causal, segments=segments):
+      layout = make_layout()
+      b = sh.get("b", 1)
+      q, k, v = qkv(7, b, t, sh["hq"], sh["hkv"], sh["d"], sh.get("dtype", jnp.bfloat16))
+      extra = ()
+      if segments:  # three segments of random lengths, per batch row
+        cuts = jax.random.randint(jax.random.key(5), (b, 2), 1, t)
+        seg = (jnp.arange(t)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(jnp.int32)
+        extra = (seg, seg)
+      got = run_mosaic(mosaic_fn(layout, causal), q, k, v, *extra)
+      if got is None:
+        return dict(lowered=True)
+      want = pallas_fn(layout, causal, impl="reference")(q, k, v, *extra)
+      row = max_diffs(*got, *want)
+      tol = 2e-2 if q.dtype == jnp.bfloat16 else 4e-3
+      row["ok"] = bool(row["out_err"] < tol and row["lse_err"] < 1e-2 and row["empty_rows_agree"]
+                       and not row["nan"])
+      return row
+    r = guarded(f"check/{name}", run)
+    out[name] = r
+    if r and "ok" in r:
+      print(f"  {name:32s} out {r['out_err']:.1e}  lse {r['lse_err']:.1e}  empty rows "
+            f"{r['empty_rows']} agree={r['empty_rows_agree']}  NaN={r['nan']}  "
+            f"{'OK' if r['ok'] else 'FAIL'}", flush=True)
+    elif r:
+      print(f"  {name:32s} lowered for CUDA", flush=True)
+  RESULTS["check"] = out
+
+
+def section_dense(args):
+  print("\n== dense causal, bf16, B=1, H=16, Hkv=16, D=128: forward TFLOP/s ==")
+  rows = []
+  for l in args.lengths:
+    q, k, v = qkv(l, 1, l, 16, 16, 128)
+    flops = dense_flops(1, 16, l, 128)
+    layout = causal_layout(l, args.block_k, 16)
+    base = {}
+
+    def pallas(layout=layout, q=q, k=k, v=v):
+      fn = pallas_fn(layout)
+      ms, first = timing.bench(fn, q, k, v)
+      base["out"] = fn(q, k, v)
+      return dict(ms=ms, first_call_s=first)
+
+    def mosaic(layout=layout, q=q, k=k, v=v):
+      fn = mosaic_fn(layout)
+      ms, first = time_mosaic(fn, q, k, v)
+      row = dict(ms=ms, first_call_s=first, config=dataclasses.asdict(mosaic_gpu.default_config(q, layout)))
+      if ms is not None and "out" in base:
+        row.update(max_diffs(*fn(q, k, v), *base["out"]))
+      return row
+
+    def cudnn(q=q, k=k, v=v):
+      ms, first = timing.bench(cudnn_fn(), q, k, v)
+      return dict(ms=ms, first_call_s=first)
+
+    for name, run in (("pallas_gpu", pallas), ("mosaic_gpu", mosaic), ("cudnn", cudnn)):
+      r = guarded(f"dense/{name}/{l}", run)
+      if r is None:
+        continue
+      r.update(impl=name, L=l, tflops=flops / r["ms"] / 1e9 if r["ms"] else None)
+      rows.append(r)
+      _print_row(name, f"L={l:6d}", r)
+  RESULTS["dense"] = dict(block_k=args.block_k, rows=rows)
+
+
+def _print_row(name, label, r):
+  if r["ms"] is None:
+    print(f"  {name:12s} {label}  lowered for CUDA ({r['first_call_s']:.1f} s)", flush=True)
+    return
+  err = f"  vs pallas_gpu: out {r['out_err']:.1e} lse {r['lse_err']:.1e}" if "out_err" in r else ""
+  print(f"  {name:12s} {label}  {r['ms']:8.3f} ms  {r['tflops']:6.0f} TF/s{err}", flush=True)
+
+
+def section_sparse(args):
+  l, dens = args.sparse_length, args.density
+  print(f"\n== random causal 128x128 blocks, density {dens}, L={l}, bf16, H=16, D=128 ==")
+  q, k, v = qkv(11, 1, l, 16, 16, 128)
+  layout = random_layout(11, l, l, 16, 128, dens, causal=True)
+  blocks = int(layout.kv_counts.sum())
+  flops = 4 * 128 * 128 * 128 * blocks
+  base, rows = {}, []
+
+  def pallas():
+    fn = pallas_fn(layout)
+    ms, first = timing.bench(fn, q, k, v)
+    base["out"] = fn(q, k, v)
+    return dict(ms=ms, first_call_s=first)
+
+  def mosaic():
+    fn = mosaic_fn(layout)
+    ms, first = time_mosaic(fn, q, k, v)
+    row = dict(ms=ms, first_call_s=first)
+    if ms is not None and "out" in base:
+      row.update(max_diffs(*fn(q, k, v), *base["out"]))
+    return row
+
+  for name, run in (("pallas_gpu", pallas), ("mosaic_gpu", mosaic)):
+    r = guarded(f"sparse/{name}", run)
+    if r is None:
+      continue
+    r.update(impl=name, tflops=flops / r["ms"] / 1e9 if r["ms"] else None)
+    rows.append(r)
+    _print_row(name, f"{blocks} blocks", r)
+  RESULTS["sparse"] = dict(L=l, density=dens, listed_blocks=blocks, rows=rows)
+
+
+def section_variants(args):
+  l = args.variant_length
+  print(f"\n== mosaic_gpu launch variants, dense causal L={l}, bf16, H=16, D=128 ==")
+  q, k, v = qkv(l, 1, l, 16, 16, 128)
+  flops = dense_flops(1, 16, l, 128)
+  fits = lambda bk, s: mosaic_gpu.smem_bytes(128, bk, s, 2, False) <= mosaic_gpu.SMEM_LIMIT  # noqa: E731
+  variants = [(bk, mosaic_gpu.MosaicConfig(num_stages=s)) for bk in (128, 64) for s in (2, 3, 4)
+              if fits(bk, s)]
+  skipped = [f"bk={bk} stages={s}" for bk in (128, 64) for s in (2, 3, 4) if not fits(bk, s)]
+  print(f"  (not run, over shared memory: {', '.join(skipped) or 'none'})")
+  variants += [(128, mosaic_gpu.MosaicConfig(num_stages=2, pingpong=False)),
+               (64, mosaic_gpu.MosaicConfig(num_stages=4, pingpong=False)),
+               (128, mosaic_gpu.MosaicConfig(num_stages=2, stagger=0))]
+  rows = []
+  for bk, cfg in variants:
+    label = f"bk={bk:3d} stages={cfg.num_stages} pingpong={int(cfg.pingpong)} stagger={cfg.stagger:2d}"
+
+    def run(bk=bk, cfg=cfg):
+      ms, first = time_mosaic(mosaic_fn(causal_layout(l, bk, 16), config=cfg), q, k, v)
+      return dict(ms=ms, first_call_s=first)
+    r = guarded(f"variants/{label}", run)
+    if r is None:
+      continue
+    r.update(block_k=bk, **dataclasses.asdict(cfg), tflops=flops / r["ms"] / 1e9 if r["ms"] else None)
+    rows.append(r)
+    _print_row("mosaic_gpu", label, r)
+  RESULTS["variants"] = dict(L=l, rows=rows, skipped_over_shared_memory=skipped)
+
+
+SECTIONS = dict(check=section_check, dense=section_dense, sparse=section_sparse,
+                variants=section_variants)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--sections", default="check,dense,sparse,variants", help=f"comma list of {list(SECTIONS)}")
+  p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "mosaic_fwd.json"))
+  p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768])
+  p.add_argument("--block-k", type=int, default=128, help="dense section's block_k")
+  p.add_argument("--check-length", type=int, default=1024)
+  p.add_argument("--sparse-length", type=int, default=32768)
+  p.add_argument("--density", type=float, default=0.1)
+  p.add_argument("--variant-length", type=int, default=32768)
+  p.add_argument("--interpret", action="store_true",
+                 help="CPU smoke test of the script: tiny sizes, pallas_gpu interpreted, mosaic_gpu lowered")
+  args = p.parse_args()
+  global INTERPRET
+  INTERPRET = args.interpret
+  if INTERPRET:
+    args.lengths, args.check_length, args.sparse_length, args.variant_length = [256], 256, 256, 256
+  dev = jax.devices()[0]
+  RESULTS["meta"] = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                         python=platform.python_version(), date=datetime.datetime.now(
+                             datetime.timezone.utc).isoformat(timespec="seconds"),
+                         argv=" ".join(sys.argv))
+  print(RESULTS["meta"])
+  for name in args.sections.split(","):
+    t = time.perf_counter()
+    SECTIONS[name](args)
+    print(f"  ({name}: {time.perf_counter() - t:.0f} s)", flush=True)
+    with open(args.out, "w") as f:
+      json.dump(RESULTS, f, indent=1)
+  print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -31,14 +31,13 @@ Supported (`check_supported`): bfloat16 or float16; Dqk = Dv in {64, 128}; layou
 layout.block_k in {64, 128}; Tq a multiple of 128 and Tk of block_k (no ragged ends); no sliding
 window; sm_scale > 0. Launch parameters: `MosaicConfig`.
 
-API differences between the jax versions this runs on (0.10.2 on CPU, 0.11.2 on the GPU) are kept
-to `_load_vector` (`plgpu.load`'s index argument: required in 0.10, deprecated in 0.11).
+It uses only API spelled the same in jax 0.10.2 (CPU) and 0.11.2 (the GPU): `ref.transpose` rather
+than `plgpu.transpose_ref`, and loads followed by `plgpu.layout_cast` rather than `plgpu.load`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 
 import jax
@@ -58,8 +57,6 @@ _DTYPES = (jnp.bfloat16, jnp.float16)
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a Hopper CTA may use
 _SMEM_RESERVED = 4 * 1024  # barriers, reduction scratch and alignment
 STAGGER = 64
-_LOAD_TAKES_INDEX = (
-    inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +156,9 @@ class _Geometry:
 
 
 def _load_vector(ref, layout):
-  """A 1-D shared-memory ref as an array with `layout`."""
-  if _LOAD_TAKES_INDEX:
-    return plgpu.load(ref, (), layout=layout)
-  return plgpu.load(ref, layout=layout)
+  """A 1-D shared-memory ref as an array with `layout` (a load followed by a layout cast lowers as
+  `plgpu.load(ref, layout=...)`, whose index argument changed between jax 0.10 and 0.11)."""
+  return plgpu.layout_cast(ref[...], layout)
 
 
 def _walk(g: _Geometry, seed, count):
@@ -237,6 +233,13 @@ def _producer(g: _Geometry, p: _Program, refs, bufs, bars):
     plgpu.barrier_wait(k_free.at[slot])
     plgpu.barrier_wait(v_free.at[slot])
     load(n, slot)
+
+  @pl.loop(jnp.maximum(p.count - g.stages, 0), p.count)
+  def _drain(n):
+    """Observe the consumers' last releases: no barrier phase is left unobserved at exit."""
+    slot = lax.rem(n, g.stages)
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
 
 
 def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_min_ref, kv_max_ref):
@@ -317,10 +320,12 @@ def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_min_ref, kv_max
       plgpu.barrier_wait(turn)
 
     def pv(acc_ref):
+      acc_ref[...] = acc
       plgpu.wgmma(acc_ref, prob, v_smem.at[slot])
       nxt_slot = lax.rem(n + 1, g.stages)
       pl.when(n + 1 < p.count)(lambda: plgpu.barrier_wait(k_bar.at[nxt_slot]))
-    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      return acc_ref[...]
+    acc = pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
     plgpu.barrier_arrive(v_free.at[slot])
     return (acc, m_new, l_new, *nxt)
 
@@ -399,12 +404,14 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
   """out [B, Tq, Hq, Dv] (q's dtype), lse [B, Hq, Tq] float32 (natural log; -inf for empty rows).
 
   q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D]; layout: `BlockLayout` with block_q = 128; q_pos [B, Tq],
-  kv_pos [B, Tk] int32; q_seg/kv_seg [B, Tq]/[B, Tk] int32 or None. `interpret` is accepted for
-  the implementation signature but must be False: the jax 0.10/0.11 Mosaic GPU interpreters do not
-  run register-operand or transposed wgmma."""
-  if interpret:
-    raise ValueError("mosaic_gpu has no interpret mode (jax's Mosaic GPU interpreter cannot run "
-                     "register-operand or transposed wgmma); got interpret=True")
+  kv_pos [B, Tk] int32; q_seg/kv_seg [B, Tq]/[B, Tk] int32 or None. interpret: False, or the
+  Mosaic GPU interpreter's parameters (`InterpretGPUParams`), passed to `plgpu.kernel`; True is
+  refused: jax's own interpreter (0.10, 0.11) cannot run a wgmma with a register or transposed
+  operand (tests/pallas_kernels/test_mosaic_gpu.py extends it)."""
+  if interpret is True:
+    raise ValueError("mosaic_gpu cannot run with interpret=True: jax's Mosaic GPU interpreter does "
+                     "not run wgmma with a register or transposed operand; pass interpret=False or "
+                     "InterpretGPUParams for an interpreter that does")
   if window is not None:
     raise ValueError(f"mosaic_gpu does not support a sliding window; got window={window}")
   if not float(sm_scale) > 0:
@@ -432,6 +439,6 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
       functools.partial(_kernel, g=g), out_type=out_type, grid=(nq, hq, b),
       grid_names=("q", "heads", "batch"), num_threads=_CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      kernel_name="block_sparse_fwd_mosaic",
+      kernel_name="block_sparse_fwd_mosaic", interpret=interpret or None,
   )(*ins, q, k, v)
   return out, lse

@@ -137,21 +137,21 @@ def _mosaic(case, config):
     return jax.block_until_ready(_run(mosaic_gpu, case, interpret=InterpretGPUParams(), config=config))
 
 
-_BASE = dict(block_q=128, dqk=128, dv=128, dtype="bfloat16", num_kv_heads=2, group=1)
+_BASE = dict(block_q=128, dqk=128, dv=128, dtype="bfloat16", num_kv_heads=1, group=1)
 CASES = {
     # ring of 2 slots wrapped 2x (4 blocks in the last unit), pingpong, stagger
     "causal_bk64": (dict(seq_len_q=256, seq_len_k=256, block_k=64, layout_kind="causal"),
                     mosaic_gpu.MosaicConfig(num_stages=2)),
     # Tq < Tk: bottom-right aligned, the unit's own block half masked, the rest skip the mask
     "causal_bk128_tq_lt_tk": (dict(seq_len_q=128, seq_len_k=384, block_k=128, layout_kind="causal",
-                                   num_kv_heads=1), mosaic_gpu.MosaicConfig(num_stages=2)),
+                                   num_kv_heads=2), mosaic_gpu.MosaicConfig(num_stages=2)),
     # one empty and one full unit per head, no causal mask; 3 stages, no pingpong, no stagger
     "random_noncausal_empty_rows": (dict(seq_len_q=384, seq_len_k=256, block_k=64, layout_kind="random",
                                          causal=False),
                                     mosaic_gpu.MosaicConfig(num_stages=3, pingpong=False, stagger=0)),
-    # one list per KV head shared by its 4 query heads, random causal blocks (some fully masked)
+    # one list per KV head shared by its 2 query heads, random causal blocks (some fully masked)
     "gqa_kv_head_lists": (dict(seq_len_q=256, seq_len_k=256, block_k=128, layout_kind="random",
-                               num_kv_heads=1, group=4, head_unit="kv", density=0.7),
+                               group=2, head_unit="kv", density=0.7),
                           mosaic_gpu.MosaicConfig(num_stages=2)),
     # packed documents with a padding tail, permuted positions (rows with nothing visible)
     "segments_permuted": (dict(seq_len_q=256, seq_len_k=256, block_k=64, layout_kind="random",
@@ -160,7 +160,7 @@ CASES = {
     # float16, D = 64, batch 2 over a layout of batch 1, segments without causal masking
     "f16_d64_batch2": (dict(seq_len_q=128, seq_len_k=256, block_k=128, layout_kind="full", batch=2,
                             layout_batch=1, dqk=64, dv=64, dtype="float16", segments=True,
-                            causal=False, num_kv_heads=1),
+                            causal=False),
                        mosaic_gpu.MosaicConfig(num_stages=2)),
 }
 

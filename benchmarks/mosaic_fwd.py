@@ -11,8 +11,9 @@ Sections (select with --sections, default check,dense,sparse,variants):
   dense     dense causal layout, bf16, B=1, H=16 q heads, 16 KV heads, D=128, L in --lengths:
             forward time and TFLOP/s (FLOPs 4*B*H*L^2*D/2) of mosaic_gpu (default config),
             pallas_gpu (`block_sparse_attention(..., implementation="pallas_gpu", return_lse=True)`)
-            and cuDNN (`jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)`),
-            with the max abs difference of mosaic_gpu's out and lse to pallas_gpu's.
+            cuDNN (`jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)`) and
+            tokamax's Mosaic kernel where it imports (--no-tokamax: not), with the max abs
+            difference of mosaic_gpu's out and lse to pallas_gpu's.
   sparse    a random causal layout of 128x128 blocks at --density (each query unit's own block
             kept), L = --sparse-length: mosaic_gpu vs pallas_gpu, TFLOP/s over the listed blocks
             (4*D*128*128 per listed block and head).
@@ -83,6 +84,12 @@ def pallas_fn(layout, causal=True, impl="pallas_gpu"):
 def cudnn_fn():
   return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                               implementation="cudnn"))
+
+
+def tokamax_fn():
+  import tokamax  # noqa: PLC0415 - optional, only on the GPU machine
+  return jax.jit(lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True,
+                                                               implementation="mosaic"))
 
 
 def run_mosaic(fn, *args):
@@ -214,26 +221,35 @@ def section_dense(args):
         row.update(max_diffs(*fn(q, k, v), *base["out"]))
       return row
 
-    def cudnn(q=q, k=k, v=v):
-      ms, first = timing.bench(cudnn_fn(), q, k, v)
+    def anchor(make, q=q, k=k, v=v):
+      ms, first = timing.bench(make(), q, k, v)
       return dict(ms=ms, first_call_s=first)
 
-    for name, run in (("pallas_gpu", pallas), ("mosaic_gpu", mosaic), ("cudnn", cudnn)):
+    entries = [("pallas_gpu", pallas), ("mosaic_gpu", mosaic), ("cudnn", lambda: anchor(cudnn_fn))]
+    if not args.no_tokamax:
+      entries.append(("tokamax:mosaic", lambda: anchor(tokamax_fn)))
+    at_l = {}
+    for name, run in entries:
       r = guarded(f"dense/{name}/{l}", run)
       if r is None:
         continue
       r.update(impl=name, L=l, tflops=flops / r["ms"] / 1e9 if r["ms"] else None)
       rows.append(r)
+      at_l[name] = r["ms"]
       _print_row(name, f"L={l:6d}", r)
+    if at_l.get("mosaic_gpu"):
+      print("  mosaic_gpu speed-up: " + ", ".join(
+          f"{at_l[other] / at_l['mosaic_gpu']:.2f}x vs {other}" for other in at_l
+          if other != "mosaic_gpu" and at_l[other]), flush=True)
   RESULTS["dense"] = dict(block_k=args.block_k, rows=rows)
 
 
 def _print_row(name, label, r):
   if r["ms"] is None:
-    print(f"  {name:12s} {label}  lowered for CUDA ({r['first_call_s']:.1f} s)", flush=True)
+    print(f"  {name:14s} {label}  lowered for CUDA ({r['first_call_s']:.1f} s)", flush=True)
     return
   err = f"  vs pallas_gpu: out {r['out_err']:.1e} lse {r['lse_err']:.1e}" if "out_err" in r else ""
-  print(f"  {name:12s} {label}  {r['ms']:8.3f} ms  {r['tflops']:6.0f} TF/s{err}", flush=True)
+  print(f"  {name:14s} {label}  {r['ms']:8.3f} ms  {r['tflops']:6.0f} TF/s{err}", flush=True)
 
 
 def section_sparse(args):
@@ -312,6 +328,7 @@ def main():
   p.add_argument("--sparse-length", type=int, default=32768)
   p.add_argument("--density", type=float, default=0.1)
   p.add_argument("--variant-length", type=int, default=32768)
+  p.add_argument("--no-tokamax", action="store_true")
   p.add_argument("--interpret", action="store_true",
                  help="CPU smoke test of the script: tiny sizes, pallas_gpu interpreted, mosaic_gpu lowered")
   args = p.parse_args()
@@ -319,6 +336,7 @@ def main():
   INTERPRET = args.interpret
   if INTERPRET:
     args.lengths, args.check_length, args.sparse_length, args.variant_length = [256], 256, 256, 256
+    args.no_tokamax = True
   dev = jax.devices()[0]
   RESULTS["meta"] = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                          python=platform.python_version(), date=datetime.datetime.now(

@@ -17,9 +17,10 @@ One program (CTA) per (query unit of 128 tokens, query head, batch), three warpg
   say "K (V) consumed by both consumers".
 
 With a list per KV head (Hl = Hkv) each query head of the group still runs its own program over the
-group's list. Every program walks its list starting at entry (unit mod min(stagger, count)),
-wrapping around, as `pallas_gpu` does (`KernelConfig.stagger`); units run heaviest first (the
-last query units of a causal layout have the longest lists).
+group's list. Every program walks its list starting at entry (program index along the query axis
+mod min(stagger, count)), wrapping around, as `pallas_gpu` does (`KernelConfig.stagger`). Query
+units run last first (the last units of a causal layout have the longest lists) and vary fastest
+in the grid, so the programs running together read one head's K/V (L2 reuse).
 
 Masking. Keys are visible iff kv_pos <= q_pos (causal) and the segment ids are equal. Without
 segment ids, a block whose largest key position is <= the smallest query position of a
@@ -33,6 +34,8 @@ window; sm_scale > 0. Launch parameters: `MosaicConfig`.
 
 It uses only API spelled the same in jax 0.10.2 (CPU) and 0.11.2 (the GPU): `ref.transpose` rather
 than `plgpu.transpose_ref`, and loads followed by `plgpu.layout_cast` rather than `plgpu.load`.
+Tests (tests/pallas_kernels/test_mosaic_gpu.py) run the kernel on CPU in jax's Mosaic GPU
+interpreter, extended there with the wgmma forms it lacks, and lower it for CUDA.
 """
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ def smem_bytes(d: int, block_k: int, num_stages: int, itemsize: int, has_seg: bo
 
 
 def default_config(q, layout) -> MosaicConfig:
-  """The deepest ring (up to 4 stages) that fits shared memory, without segment ids."""
+  """The deepest ring (up to 4 stages) that fits shared memory, segment ids included."""
   d, size = q.shape[-1], jnp.dtype(q.dtype).itemsize
   stages = max(s for s in (2, 3, 4)
                if s == 2 or smem_bytes(d, layout.block_k, s, size, True) <= SMEM_LIMIT)

@@ -199,14 +199,15 @@ def test_pallas_gpu_backward_consumes_its_lse():
     _close(name, got, want, 2e-2, case)
 
 
-@pytest.mark.parametrize("causal, segments, block_k", [(True, False, 128), (True, True, 64),
-                                                        (False, False, 64)])
-def test_lowers_for_cuda_without_gpu(causal, segments, block_k):
+@pytest.mark.parametrize("causal, segments, block_k, d, dtype", [
+    (True, False, 128, 128, jnp.bfloat16), (True, True, 64, 128, jnp.bfloat16),
+    (False, False, 64, 64, jnp.float16), (False, True, 128, 64, jnp.bfloat16)])
+def test_lowers_for_cuda_without_gpu(causal, segments, block_k, d, dtype):
   """The kernel lowers to one Mosaic GPU custom call for CUDA (the Pallas-to-Mosaic lowering: layouts,
   wgmma shapes, TMA and barriers; the PTX compile happens in the GPU runtime)."""
-  b, t, hq, hkv, d = 1, 512, 4, 2, 128
-  q = jax.ShapeDtypeStruct((b, t, hq, d), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
+  b, t, hq, hkv = 1, 512, 4, 2
+  q = jax.ShapeDtypeStruct((b, t, hq, d), dtype)
+  kv = jax.ShapeDtypeStruct((b, t, hkv, d), dtype)
   ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
   layout = BlockLayout.causal(t, t, block_q=128, block_k=block_k, num_head_units=hkv)
 

@@ -6,9 +6,9 @@ registers (P V), one whose B operand is a transposed view (Q Kᵀ), and storing 
 wgmma accumulator. `extended_interpreter` adds those (and lets layout casts, which only matter to
 the lowering, through) for the duration of a test, so that the kernel itself runs on CPU -- the
 producer / consumer warpgroups, the TMA ring and its barriers, the list walk and its stagger, the
-masks and the online softmax -- and is compared with `reference`. The interpreter also checks that
-every barrier phase is observed and reports races. The same kernel lowers for CUDA here; the PTX
-compile happens on the GPU (benchmarks/mosaic_fwd.py --sections check runs these comparisons there).
+masks and the online softmax -- and is compared with `reference`; the interpreter also checks that
+every barrier phase is observed. The same kernel lowers for CUDA here; the PTX compile happens on
+the GPU (benchmarks/mosaic_fwd.py --sections check runs comparisons like these there).
 """
 from __future__ import annotations
 

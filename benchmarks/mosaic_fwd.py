@@ -19,7 +19,7 @@ Sections (select with --sections, default check,dense,sparse,variants):
             (4*D*128*128 per listed block and head).
   variants  launch variants of mosaic_gpu at the dense causal shape, L = --variant-length:
             block_k 64/128 x pipeline stages 2/3/4 (those that fit shared memory: block_k 128 takes
-            2), pingpong off, stagger off.
+            2), pingpong off, stagger off, softmax fence on.
 
 With --interpret (a CPU smoke test of the script, tiny sizes) pallas_gpu runs in interpret mode and
 mosaic_gpu, which jax cannot interpret, is only lowered for CUDA (its rows say "lowered").
@@ -297,10 +297,13 @@ def section_variants(args):
   print(f"  (not run, over shared memory: {', '.join(skipped) or 'none'})")
   variants += [(128, mosaic_gpu.MosaicConfig(num_stages=2, pingpong=False)),
                (64, mosaic_gpu.MosaicConfig(num_stages=4, pingpong=False)),
-               (128, mosaic_gpu.MosaicConfig(num_stages=2, stagger=0))]
+               (128, mosaic_gpu.MosaicConfig(num_stages=2, stagger=0)),
+               (128, mosaic_gpu.MosaicConfig(num_stages=2, softmax_fence=True)),
+               (64, mosaic_gpu.MosaicConfig(num_stages=4, softmax_fence=True))]
   rows = []
   for bk, cfg in variants:
-    label = f"bk={bk:3d} stages={cfg.num_stages} pingpong={int(cfg.pingpong)} stagger={cfg.stagger:2d}"
+    label = (f"bk={bk:3d} stages={cfg.num_stages} pingpong={int(cfg.pingpong)} stagger={cfg.stagger:2d} "
+             f"fence={int(cfg.softmax_fence)}")
 
     def run(bk=bk, cfg=cfg):
       ms, first = time_mosaic(mosaic_fn(causal_layout(l, bk, 16), config=cfg), q, k, v)

@@ -71,10 +71,15 @@ class MosaicConfig:
     0: every program starts at entry 0.
   pingpong: the two consumer warpgroups alternate on the tensor cores (a schedule barrier);
     False lets them run freely.
+  softmax_fence: finish the softmax step (running max and sum, rescaled accumulator, P in the
+    input dtype) behind an optimization barrier before handing the tensor cores over, so that the
+    compiler cannot move any of it past the hand-over (jax's Mosaic GPU attention example found
+    this order faster for head dims <= 128).
   """
   num_stages: int = 2
   stagger: int = STAGGER
   pingpong: bool = True
+  softmax_fence: bool = False
 
   def __post_init__(self):
     if self.num_stages < 2:
@@ -316,6 +321,8 @@ def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_min_ref, kv_max
     l_new = l_prev * alpha + prob.sum(axis=1)
     acc = acc * _row_bcast(alpha, acc.shape)
     prob = prob.astype(g.dtype)
+    if g.cfg.softmax_fence:
+      acc, m_new, l_new, prob = lax.optimization_barrier((acc, m_new, l_new, prob))
     if g.cfg.pingpong:
       plgpu.barrier_arrive(turn)
     plgpu.barrier_wait(v_bar.at[slot])

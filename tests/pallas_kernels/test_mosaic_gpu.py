@@ -142,9 +142,11 @@ CASES = {
     # ring of 2 slots wrapped 2x (4 blocks in the last unit), pingpong, stagger
     "causal_bk64": (dict(seq_len_q=256, seq_len_k=256, block_k=64, layout_kind="causal"),
                     mosaic_gpu.MosaicConfig(num_stages=2, softmax_fence=True)),
-    # Tq < Tk: bottom-right aligned, the unit's own block half masked, the rest skip the mask
+    # Tq < Tk: bottom-right aligned, the unit's own block half masked, the rest skip the mask;
+    # 2 query heads with their own lists over 1 KV head; batch 2 over a layout of batch 1
     "causal_bk128_tq_lt_tk": (dict(seq_len_q=128, seq_len_k=384, block_k=128, layout_kind="causal",
-                                   num_kv_heads=2), mosaic_gpu.MosaicConfig(num_stages=2)),
+                                   group=2, batch=2, layout_batch=1),
+                              mosaic_gpu.MosaicConfig(num_stages=2)),
     # one empty and one full unit per head, no causal mask; 3 stages, no pingpong, no stagger
     "random_noncausal_empty_rows": (dict(seq_len_q=384, seq_len_k=256, block_k=64, layout_kind="random",
                                          causal=False),
@@ -157,10 +159,10 @@ CASES = {
     "segments_permuted": (dict(seq_len_q=256, seq_len_k=256, block_k=64, layout_kind="random",
                                segments=True, positions="permuted", density=0.8),
                           mosaic_gpu.MosaicConfig(num_stages=4, stagger=1)),
-    # float16, D = 64, batch 2 over a layout of batch 1, segments without causal masking
-    "f16_d64_batch2": (dict(seq_len_q=128, seq_len_k=256, block_k=128, layout_kind="full", batch=2,
-                            layout_batch=1, dqk=64, dv=64, dtype="float16", segments=True,
-                            causal=False),
+    # float16, D = 64, batch 2 with a list per batch row, segments without causal masking
+    "f16_d64_batch2": (dict(seq_len_q=128, seq_len_k=256, block_k=64, layout_kind="top_k", batch=2,
+                            layout_batch=2, dqk=64, dv=64, dtype="float16", segments=True,
+                            causal=False, density=0.7),
                        mosaic_gpu.MosaicConfig(num_stages=2)),
 }
 

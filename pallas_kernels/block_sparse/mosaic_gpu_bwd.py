@@ -1,0 +1,620 @@
+"""Block-sparse flash attention backward in Pallas Mosaic GPU (Hopper: wgmma, TMA, mbarriers).
+
+`backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, sm_scale=...,
+causal=...)` takes exactly what `pallas_gpu.backward` takes (lse from `mosaic_gpu.forward` or
+`pallas_gpu.forward`, natural log, -inf for rows that see nothing; delta = rowsum(dO * O) - dlse,
+0 on those rows) and returns (dq, dk, dv) in the dtypes of (q, k, v). Two kernels, no atomics
+(deterministic: every output tile is written by exactly one program, sums in a fixed order):
+
+* dQ (query-major, the forward's grid): one program per (query unit of 128 tokens, query head,
+  batch). Two consumer warpgroups of 64 query rows keep Q, dO (shared memory), lse and delta
+  (registers); a producer warpgroup walks the unit's list `kv_indices` and TMA-loads each listed
+  K/V block (with key positions / segment ids) into a ring of `dq_stages` slots. Per block, in
+  sub-blocks of `dq_sub_k` keys: S = Q Kᵀ and dP = dO Vᵀ (wgmma, Kᵀ/Vᵀ transposed shared-memory
+  views), P = exp2(S·scale·log2e - lse·log2e), dS = P (dP - delta), dQ += dS K (dS from
+  registers). dQ is scaled by sm_scale at the end.
+* dK/dV (KV-major): one program per (KV block, KV head, batch). Each consumer warpgroup keeps 64
+  keys of the block (block_k 128: two consumers; block_k 64: one) with their K and V tiles in
+  shared memory and dK, dV accumulators in registers. The producer walks, for each of the G query
+  heads of the KV group, the inverse list `q_indices[kv_offsets[j] : kv_offsets[j+1]]` of the head
+  unit that head belongs to (Hl = Hkv: one list shared by the G heads, walked once per head), and
+  TMA-loads each listed query unit's Q, dO (128 rows), lse, delta and positions / segment ids into a
+  ring of `dkv_stages` slots. Per slot, in two halves of 64 query rows (the FA3 tile for D=128:
+  Sᵀ, dPᵀ are [64, 64] float32, which leaves registers for the two [64, D] accumulators):
+  Sᵀ = K Qᵀ, dPᵀ = V dOᵀ (transposed shared-memory B operands), Pᵀ, dV += Pᵀ dO, dSᵀ = Pᵀ (dPᵀ -
+  delta), dK += dSᵀ Q (Pᵀ, dSᵀ from registers). dK is scaled by sm_scale at the end.
+
+Masking is the forward's: key visible iff kv_pos <= q_pos (causal) and equal segment ids; without
+segment ids, causal tiles whose largest key position is <= the smallest query position (per 64
+rows, reduced by XLA before the launch) skip the element mask. Rows with lse = -inf give P = 0
+(lse·log2e is replaced by +inf), so they contribute nothing and never NaN.
+
+Supported (`check_supported`): bfloat16 or float16; Dqk = Dv in {64, 128}; block_q = 128; block_k
+in {64, 128}; Tq a multiple of 128 and Tk of block_k; no sliding window; sm_scale > 0; and no
+layout whose KV-major lists can be much longer than the mean: `pallas_gpu` splits such lists into
+chunks (`pallas_gpu._list_chunk`, e.g. NSA's always-selected block 0); this first version rejects
+them (the same static test on shapes: nq > 4 * ceil(nq * K / nk)) and the caller falls back to
+Triton. Launch parameters: `BwdConfig`.
+
+`attention(...)`: mosaic_gpu.forward + this backward under one custom_vjp (for benchmarks; the
+library's dispatch lives in api.py).
+
+Like mosaic_gpu.py it only uses API spelled the same in jax 0.10.2 and 0.11.2. Tests
+(tests/pallas_kernels/test_mosaic_gpu_bwd.py) run both kernels on CPU in jax's Mosaic GPU
+interpreter as extended in tests/pallas_kernels/test_mosaic_gpu.py, and lower them for CUDA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+_LOG2E = math.log2(math.e)
+_BLOCK_Q = 128
+_ROWS = 64                # rows of one consumer warpgroup (the wgmma M)
+_BLOCK_K_CHOICES = (64, 128)
+_HEAD_DIMS = (64, 128)
+_DTYPES = (jnp.bfloat16, jnp.float16)
+SMEM_LIMIT = 227 * 1024
+_SMEM_RESERVED = 4 * 1024
+STAGGER = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdConfig:
+  """Launch parameters of the two kernels.
+
+  dq_stages: K/V blocks in flight in the dQ kernel's ring (>= 2).
+  dkv_stages: query units (Q, dO of 128 rows) in flight in the dK/dV kernel's ring (>= 2).
+  dq_sub_k: keys per dQ sub-step (64, or None: the whole block). 64 keeps S, dP at [64, 64]
+    float32 per warpgroup next to the [64, D] dQ accumulator.
+  stagger: list walks start at entry (program index mod min(stagger, count)), wrapping around
+    (`mosaic_gpu.MosaicConfig.stagger`); 0: at entry 0.
+  """
+  dq_stages: int = 2
+  dkv_stages: int = 2
+  dq_sub_k: int | None = 64
+  stagger: int = STAGGER
+
+  def __post_init__(self):
+    for name in ("dq_stages", "dkv_stages"):
+      if getattr(self, name) < 2:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 2")
+    if self.dq_sub_k not in (None, 64, 128):
+      raise ValueError(f"dq_sub_k={self.dq_sub_k} must be 64, 128 or None")
+    if self.stagger < 0:
+      raise ValueError(f"stagger={self.stagger} must be >= 0 (0: no stagger)")
+
+
+def dq_smem_bytes(d, block_k, stages, itemsize, has_seg):
+  """Shared memory of a dQ program: Q, dO tiles, the K/V ring, lse/delta, positions/segments."""
+  tiles = 2 * _BLOCK_Q * d * itemsize + stages * 2 * block_k * d * itemsize
+  ints = (1 + has_seg) * 4 * (_BLOCK_Q + stages * block_k)
+  return tiles + ints + 2 * 4 * _BLOCK_Q + _SMEM_RESERVED
+
+
+def dkv_smem_bytes(d, block_k, stages, itemsize, has_seg):
+  """Shared memory of a dK/dV program: K, V tiles, the Q/dO ring with lse, delta, positions/segments."""
+  tiles = 2 * block_k * d * itemsize + stages * 2 * _BLOCK_Q * d * itemsize
+  ints = (1 + has_seg) * 4 * (block_k + stages * _BLOCK_Q) + stages * 2 * 4 * _BLOCK_Q
+  return tiles + ints + _SMEM_RESERVED
+
+
+def default_config(q, layout) -> BwdConfig:
+  """The deepest rings (up to 4) that fit shared memory, segment ids included."""
+  d, size, bk = q.shape[-1], jnp.dtype(q.dtype).itemsize, layout.block_k
+  deepest = lambda fn: max(s for s in (2, 3, 4) if s == 2 or fn(d, bk, s, size, True) <= SMEM_LIMIT)  # noqa: E731
+  return BwdConfig(dq_stages=deepest(dq_smem_bytes), dkv_stages=deepest(dkv_smem_bytes))
+
+
+def long_lists(layout) -> bool:
+  """Whether one KV block's inverse list can be much longer than the mean (the static test of
+  `pallas_gpu._list_chunk`: nq > 4 * ceil(nq * K / nk)), where pallas_gpu splits the lists."""
+  nq, cap = layout.kv_indices.shape[2:]
+  mean = -(-nq * cap // layout.num_kv_blocks)
+  return nq > 4 * mean
+
+
+def check_supported(q, k, v, layout, config: BwdConfig | None = None, has_seg: bool = True) -> None:
+  """Raise ValueError naming the values this backward cannot run (the caller falls back to Triton)."""
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+  if len(dtypes) != 1 or jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
+    raise ValueError(f"mosaic_gpu_bwd needs q, k, v all bfloat16 or all float16; got q {q.dtype}, "
+                     f"k {k.dtype}, v {v.dtype}")
+  dqk, dv = q.shape[-1], v.shape[-1]
+  if dqk != dv or dqk not in _HEAD_DIMS:
+    raise ValueError(f"mosaic_gpu_bwd needs Dqk = Dv in {_HEAD_DIMS}; got Dqk={dqk}, Dv={dv}")
+  if layout.block_q != _BLOCK_Q:
+    raise ValueError(f"mosaic_gpu_bwd needs block_q={_BLOCK_Q}; got block_q={layout.block_q}")
+  if layout.block_k not in _BLOCK_K_CHOICES:
+    raise ValueError(f"mosaic_gpu_bwd needs block_k in {_BLOCK_K_CHOICES}; got block_k={layout.block_k}")
+  tq, tk = q.shape[1], k.shape[1]
+  if tq % _BLOCK_Q or tk % layout.block_k:
+    raise ValueError(f"mosaic_gpu_bwd needs Tq a multiple of {_BLOCK_Q} and Tk of block_k="
+                     f"{layout.block_k} (no ragged ends); got Tq={tq}, Tk={tk}")
+  if long_lists(layout):
+    nq, cap = layout.kv_indices.shape[2:]
+    raise ValueError(f"mosaic_gpu_bwd does not split long KV-major lists: nq={nq} query units with "
+                     f"K={cap} entries over nk={layout.num_kv_blocks} KV blocks allow a list > 4x "
+                     "the mean (pallas_gpu splits them)")
+  cfg = config or default_config(q, layout)
+  if cfg.dq_sub_k is not None and cfg.dq_sub_k > layout.block_k:
+    raise ValueError(f"mosaic_gpu_bwd: dq_sub_k={cfg.dq_sub_k} exceeds block_k={layout.block_k}")
+  size = jnp.dtype(q.dtype).itemsize
+  for name, fn, stages in (("dq_stages", dq_smem_bytes, cfg.dq_stages),
+                           ("dkv_stages", dkv_smem_bytes, cfg.dkv_stages)):
+    need = fn(dqk, layout.block_k, stages, size, has_seg)
+    if need > SMEM_LIMIT:
+      raise ValueError(f"mosaic_gpu_bwd: {name}={stages} with block_k={layout.block_k}, D={dqk} "
+                       f"needs {need} bytes of shared memory, over {SMEM_LIMIT}; use fewer stages")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  nq: int
+  nk: int
+  hq: int
+  hkv: int
+  hl: int
+  bl: int
+  block_k: int
+  d: int
+  dtype: jnp.dtype
+  causal: bool
+  has_seg: bool
+  scale_log2: float
+  sm_scale: float
+  cfg: BwdConfig
+
+  @property
+  def mask_mode(self):
+    return "always" if self.has_seg else "skip" if self.causal else "never"
+
+  @property
+  def group(self):      # query heads per KV head
+    return self.hq // self.hkv
+
+  @property
+  def r(self):          # query heads per head unit
+    return self.hq // self.hl
+
+  @property
+  def side_copies(self):  # positions (causal) and segment ids: TMA copies next to a tile
+    return self.causal + self.has_seg
+
+  @property
+  def dkv_consumers(self):
+    return self.block_k // _ROWS
+
+  @property
+  def sub_k(self):
+    return self.cfg.dq_sub_k or self.block_k
+
+
+_SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+_ROW = plgpu.Layout.WGMMA.reduce(1)
+_COL = plgpu.Layout.WGMMA.reduce(0)
+
+
+def _load_vector(ref, layout):
+  return plgpu.layout_cast(ref[...], layout)
+
+
+def _walk(g: _Geometry, seed, count):
+  if not g.cfg.stagger:
+    return lambda n: n
+  start = lax.rem(seed, jnp.clip(count, 1, g.cfg.stagger))
+  return lambda n: jnp.where(n + start >= count, n + start - count, n + start)
+
+
+def _bcast(x, shape, dim):
+  return lax.broadcast_in_dim(x, shape, [dim])
+
+
+def _lse2(lse):
+  """Natural-log lse to base 2; -inf rows become +inf so that exp2(s - lse2) = 0."""
+  return jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
+
+
+def _mask(g, x, q_pos, kv_pos, q_seg, kv_seg, q_dim):
+  """where(visible, x, 0) for x [rows, cols]; q_dim: the dim of the query axis (0 or 1)."""
+  shape = x.shape
+  k_dim = 1 - q_dim
+  ok = None
+  if g.causal:
+    ok = _bcast(kv_pos, shape, k_dim) <= _bcast(q_pos, shape, q_dim)
+  if g.has_seg:
+    same = _bcast(kv_seg, shape, k_dim) == _bcast(q_seg, shape, q_dim)
+    ok = same if ok is None else ok & same
+  return jnp.where(ok, x, 0.0)
+
+
+def _matmuls(*specs):
+  """Run wgmmas into fresh float32 accumulators, one run_scoped: specs are (shape, a, b, init)
+  with init None (zeros) or an array to accumulate onto. Returns the accumulators' values."""
+  def body(*refs):
+    for ref, (_, a, b, init) in zip(refs, specs):
+      if init is not None:
+        ref[...] = init
+      plgpu.wgmma(ref, a, b)
+    return tuple(ref[...] for ref in refs)
+  accs = [plgpu.ACC(shape, jnp.float32) for shape, *_ in specs]
+  return pl.run_scoped(body, *accs)
+
+
+def _ring_producer(g, stages, total, load, free):
+  """Issue load(n, slot) for steps n < total into slot n mod stages, waiting for the slot's release
+  (free[slot], both consumers) from step n - stages; then observe the last releases."""
+  for n in range(stages):
+    pl.when(n < total)(functools.partial(load, n, n))
+
+  @pl.loop(stages, jnp.maximum(total, stages))
+  def _refill(n):
+    slot = lax.rem(n, stages)
+    plgpu.barrier_wait(free.at[slot])
+    load(n, slot)
+
+  @pl.loop(jnp.maximum(total - stages, 0), total)
+  def _drain(n):
+    plgpu.barrier_wait(free.at[lax.rem(n, stages)])
+
+
+# ----------------------------------------------------------------------------------------------
+# dQ
+
+
+def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_ref, *refs,
+               g: _Geometry):
+  if g.has_seg:
+    q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+  else:
+    q_seg_ref = kv_seg_ref = None
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+  stages = g.cfg.dq_stages
+  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+  unit = g.nq - 1 - lax.axis_index("q")
+  lb = batch if g.bl > 1 else 0
+  hu = head // g.r
+  kv_head = head // g.group
+  count = kv_cnt_ref[lb, hu, unit]
+  entry = _walk(g, lax.axis_index("q"), count)
+  block_at = lambda n: kv_idx_ref[lb, hu, unit, entry(n)]  # noqa: E731
+  ints = lambda *shape: plgpu.SMEM(shape, jnp.int32)  # noqa: E731
+  scratch = dict(
+      q=plgpu.SMEM((2, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      do=plgpu.SMEM((2, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      k=plgpu.SMEM((stages, g.block_k, g.d), g.dtype, transforms=_SWIZZLED),
+      v=plgpu.SMEM((stages, g.block_k, g.d), g.dtype, transforms=_SWIZZLED),
+      lse=plgpu.SMEM((2, _ROWS), jnp.float32),
+      delta=plgpu.SMEM((2, _ROWS), jnp.float32),
+      qpos=ints(2, _ROWS) if g.causal else None,
+      qseg=ints(2, _ROWS) if g.has_seg else None,
+      pos=ints(stages, g.block_k) if g.causal else None,
+      seg=ints(stages, g.block_k) if g.has_seg else None)
+  barriers = dict(
+      q=plgpu.Barrier(num_arrivals=4 + g.side_copies, num_barriers=2),
+      kv=plgpu.Barrier(num_arrivals=2 + g.side_copies, num_barriers=stages),
+      free=plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+
+  def producer(s, b):
+    def load(n, slot):
+      rows = pl.ds(block_at(n) * g.block_k, g.block_k)
+      bar = b["kv"].at[slot]
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], s["k"].at[slot], bar)
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], s["v"].at[slot], bar)
+      if g.causal:
+        plgpu.copy_gmem_to_smem(kv_pos_ref.at[batch, rows], s["pos"].at[slot], bar)
+      if g.has_seg:
+        plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, rows], s["seg"].at[slot], bar)
+    _ring_producer(g, stages, count, load, b["free"])
+
+  def consumer(s, b, wg):
+    rows = pl.ds(unit * _BLOCK_Q + wg * _ROWS, _ROWS)
+    q_tile, do_tile, bar = s["q"].at[wg], s["do"].at[wg], b["q"].at[wg]
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, bar)
+    plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_tile, bar)
+    plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], s["lse"].at[wg], bar)
+    plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], s["delta"].at[wg], bar)
+    if g.causal:
+      plgpu.copy_gmem_to_smem(q_pos_ref.at[batch, rows], s["qpos"].at[wg], bar)
+    if g.has_seg:
+      plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], s["qseg"].at[wg], bar)
+    plgpu.barrier_wait(bar)
+    lse2 = _lse2(_load_vector(s["lse"].at[wg], _ROW))
+    delta = _load_vector(s["delta"].at[wg], _ROW)
+    q_pos = _load_vector(s["qpos"].at[wg], _ROW) if g.causal else None
+    q_seg = _load_vector(s["qseg"].at[wg], _ROW) if g.has_seg else None
+    q_lo = q_min_ref[batch, unit * 2 + wg] if g.mask_mode == "skip" else None
+    sub = g.sub_k
+    shape = (_ROWS, sub)
+
+    def step(n, dq):
+      slot = lax.rem(n, stages)
+      plgpu.barrier_wait(b["kv"].at[slot])
+      need = kv_max_ref[batch, block_at(n)] > q_lo if g.mask_mode == "skip" else None
+      for c in range(g.block_k // sub):
+        keys = pl.ds(c * sub, sub)
+        k_sub, v_sub = s["k"].at[slot, keys], s["v"].at[slot, keys]
+        sc, dp = _matmuls((shape, q_tile, k_sub.transpose((1, 0)), None),
+                          (shape, do_tile, v_sub.transpose((1, 0)), None))
+        p = jnp.exp2(sc * g.scale_log2 - _bcast(lse2, shape, 0))
+
+        def masked(p, keys=keys):
+          kv_pos = _load_vector(s["pos"].at[slot, keys], _COL) if g.causal else None
+          kv_seg = _load_vector(s["seg"].at[slot, keys], _COL) if g.has_seg else None
+          return _mask(g, p, q_pos, kv_pos, q_seg, kv_seg, q_dim=0)
+        if g.mask_mode == "always":
+          p = masked(p)
+        elif g.mask_mode == "skip":
+          p = lax.cond(need, masked, lambda p: p, p)
+        ds = (p * (dp - _bcast(delta, shape, 0))).astype(g.dtype)
+        (dq,) = _matmuls(((_ROWS, g.d), ds, k_sub, dq))
+      plgpu.barrier_arrive(b["free"].at[slot])
+      return dq
+
+    dq = plgpu.layout_cast(jnp.zeros((_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
+    dq = lax.fori_loop(0, count, step, dq)
+    q_tile[...] = (dq * g.sm_scale).astype(g.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
+    plgpu.wait_smem_to_gmem(0)
+
+  def body(s, b):
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < 2)
+    def _consume():
+      plgpu.set_max_registers(232, action="increase")
+      consumer(s, b, wg)
+
+    @pl.when(wg == 2)
+    def _produce():
+      plgpu.set_max_registers(40, action="decrease")
+      producer(s, b)
+
+  pl.run_scoped(body, scratch, barriers, collective_axes="wg")
+
+
+# ----------------------------------------------------------------------------------------------
+# dK / dV
+
+
+def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_ref, *refs,
+                g: _Geometry):
+  if g.has_seg:
+    q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+  else:
+    q_seg_ref = kv_seg_ref = None
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+  stages, nc = g.cfg.dkv_stages, g.dkv_consumers
+  batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+  block = lax.axis_index("k")
+  lb = batch if g.bl > 1 else 0
+
+  def head_list(i):
+    """(query head, head unit, first CSR entry, entry count) of the group's i-th query head."""
+    head = kv_head * g.group + i
+    u = head // g.r
+    lo = kv_off_ref[lb, u, block]
+    return head, u, lo, kv_off_ref[lb, u, block + 1] - lo
+
+  def for_each_step(fn, carry):
+    """fn(step, head, unit, carry) over the steps of the walk, in order (heads, then entries)."""
+    def over_head(i, c):
+      base, carry = c
+      head, u, lo, count = head_list(i)
+      entry = _walk(g, block, count)
+
+      def over_entry(n, carry):
+        unit = q_idx_ref[lb, u, lo + entry(n)]
+        return fn(base + n, head, unit, carry)
+      return base + count, lax.fori_loop(0, count, over_entry, carry)
+    return lax.fori_loop(0, g.group, over_head, (jnp.int32(0), carry))[1]
+
+  ints = lambda *shape: plgpu.SMEM(shape, jnp.int32)  # noqa: E731
+  f32 = lambda *shape: plgpu.SMEM(shape, jnp.float32)  # noqa: E731
+  scratch = dict(
+      k=plgpu.SMEM((nc, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      v=plgpu.SMEM((nc, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      q=plgpu.SMEM((stages, _BLOCK_Q, g.d), g.dtype, transforms=_SWIZZLED),
+      do=plgpu.SMEM((stages, _BLOCK_Q, g.d), g.dtype, transforms=_SWIZZLED),
+      lse=f32(stages, _BLOCK_Q),
+      delta=f32(stages, _BLOCK_Q),
+      kpos=ints(nc, _ROWS) if g.causal else None,
+      kseg=ints(nc, _ROWS) if g.has_seg else None,
+      pos=ints(stages, _BLOCK_Q) if g.causal else None,
+      seg=ints(stages, _BLOCK_Q) if g.has_seg else None)
+  barriers = dict(
+      kv=plgpu.Barrier(num_arrivals=2 + g.side_copies, num_barriers=nc),
+      q=plgpu.Barrier(num_arrivals=4 + g.side_copies, num_barriers=stages),
+      free=plgpu.Barrier(num_arrivals=nc, num_barriers=stages))
+
+  def producer(s, b):
+    total = for_each_step(lambda n, head, unit, t: t + 1, jnp.int32(0))
+
+    def load(n, slot, head, unit):
+      rows = pl.ds(unit * _BLOCK_Q, _BLOCK_Q)
+      bar = b["q"].at[slot]
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], s["q"].at[slot], bar)
+      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], s["do"].at[slot], bar)
+      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], s["lse"].at[slot], bar)
+      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], s["delta"].at[slot], bar)
+      if g.causal:
+        plgpu.copy_gmem_to_smem(q_pos_ref.at[batch, rows], s["pos"].at[slot], bar)
+      if g.has_seg:
+        plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], s["seg"].at[slot], bar)
+
+    def issue(n, head, unit, carry):
+      slot = lax.rem(n, stages)
+      pl.when(n >= stages)(lambda: plgpu.barrier_wait(b["free"].at[slot]))
+      load(n, slot, head, unit)
+      return carry
+    for_each_step(issue, jnp.int32(0))
+
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _drain(n):
+      plgpu.barrier_wait(b["free"].at[lax.rem(n, stages)])
+
+  def consumer(s, b, wg):
+    keys = pl.ds(block * g.block_k + wg * _ROWS, _ROWS)
+    k_tile, v_tile, bar = s["k"].at[wg], s["v"].at[wg], b["kv"].at[wg]
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_tile, bar)
+    plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_tile, bar)
+    if g.causal:
+      plgpu.copy_gmem_to_smem(kv_pos_ref.at[batch, keys], s["kpos"].at[wg], bar)
+    if g.has_seg:
+      plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], s["kseg"].at[wg], bar)
+    plgpu.barrier_wait(bar)
+    kv_pos = _load_vector(s["kpos"].at[wg], _ROW) if g.causal else None
+    kv_seg = _load_vector(s["kseg"].at[wg], _ROW) if g.has_seg else None
+    kv_hi = kv_max_ref[batch, block * nc + wg] if g.mask_mode == "skip" else None
+    shape = (_ROWS, _ROWS)
+
+    def step(n, head, unit, carry):
+      dk, dv = carry
+      slot = lax.rem(n, stages)
+      plgpu.barrier_wait(b["q"].at[slot])
+      for half in range(2):
+        qrows = pl.ds(half * _ROWS, _ROWS)
+        q_sub, do_sub = s["q"].at[slot, qrows], s["do"].at[slot, qrows]
+        st, dpt = _matmuls((shape, k_tile, q_sub.transpose((1, 0)), None),
+                           (shape, v_tile, do_sub.transpose((1, 0)), None))
+        lse2 = _lse2(_load_vector(s["lse"].at[slot, qrows], _COL))
+        pt = jnp.exp2(st * g.scale_log2 - _bcast(lse2, shape, 1))
+
+        def masked(p, qrows=qrows):
+          q_pos = _load_vector(s["pos"].at[slot, qrows], _COL) if g.causal else None
+          q_seg = _load_vector(s["seg"].at[slot, qrows], _COL) if g.has_seg else None
+          return _mask(g, p, q_pos, kv_pos, q_seg, kv_seg, q_dim=1)
+        if g.mask_mode == "always":
+          pt = masked(pt)
+        elif g.mask_mode == "skip":
+          need = kv_hi > q_min_ref[batch, unit * 2 + half]
+          pt = lax.cond(need, masked, lambda p: p, pt)
+        delta = _load_vector(s["delta"].at[slot, qrows], _COL)
+        dst = (pt * (dpt - _bcast(delta, shape, 1))).astype(g.dtype)
+        dv, dk = _matmuls(((_ROWS, g.d), pt.astype(g.dtype), do_sub, dv),
+                          ((_ROWS, g.d), dst, q_sub, dk))
+      plgpu.barrier_arrive(b["free"].at[slot])
+      return dk, dv
+
+    zeros = plgpu.layout_cast(jnp.zeros((_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
+    dk, dv = for_each_step(step, (zeros, zeros))
+    k_tile[...] = (dk * g.sm_scale).astype(g.dtype)
+    v_tile[...] = dv.astype(g.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[batch, keys, kv_head])
+    plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[batch, keys, kv_head])
+    plgpu.wait_smem_to_gmem(0)
+
+  def body(s, b):
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < nc)
+    def _consume():
+      plgpu.set_max_registers(240 if nc == 1 else 232, action="increase")
+      consumer(s, b, wg)
+
+    @pl.when(wg == nc)
+    def _produce():
+      plgpu.set_max_registers(40, action="decrease")
+      producer(s, b)
+
+  pl.run_scoped(body, scratch, barriers, collective_axes="wg")
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrappers
+
+
+def _geometry(q, k, layout, sm_scale, causal, has_seg, cfg) -> _Geometry:
+  return _Geometry(nq=q.shape[1] // _BLOCK_Q, nk=k.shape[1] // layout.block_k, hq=q.shape[2],
+                   hkv=k.shape[2], hl=layout.kv_indices.shape[1], bl=layout.kv_indices.shape[0],
+                   block_k=layout.block_k, d=q.shape[-1], dtype=jnp.dtype(q.dtype),
+                   causal=bool(causal), has_seg=has_seg, scale_log2=float(sm_scale) * _LOG2E,
+                   sm_scale=float(sm_scale), cfg=cfg)
+
+
+def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale,
+             causal, interpret=False, window=None, config: BwdConfig | None = None):
+  """(dq, dk, dv) in the dtypes of (q, k, v); see the module docstring. interpret: False, or the
+  Mosaic GPU interpreter's parameters (`InterpretGPUParams`) passed to `plgpu.kernel`."""
+  del out  # probabilities are recomputed from lse; delta carries rowsum(dO * O) - dlse
+  if interpret is True:
+    raise ValueError("mosaic_gpu_bwd cannot run with interpret=True (jax's Mosaic GPU interpreter "
+                     "lacks register/transposed wgmma); pass InterpretGPUParams with the extended "
+                     "interpreter of tests/pallas_kernels/test_mosaic_gpu.py")
+  if window is not None:
+    raise ValueError(f"mosaic_gpu_bwd does not support a sliding window; got window={window}")
+  if not float(sm_scale) > 0:
+    raise ValueError(f"mosaic_gpu_bwd needs sm_scale > 0; got sm_scale={sm_scale}")
+  has_seg = q_seg is not None
+  cfg = config or default_config(q, layout)
+  check_supported(q, k, v, layout, cfg, has_seg)
+  g = _geometry(q, k, layout, sm_scale, causal, has_seg, cfg)
+  b, tq, hq, d = q.shape
+  tk, hkv = k.shape[1], k.shape[2]
+  q_pos, kv_pos = q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
+  q_min = q_pos.reshape(b, tq // _ROWS, _ROWS).min(-1)                   # [B, Tq/64]
+  kv_max_dq = kv_pos.reshape(b, g.nk, g.block_k).max(-1)                # [B, nk]
+  kv_max_dkv = kv_pos.reshape(b, tk // _ROWS, _ROWS).max(-1)            # [B, Tk/64]
+  aux = [q_pos, kv_pos]
+  if has_seg:
+    aux += [q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)]
+  acts = [q, k, v, d_out.astype(q.dtype), lse.astype(jnp.float32), delta.astype(jnp.float32)]
+  params = dict(compiler_params=plgpu.CompilerParams(approx_math=True), thread_name="wg",
+                interpret=interpret or None)
+
+  dq = plgpu.kernel(
+      functools.partial(_dq_kernel, g=g), out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      grid=(g.nq, hq, b), grid_names=("q", "heads", "batch"), num_threads=3,
+      kernel_name="block_sparse_dq_mosaic", **params,
+  )(layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), q_min, kv_max_dq,
+    *aux, *acts)
+
+  dk, dv = plgpu.kernel(
+      functools.partial(_dkv_kernel, g=g),
+      out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+      grid=(g.nk, hkv, b), grid_names=("k", "heads", "batch"), num_threads=g.dkv_consumers + 1,
+      kernel_name="block_sparse_dkv_mosaic", **params,
+  )(layout.q_indices.astype(jnp.int32), layout.kv_offsets.astype(jnp.int32), q_min, kv_max_dkv,
+    *aux, *acts)
+  return dq, dk, dv
+
+
+def attention(q, k, v, layout, q_pos, kv_pos, q_seg=None, kv_seg=None, *, sm_scale, causal,
+              fwd_config=None, bwd_config: BwdConfig | None = None, interpret=False):
+  """(out, lse) of `mosaic_gpu.forward`, differentiable in q, k, v through this backward."""
+  from pallas_kernels.block_sparse import mosaic_gpu  # noqa: PLC0415
+
+  def fwd_impl(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg):
+    return mosaic_gpu.forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, sm_scale=sm_scale,
+                              causal=causal, interpret=interpret, config=fwd_config)
+
+  @jax.custom_vjp
+  def attend(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg):
+    return fwd_impl(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)
+
+  def attend_fwd(*args):
+    out, lse = fwd_impl(*args)
+    return (out, lse), (*args, out, lse)
+
+  def attend_bwd(res, cot):
+    q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
+    d_out, d_lse = cot
+    row = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32),
+                     precision=lax.Precision.HIGHEST)
+    delta = jnp.where(jnp.isneginf(lse), 0.0, row - d_lse.astype(jnp.float32))
+    grads = backward(q, k, v, out, lse, delta, d_out.astype(q.dtype), layout, q_pos, kv_pos, q_seg,
+                     kv_seg, sm_scale=sm_scale, causal=causal, interpret=interpret,
+                     config=bwd_config)
+    return (*grads, None, None, None, None, None)
+
+  attend.defvjp(attend_fwd, attend_bwd)
+  return attend(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)

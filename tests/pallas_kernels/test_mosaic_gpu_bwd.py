@@ -1,0 +1,173 @@
+"""The Mosaic GPU backward (`pallas_kernels/block_sparse/mosaic_gpu_bwd.py`) on CPU.
+
+Both kernels (dQ, dK/dV) run in jax's Mosaic GPU interpreter as extended by
+tests/pallas_kernels/test_mosaic_gpu.py (`extended_interpreter`: register and transposed wgmma
+operands, accumulator stores) and are compared with the float32 reference gradients (jax.vjp of
+`reference.forward` with random cotangents on out and lse), on fresh random inputs each run. They
+also lower for CUDA here; the PTX compile happens on the GPU (benchmarks/mosaic_bwd.py --sections
+check runs the comparisons there).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_cases import _close, random_case
+
+from pallas_kernels import BlockLayout
+from pallas_kernels.block_sparse import mosaic_gpu_bwd, reference
+
+test_mosaic_gpu = pytest.importorskip("test_mosaic_gpu")
+extended_interpreter = test_mosaic_gpu.extended_interpreter
+InterpretGPUParams = test_mosaic_gpu.InterpretGPUParams
+_inputs = test_mosaic_gpu._inputs
+Cfg = mosaic_gpu_bwd.BwdConfig
+
+
+def _reference(case):
+  """(out, lse, (dq, dk, dv)) of the float32 reference with the case's cotangents."""
+  q_pos, kv_pos, q_seg, kv_seg, scale, causal = _inputs(case)
+  f = lambda q, k, v: reference.forward(q, k, v, case.layout, q_pos, kv_pos, q_seg, kv_seg,  # noqa: E731
+                                        sm_scale=scale, causal=causal, interpret=False)
+  (out, lse), vjp = jax.vjp(f, case.q, case.k, case.v)
+  return out, lse, vjp((case.d_out, case.d_lse))
+
+
+def _mosaic_grads(case, out, lse, config):
+  q_pos, kv_pos, q_seg, kv_seg, scale, causal = _inputs(case)
+  out = out.astype(case.q.dtype)
+  row = jnp.einsum("bqhd,bqhd->bhq", case.d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = jnp.where(jnp.isneginf(lse), 0.0, row - case.d_lse)
+  with extended_interpreter():
+    return jax.block_until_ready(mosaic_gpu_bwd.backward(
+        case.q, case.k, case.v, out, lse, delta, case.d_out, case.layout, q_pos, kv_pos, q_seg,
+        kv_seg, sm_scale=scale, causal=causal, interpret=InterpretGPUParams(), config=config))
+
+
+_BASE = dict(block_q=128, dqk=128, dv=128, dtype="bfloat16", num_kv_heads=1, group=1)
+CASES = {
+    # 2 query heads with a list each (Hl = Hq) over one KV head: block 0's dK/dV walk (2 heads x 2
+    # units) wraps the 2-slot ring; two dK/dV consumers; dQ in sub-blocks of 64 keys
+    "causal_bk128_gqa": (dict(seq_len_q=256, seq_len_k=256, block_k=128, layout_kind="causal",
+                              group=2), Cfg(dq_stages=2, dkv_stages=2, dq_sub_k=64)),
+    # one dK/dV consumer (block_k 64), dQ over whole blocks, a 3-slot dQ ring; Tq < Tk
+    "causal_bk64_tq_lt_tk": (dict(seq_len_q=128, seq_len_k=256, block_k=64, layout_kind="causal"),
+                             Cfg(dq_stages=3, dkv_stages=2, dq_sub_k=None, stagger=1)),
+    # one empty and one full unit, no causal mask, no stagger
+    "random_noncausal_empty_rows": (dict(seq_len_q=384, seq_len_k=256, block_k=64,
+                                         layout_kind="random", causal=False),
+                                    Cfg(dq_stages=4, dkv_stages=2, stagger=0)),
+    # one list per KV head shared by its 2 query heads (Hl = Hkv), random causal blocks, packed
+    # documents with permuted positions (rows with nothing visible: lse -inf)
+    "gqa_kv_head_lists_segments": (dict(seq_len_q=256, seq_len_k=256, block_k=128,
+                                        layout_kind="random", group=2, head_unit="kv", density=0.7,
+                                        segments=True, positions="permuted"), Cfg()),
+    # float16, D = 64, batch 2 over a layout of batch 1, segments without causal masking
+    "f16_d64_batch2": (dict(seq_len_q=128, seq_len_k=128, block_k=128, layout_kind="full",
+                            batch=2, layout_batch=1, dqk=64, dv=64, dtype="float16",
+                            segments=True, causal=False), Cfg(dq_sub_k=128)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_grads_match_reference_interpreted(name):
+  params, config = CASES[name]
+  case = random_case(np.random.SeedSequence().entropy % 2**31, **{**_BASE, **params})
+  out, lse, want = _reference(case)
+  got = _mosaic_grads(case, out, lse, config)
+  for label, x, w, ref in zip(("dq", "dk", "dv"), got, want, (case.q, case.k, case.v)):
+    assert x.dtype == ref.dtype and x.shape == ref.shape, (label, x.dtype, x.shape)
+    assert not np.isnan(np.asarray(x, np.float32)).any(), label
+    _close(label, x, w, 2e-2, case)
+
+
+@pytest.mark.parametrize("causal, segments, block_k, d, dtype", [
+    (True, False, 128, 128, jnp.bfloat16), (True, True, 64, 128, jnp.bfloat16),
+    (False, False, 64, 64, jnp.float16), (False, True, 128, 64, jnp.bfloat16)])
+def test_lowers_for_cuda_without_gpu(causal, segments, block_k, d, dtype):
+  """Both kernels lower to Mosaic GPU custom calls for CUDA (PTX compile happens on the GPU)."""
+  b, t, hq, hkv = 1, 512, 4, 2
+  q = jax.ShapeDtypeStruct((b, t, hq, d), dtype)
+  kv = jax.ShapeDtypeStruct((b, t, hkv, d), dtype)
+  ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  lse = jax.ShapeDtypeStruct((b, hq, t), jnp.float32)
+  layout = BlockLayout.causal(t, t, block_q=128, block_k=block_k, num_head_units=hkv)
+
+  def f(q, k, v, do, lse, delta, pos, seg):
+    seg = seg if segments else None
+    return mosaic_gpu_bwd.backward(q, k, v, None, lse, delta, do, layout, pos, pos, seg, seg,
+                                   sm_scale=0.1, causal=causal)
+
+  text = jax.jit(f).trace(q, kv, kv, q, lse, lse, ids, ids).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
+
+
+def test_attention_grad_lowers_for_cuda():
+  """mosaic fwd + mosaic bwd under `attention`'s custom_vjp: jax.grad lowers (3 Mosaic calls)."""
+  t = 256
+  q = jax.ShapeDtypeStruct((1, t, 2, 128), jnp.bfloat16)
+  layout = BlockLayout.causal(t, t, block_q=128, block_k=128, num_head_units=2)
+  pos = jnp.arange(t, dtype=jnp.int32)[None]
+
+  def loss(q, k, v):
+    out, _ = mosaic_gpu_bwd.attention(q, k, v, layout, pos, pos, sm_scale=0.1, causal=True)
+    return jnp.sum(out.astype(jnp.float32))
+
+  text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 3
+
+
+def _shapes(tq=256, tk=256, d=128, dv=None, dtype=jnp.bfloat16):
+  return (jax.ShapeDtypeStruct((1, tq, 2, d), dtype), jax.ShapeDtypeStruct((1, tk, 2, d), dtype),
+          jax.ShapeDtypeStruct((1, tk, 2, dv or d), dtype))
+
+
+def _long_list_layout():
+  """Every query unit lists KV block 0 and its own block (NSA-like): block 0's list is long."""
+  nq = 64
+  mask = jnp.eye(nq, dtype=bool).at[:, 0].set(True)[None, None]
+  return BlockLayout.from_block_mask(mask, block_q=128, block_k=128, max_kv_blocks=2)
+
+
+@pytest.mark.parametrize("shapes, layout, config, message", [
+    (_shapes(dtype=jnp.float32), (128, 64), None, "bfloat16 or all float16"),
+    (_shapes(d=96), (128, 64), None, "Dqk = Dv in"),
+    (_shapes(dv=64), (128, 64), None, "Dqk = Dv in"),
+    (_shapes(), (64, 64), None, "block_q=128"),
+    (_shapes(), (128, 32), None, "block_k in"),
+    (_shapes(tq=200), (128, 64), None, "Tq=200"),
+    (_shapes(tk=200), (128, 64), None, "Tk=200"),
+    (_shapes(), (128, 128), Cfg(dq_stages=3), "dq_stages=3"),
+    (_shapes(), (128, 128), Cfg(dkv_stages=3), "dkv_stages=3"),
+    (_shapes(), (128, 64), Cfg(dq_sub_k=128), "dq_sub_k=128"),
+    (_shapes(tq=64 * 128, tk=64 * 128), "long", None, "long KV-major lists"),
+])
+def test_check_supported_names_the_value(shapes, layout, config, message):
+  q, k, v = shapes
+  if layout == "long":
+    lay = _long_list_layout()
+  else:
+    lay = BlockLayout.causal(q.shape[1], k.shape[1], block_q=layout[0], block_k=layout[1])
+  with pytest.raises(ValueError, match=message):
+    mosaic_gpu_bwd.check_supported(q, k, v, lay, config)
+
+
+def test_default_config_fits_shared_memory():
+  q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  for block_k, (dq, dkv) in ((128, (2, 2)), (64, (4, 2))):
+    layout = BlockLayout.causal(256, 256, block_q=128, block_k=block_k)
+    cfg = mosaic_gpu_bwd.default_config(q, layout)
+    assert (cfg.dq_stages, cfg.dkv_stages) == (dq, dkv), cfg
+    mosaic_gpu_bwd.check_supported(q, q, q, layout)
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="dq_stages=1"):
+    Cfg(dq_stages=1)
+  with pytest.raises(ValueError, match="dq_sub_k=32"):
+    Cfg(dq_sub_k=32)
+  with pytest.raises(ValueError, match="stagger=-1"):
+    dataclasses.replace(Cfg(), stagger=-1)

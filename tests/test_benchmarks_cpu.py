@@ -76,6 +76,7 @@ def test_table_mode(record):
     ("kernels.py", ["--interpret", "--no-tokamax", "--sections", "a,b", "--dense-lengths", "128",
                     "--density-lengths", "128"]),
     ("mosaic_fwd.py", ["--interpret"]),  # pallas_gpu interpreted, the Mosaic GPU kernel lowered for CUDA
+    ("mosaic_bwd.py", ["--interpret"]),  # the Mosaic GPU backward lowered for CUDA, pallas_gpu interpreted
 ])
 def test_attention_benchmarks_run_on_cpu(tmp_path, script, args):
     """The attention benchmark scripts at tiny sizes (the kernels in interpret mode): they run to the

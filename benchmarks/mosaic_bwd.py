@@ -1,0 +1,370 @@
+"""The Mosaic GPU block-sparse backward (`pallas_kernels/block_sparse/mosaic_gpu_bwd.py`) on a Hopper
+GPU, against the Triton-lowered `pallas_gpu` backward and cuDNN in the same run. Prints a table per
+section and writes every number to a JSON file.
+
+Sections (select with --sections, default check,dense,variants):
+  check     dq, dk, dv of mosaic fwd + mosaic bwd (`mosaic_gpu_bwd.attention`, jax.vjp with random
+            cotangents on out and lse) against `reference` (float32) at a small size: max abs error
+            and max abs error relative to max |reference| per gradient, NaN check. Cases: dense
+            causal (block_k 128 and 64 with GQA 2), a random non-causal layout with empty rows,
+            random causal GQA 4 with one list per KV head (Hl = Hkv), segment ids with causal
+            masking, float16 with D = 64 and segments, a layout of batch 1 broadcast over batch 2.
+  dense     dense causal layout, bf16, B=1, H=16 q heads, 16 KV heads, D=128, L in --lengths:
+            forward+backward time (jax.grad of sum(out * dO) in q, k, v) and TFLOP/s (FLOPs
+            3.5 * 4*B*H*L^2*D/2) of: mosaic fwd + mosaic bwd, mosaic fwd + pallas_gpu bwd,
+            pallas_gpu fwd+bwd, cuDNN (`jax.nn.dot_product_attention(..., implementation="cudnn",
+            is_causal=True)`); plus mosaic fwd alone (so bwd = fwd+bwd - fwd) and the mosaic
+            backward alone (both kernels, 2.5 * 4*B*H*L^2*D/2 FLOPs).
+  variants  the mosaic backward alone at the dense causal shape, L = --variant-length, under launch
+            variants (`BwdConfig`: ring stages, dQ key sub-block, stagger; block_k 64).
+
+With --interpret (a CPU smoke test of the script, tiny sizes) the Mosaic kernels are only lowered for
+CUDA (their rows say "lowered"), pallas_gpu runs in interpret mode.
+
+  python benchmarks/mosaic_bwd.py --out $OUT/mosaic_bwd.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import timing
+
+from pallas_kernels import BlockLayout, block_sparse_attention
+from pallas_kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd, pallas_gpu, reference
+
+RESULTS: dict = {}
+INTERPRET = False
+Cfg = mosaic_gpu_bwd.BwdConfig
+
+
+def guarded(name, fn):
+  return timing.guarded(name, fn, RESULTS.setdefault("errors", {}))
+
+
+def qkv(seed, b, t, hq, hkv, d, dtype=jnp.bfloat16):
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+  q, k, v = (jax.random.normal(key, (b, t, h, d), jnp.float32).astype(dtype)
+             for key, h in ((k1, hq), (k2, hkv), (k3, hkv)))
+  d_out = jax.random.normal(k4, (b, t, hq, d), jnp.float32).astype(dtype)
+  return q, k, v, d_out
+
+
+def positions(b, tq, tk):
+  return (jnp.broadcast_to(tk - tq + jnp.arange(tq, dtype=jnp.int32), (b, tq)),
+          jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (b, tk)))
+
+
+def causal_layout(l, block_k, heads):
+  return BlockLayout.causal(l, l, block_q=128, block_k=block_k, num_head_units=heads)
+
+
+def random_layout(seed, t, heads, block_k, density, causal, empty_rows=0.0):
+  """Per-head random blocks kept with probability `density`; causal: only blocks at or before the
+  unit, its own blocks always kept; `empty_rows`: the fraction of units with an empty list."""
+  nq, nk = t // 128, t // block_k
+  keys = jax.random.split(jax.random.key(seed), 2)
+  mask = jax.random.uniform(keys[0], (1, heads, nq, nk)) < density
+  if causal:
+    i, j = jnp.arange(nq)[:, None], jnp.arange(nk)[None, :]
+    first, last = i * 128 // block_k, (i * 128 + 127) // block_k
+    mask = (mask & (j <= last)) | ((j >= first) & (j <= last))
+  mask = mask & ~(jax.random.uniform(keys[1], (1, heads, nq, 1)) < empty_rows)
+  cap = max(1, int(jnp.max(mask.sum(-1))))
+  return BlockLayout.from_block_mask(mask, block_q=128, block_k=block_k, max_kv_blocks=cap)
+
+
+def with_vjp(fwd, bwd):
+  """A differentiable (out, lse) = fwd(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg) whose
+  backward is bwd(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg), delta
+  as api.py computes it."""
+  @jax.custom_vjp
+  def attend(*args):
+    return fwd(*args)
+
+  def attend_fwd(*args):
+    out, lse = fwd(*args)
+    return (out, lse), (*args, out, lse)
+
+  def attend_bwd(res, cot):
+    q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
+    d_out, d_lse = cot
+    row = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    delta = jnp.where(jnp.isneginf(lse), 0.0, row - d_lse)
+    grads = bwd(q, k, v, out, lse, delta, d_out.astype(q.dtype), layout, q_pos, kv_pos, q_seg, kv_seg)
+    return (*grads, None, None, None, None, None)
+
+  attend.defvjp(attend_fwd, attend_bwd)
+  return attend
+
+
+def attention_fn(impl, layout, causal=True, bwd_config=None):
+  """(q, k, v, q_seg, kv_seg) -> (out, lse), default positions, differentiable: impl is
+  "mosaic" (mosaic fwd + mosaic bwd), "mosaic+pallas_gpu" (mosaic fwd + pallas_gpu bwd),
+  "pallas_gpu" or "reference" (block_sparse_attention)."""
+  def f(q, k, v, q_seg=None, kv_seg=None):
+    q_pos, kv_pos = positions(q.shape[0], q.shape[1], k.shape[1])
+    scale = q.shape[-1] ** -0.5
+    if impl in ("pallas_gpu", "reference"):
+      return block_sparse_attention(q, k, v, layout, causal=causal, return_lse=True,
+                                    implementation=impl, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                    interpret=INTERPRET and impl == "pallas_gpu")
+    if impl == "mosaic":
+      return mosaic_gpu_bwd.attention(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, sm_scale=scale,
+                                      causal=causal, bwd_config=bwd_config)
+    assert impl == "mosaic+pallas_gpu", impl
+    fwd = lambda *a: mosaic_gpu.forward(*a, sm_scale=scale, causal=causal)  # noqa: E731
+    bwd = lambda *a: pallas_gpu.backward(*a, sm_scale=scale, causal=causal, interpret=INTERPRET)  # noqa: E731
+    return with_vjp(fwd, bwd)(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)
+  return f
+
+
+def grad_fn(attend, with_lse_cotangent=True):
+  """Jitted (q, k, v, d_out, d_lse, *seg) -> (dq, dk, dv) of sum(out * d_out) [+ sum(lse * d_lse)]."""
+  def loss(q, k, v, d_out, d_lse, *seg):
+    out, lse = attend(q, k, v, *seg)
+    value = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32))
+    if with_lse_cotangent:
+      value += jnp.sum(jnp.where(jnp.isneginf(lse), 0.0, lse) * d_lse)
+    return value
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def cudnn_grad_fn():
+  def loss(q, k, v, d_out, d_lse):
+    del d_lse
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32))
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def uses_mosaic(impl):
+  return impl.startswith("mosaic")
+
+
+def run(fn, *args, mosaic=True):
+  """fn(*args) on the GPU; with --interpret and a Mosaic kernel inside, only its CUDA lowering."""
+  if INTERPRET and mosaic:
+    fn.trace(*args).lower(lowering_platforms=("cuda",))
+    return None
+  return jax.block_until_ready(fn(*args))
+
+
+def bench(fn, *args, mosaic=True, reps=10):
+  """(median ms, first-call s), or (None, lowering s) with --interpret and a Mosaic kernel."""
+  if INTERPRET and mosaic:
+    start = time.perf_counter()
+    run(fn, *args)
+    return None, time.perf_counter() - start
+  return timing.bench(fn, *args, reps=reps)
+
+
+def dense_flops(b, h, l, d):
+  return 4 * b * h * l * l * d / 2
+
+
+def grad_errors(got, want):
+  row = {}
+  for name, x, w in zip(("dq", "dk", "dv"), got, want):
+    x, w = np.asarray(x, np.float32), np.asarray(w, np.float32)
+    err = float(np.abs(x - w).max())
+    row[f"{name}_err"] = err
+    row[f"{name}_rel"] = err / max(1.0, float(np.abs(w).max()))
+    row[f"{name}_nan"] = bool(np.isnan(x).any())
+  return row
+
+
+# ----------------------------------------------------------------------------------------- sections
+def section_check(args):
+  print("\n== check: mosaic fwd+bwd gradients vs reference (float32): max abs / relative errors ==")
+  t = args.check_length
+  cases = [
+      ("dense causal bk128", dict(hq=4, hkv=4, d=128), lambda: causal_layout(t, 128, 4), True, False),
+      ("dense causal bk64 GQA2", dict(hq=4, hkv=2, d=128), lambda: causal_layout(t, 64, 4), True, False),
+      ("random non-causal, empty rows", dict(hq=4, hkv=4, d=128),
+       lambda: random_layout(1, t, 4, 64, 0.3, causal=False, empty_rows=0.25), False, False),
+      ("random causal GQA4 Hl=Hkv", dict(hq=8, hkv=2, d=128),
+       lambda: random_layout(2, t, 2, 128, 0.4, causal=True), True, False),
+      ("segments causal", dict(hq=4, hkv=4, d=128),
+       lambda: random_layout(3, t, 4, 64, 0.5, causal=True), True, True),
+      ("f16 D=64 segments non-causal", dict(hq=2, hkv=2, d=64, dtype=jnp.float16),
+       lambda: random_layout(4, t, 2, 128, 0.5, causal=False, empty_rows=0.2), False, True),
+      ("batch 2, layout batch 1", dict(b=2, hq=2, hkv=1, d=128), lambda: causal_layout(t, 128, 2),
+       True, False),
+  ]
+  out = {}
+  for name, sh, make_layout, causal, segments in cases:
+    def check(sh=sh, make_layout=make_layout, causal=causal, segments=segments):
+      layout = make_layout()
+      b = sh.get("b", 1)
+      q, k, v, d_out = qkv(7, b, t, sh["hq"], sh["hkv"], sh["d"], sh.get("dtype", jnp.bfloat16))
+      d_lse = jax.random.normal(jax.random.key(8), (b, sh["hq"], t), jnp.float32)
+      seg = ()
+      if segments:  # three segments of random lengths, per batch row
+        cuts = jax.random.randint(jax.random.key(5), (b, 2), 1, t)
+        ids = (jnp.arange(t)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(jnp.int32)
+        seg = (ids, ids)
+      got = run(grad_fn(attention_fn("mosaic", layout, causal)), q, k, v, d_out, d_lse, *seg)
+      if got is None:
+        return dict(lowered=True)
+      want = grad_fn(attention_fn("reference", layout, causal))(q, k, v, d_out, d_lse, *seg)
+      row = grad_errors(got, want)
+      tol = 2e-2 if q.dtype == jnp.bfloat16 else 5e-3
+      row["ok"] = all(row[f"{g}_rel"] < tol and not row[f"{g}_nan"] for g in ("dq", "dk", "dv"))
+      return row
+    r = guarded(f"check/{name}", check)
+    out[name] = r
+    if r and "ok" in r:
+      errs = "  ".join(f"{g} {r[f'{g}_err']:.1e} ({r[f'{g}_rel']:.1e})" for g in ("dq", "dk", "dv"))
+      print(f"  {name:30s} {errs}  {'OK' if r['ok'] else 'FAIL'}", flush=True)
+    elif r:
+      print(f"  {name:30s} lowered for CUDA", flush=True)
+  RESULTS["check"] = out
+
+
+def _print_row(name, label, r):
+  if r["ms"] is None:
+    print(f"  {name:22s} {label}  lowered for CUDA ({r['first_call_s']:.1f} s)", flush=True)
+    return
+  print(f"  {name:22s} {label}  {r['ms']:8.3f} ms  {r['tflops']:6.0f} TF/s  "
+        f"(first call {r['first_call_s']:.1f} s)", flush=True)
+
+
+def _backward_only(layout, config, q, k, v, d_out):
+  """(jitted mosaic backward of (q, k, v, out, lse, delta, d_out), its inputs)."""
+  q_pos, kv_pos = positions(q.shape[0], q.shape[1], k.shape[1])
+  scale = q.shape[-1] ** -0.5
+  if INTERPRET:
+    out = jnp.zeros_like(q)
+    lse = jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
+  else:
+    out, lse = jax.jit(lambda q, k, v: mosaic_gpu.forward(q, k, v, layout, q_pos, kv_pos, None, None,
+                                                          sm_scale=scale, causal=True))(q, k, v)
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  fn = jax.jit(lambda q, k, v, out, lse, delta, d_out: mosaic_gpu_bwd.backward(
+      q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, None, None, sm_scale=scale,
+      causal=True, config=config))
+  return fn, (q, k, v, out, lse, delta, d_out)
+
+
+def section_dense(args):
+  print("\n== dense causal, bf16, B=1, H=16, Hkv=16, D=128: forward+backward TFLOP/s "
+        "(3.5 x 4BHL^2D/2) ==")
+  rows = []
+  for l in args.lengths:
+    q, k, v, d_out = qkv(l, 1, l, 16, 16, 128)
+    d_lse = jnp.zeros((1, 16, l), jnp.float32)
+    unit = dense_flops(1, 16, l, 128)
+    layout = causal_layout(l, args.block_k, 16)
+    at_l = {}
+    entries = [(impl, impl, lambda impl=impl: grad_fn(attention_fn(impl, layout), False),
+                uses_mosaic(impl), 3.5)
+               for impl in ("mosaic", "mosaic+pallas_gpu", "pallas_gpu")]
+    entries.append(("cudnn", "cudnn", cudnn_grad_fn, False, 3.5))
+
+    def fwd_only():
+      return jax.jit(lambda q, k, v, d_out, d_lse: attention_fn("mosaic", layout)(q, k, v))
+    entries.append(("mosaic fwd only", "mosaic_fwd", fwd_only, True, 1.0))
+    for label, name, make, mosaic, factor in entries:
+      def one(make=make, mosaic=mosaic):
+        ms, first = bench(make(), q, k, v, d_out, d_lse, mosaic=mosaic)
+        return dict(ms=ms, first_call_s=first)
+      r = guarded(f"dense/{name}/{l}", one)
+      if r is None:
+        continue
+      r.update(impl=name, L=l, flops_factor=factor,
+               tflops=factor * unit / r["ms"] / 1e9 if r["ms"] else None)
+      rows.append(r)
+      at_l[name] = r["ms"]
+      _print_row(label, f"L={l:6d}", r)
+
+    def bwd_only():
+      fn, ins = _backward_only(layout, None, q, k, v, d_out)
+      ms, first = bench(fn, *ins)
+      return dict(ms=ms, first_call_s=first)
+    r = guarded(f"dense/mosaic_bwd/{l}", bwd_only)
+    if r is not None:
+      r.update(impl="mosaic_bwd", L=l, flops_factor=2.5,
+               tflops=2.5 * unit / r["ms"] / 1e9 if r["ms"] else None,
+               config=dataclasses.asdict(mosaic_gpu_bwd.default_config(q, layout)))
+      rows.append(r)
+      _print_row("mosaic bwd only", f"L={l:6d}", r)
+    if at_l.get("mosaic"):
+      print("  mosaic fwd+bwd speed-up: " + ", ".join(
+          f"{at_l[o] / at_l['mosaic']:.2f}x vs {o}" for o in ("mosaic+pallas_gpu", "pallas_gpu", "cudnn")
+          if at_l.get(o)), flush=True)
+  RESULTS["dense"] = dict(block_k=args.block_k, rows=rows)
+
+
+def section_variants(args):
+  l = args.variant_length
+  print(f"\n== mosaic backward alone, launch variants, dense causal L={l}, bf16, H=16, D=128 "
+        "(2.5 x 4BHL^2D/2) ==")
+  q, k, v, d_out = qkv(l, 1, l, 16, 16, 128)
+  unit = dense_flops(1, 16, l, 128)
+  variants = [(128, Cfg()), (128, Cfg(dq_sub_k=None)), (128, Cfg(stagger=0)),
+              (64, Cfg(dq_stages=4, dkv_stages=2)), (64, Cfg(dq_stages=2, dkv_stages=2)),
+              (64, Cfg(dq_stages=4, dkv_stages=2, dq_sub_k=None))]
+  rows = []
+  for bk, cfg in variants:
+    label = (f"bk={bk:3d} dq_stages={cfg.dq_stages} dkv_stages={cfg.dkv_stages} "
+             f"dq_sub_k={cfg.dq_sub_k} stagger={cfg.stagger}")
+
+    def one(bk=bk, cfg=cfg):
+      fn, ins = _backward_only(causal_layout(l, bk, 16), cfg, q, k, v, d_out)
+      ms, first = bench(fn, *ins)
+      return dict(ms=ms, first_call_s=first)
+    r = guarded(f"variants/{label}", one)
+    if r is None:
+      continue
+    r.update(block_k=bk, **dataclasses.asdict(cfg), tflops=2.5 * unit / r["ms"] / 1e9 if r["ms"] else None)
+    rows.append(r)
+    _print_row("mosaic bwd", label, r)
+  RESULTS["variants"] = dict(L=l, rows=rows)
+
+
+SECTIONS = dict(check=section_check, dense=section_dense, variants=section_variants)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--sections", default="check,dense,variants", help=f"comma list of {list(SECTIONS)}")
+  p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "mosaic_bwd.json"))
+  p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768])
+  p.add_argument("--block-k", type=int, default=128, help="dense section's block_k")
+  p.add_argument("--check-length", type=int, default=1024)
+  p.add_argument("--variant-length", type=int, default=32768)
+  p.add_argument("--interpret", action="store_true",
+                 help="CPU smoke test of the script: tiny sizes, Mosaic kernels lowered, pallas_gpu interpreted")
+  args = p.parse_args()
+  global INTERPRET
+  INTERPRET = args.interpret
+  if INTERPRET:
+    args.lengths, args.check_length, args.variant_length = [256], 256, 256
+  dev = jax.devices()[0]
+  RESULTS["meta"] = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                         python=platform.python_version(), date=datetime.datetime.now(
+                             datetime.timezone.utc).isoformat(timespec="seconds"),
+                         argv=" ".join(sys.argv))
+  print(RESULTS["meta"])
+  for name in args.sections.split(","):
+    t = time.perf_counter()
+    SECTIONS[name](args)
+    print(f"  ({name}: {time.perf_counter() - t:.0f} s)", flush=True)
+    with open(args.out, "w") as f:
+      json.dump(RESULTS, f, indent=1)
+  print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -52,13 +52,13 @@ CASES = {
     # 2 query heads with a list each (Hl = Hq) over one KV head: block 0's dK/dV walk (2 heads x 2
     # units) wraps the 2-slot ring; two dK/dV consumers; dQ in sub-blocks of 64 keys
     "causal_bk128_gqa": (dict(seq_len_q=256, seq_len_k=256, block_k=128, layout_kind="causal",
-                              group=2), Cfg(dq_stages=2, dkv_stages=2, dq_sub_k=64)),
+                              group=2, dqk=64, dv=64), Cfg(dq_stages=2, dkv_stages=2, dq_sub_k=64)),
     # one dK/dV consumer (block_k 64), dQ over whole blocks, a 3-slot dQ ring; Tq < Tk
     "causal_bk64_tq_lt_tk": (dict(seq_len_q=128, seq_len_k=256, block_k=64, layout_kind="causal"),
                              Cfg(dq_stages=3, dkv_stages=2, dq_sub_k=None, stagger=1)),
     # one empty and one full unit, no causal mask, no stagger
-    "random_noncausal_empty_rows": (dict(seq_len_q=384, seq_len_k=256, block_k=64,
-                                         layout_kind="random", causal=False),
+    "random_noncausal_empty_rows": (dict(seq_len_q=256, seq_len_k=256, block_k=64,
+                                         layout_kind="random", causal=False, dqk=64, dv=64),
                                     Cfg(dq_stages=4, dkv_stages=2, stagger=0)),
     # one list per KV head shared by its 2 query heads (Hl = Hkv), random causal blocks, packed
     # documents with permuted positions (rows with nothing visible: lse -inf)

@@ -16,12 +16,12 @@ Sections (select with --sections, default check,a,b,c):
   tune_nsa  the same at the NSA shape (--tune-nsa-length).
   tune_density  launch-parameter variants at section b's layouts (L = --tune-length), each timed at
          density 1 and --tune-density so that the ratio compares like with like.
-  lists  time per listed block over list shapes and `KernelConfig.stagger` spans (--lists-staggers;
-         forward and forward+backward, bf16, 16 q / 8 KV heads, D=128, 128x128 blocks, T =
-         --lists-length): ramp (causal), uniform_prefix (every row blocks 0..nq/2-1, all keys
-         visible), uniform_band (row i: blocks i-j mod nq, j < nq/2), bimodal (half the rows empty,
-         half all nq blocks) and nsa_select (section c's layout); with each staggered result's
-         difference to the unstaggered one.
+  lists  time per listed block over list shapes and `KernelConfig.stagger` spans of the Triton
+         kernels (--lists-staggers; forward and forward+backward, bf16, 16 q / 8 KV heads, D=128,
+         128x128 blocks, T = --lists-length): ramp (causal), uniform_prefix (every row blocks
+         0..nq/2-1, all keys visible), uniform_band (row i: blocks i-j mod nq, j < nq/2), bimodal
+         (half the rows empty, half all nq blocks) and nsa_select (section c's layout); with each
+         staggered result's difference to the unstaggered one.
 
   python benchmarks/kernels.py --out $OUT/kernels.json
 """
@@ -457,7 +457,7 @@ def section_lists(args):
       for mode in ("fwd", "fwd_bwd"):
         base, here = None, []
         for span in spans:
-          with timing.kernel_configs(stagger=span):  # traced inside: the first call compiles
+          with timing.kernel_configs(stagger=span, mosaic=False):  # the Triton kernels; traced inside
             fn = list_fns(layout, t, visible)[mode]
             res = jax.block_until_ready(fn(q, k, v))
             ms = median_ms(fn, q, k, v, **timing_kw)

@@ -33,6 +33,11 @@ dims that are multiples of 16 up to 256; `block_k` a power of two in [16, 128] w
 a 16-row tile) fits 200 KB of shared memory (all bf16 shapes; float32 with D=256/256 needs
 block_k <= 64); any `block_q >= 1`; any head unit allowed by the layout. float32 dots use Triton's default (tf32) precision.
 
+Hopper. On a GPU of compute capability 9.x the forward runs the Mosaic GPU kernel of `mosaic_gpu`
+(wgmma, TMA; 568 against 334 TFLOP/s dense causal at 32k on an H200) wherever that kernel supports
+the call (block_q 128, block_k 64 or 128, Dqk = Dv in {64, 128}, bf16/f16, no ragged ends, no window;
+`KernelConfig.mosaic`); its out and lse feed this module's backward unchanged.
+
 Launch parameters come from `default_configs` (tuned on an H200: benchmarks/notes_kernels.md);
 `forward(config=...)` / `backward(configs=...)` override them. `plgpu.CompilerParams` is spelled the
 same in jax 0.10.2 and 0.11.2.
@@ -47,6 +52,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.block_sparse import mosaic_gpu
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -90,6 +97,9 @@ class KernelConfig:
     gradient sums changes, the result only by rounding; still deterministic. `default_configs`
     staggers units of several tokens (STAGGER); NSA's one-token units measured 1.7% slower with it,
     so they start at entry 0.
+  mosaic: forward only: on a Hopper GPU, run `mosaic_gpu`'s forward (with this `stagger`) where it
+    supports the call, else this module's kernel. `default_configs` sets it; a config built by hand
+    runs the Triton kernel it describes.
   """
   rows: int
   num_warps: int
@@ -97,6 +107,7 @@ class KernelConfig:
   skip_full_masks: bool = False
   list_chunk: int | None = None
   stagger: int = 0
+  mosaic: bool = False
 
   def __post_init__(self):
     if self.rows < _MIN_ROWS or self.rows & (self.rows - 1):
@@ -136,7 +147,7 @@ def default_configs(q, k, v, layout) -> dict[str, KernelConfig]:
   stages = 2 if rows <= 16 or d_total > 256 else 3
   stagger = STAGGER if layout.block_q > 1 else 0
   fwd = KernelConfig(rows=rows, num_warps=warps, num_stages=_stages(stages, bk, rows, d_total, size),
-                     stagger=stagger)
+                     stagger=stagger, mosaic=True)
   dq_rows = min(rows, 64)
   dq = KernelConfig(rows=dq_rows, num_warps=4, num_stages=_stages(2, bk, dq_rows, d_total, size),
                     stagger=stagger)
@@ -601,6 +612,10 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
             config: KernelConfig | None = None):
   """out [B, Tq, Hq, Dv] (q's dtype), lse [B, Hq, Tq] float32 (natural log; -inf for empty rows)."""
   cfg = config or default_configs(q, k, v, layout)["fwd"]
+  mosaic = _mosaic_config(q, k, v, layout, cfg, q_seg is not None, sm_scale, interpret, window)
+  if mosaic is not None:
+    return mosaic_gpu.forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, sm_scale=sm_scale,
+                              causal=causal, config=mosaic)
   b, tq, hq, _ = q.shape
   g = _geometry(q, k, v, layout, cfg, sm_scale, causal, q_seg is not None, window)
   nq = layout.kv_indices.shape[2]
@@ -616,6 +631,24 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
       compiler_params=_compiler_params(cfg), interpret=interpret, name="block_sparse_fwd",
   )(*ins)
   return out.reshape(b, tq, hq, v.shape[-1]), lse
+
+
+def on_hopper() -> bool:
+  """Whether the default backend is a CUDA GPU of compute capability 9.x (H100, H200)."""
+  dev = jax.devices()[0]
+  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def _mosaic_config(q, k, v, layout, cfg, has_seg, sm_scale, interpret, window):
+  """The `mosaic_gpu.MosaicConfig` to run this forward with, or None for the Triton kernel."""
+  if not cfg.mosaic or interpret or window is not None or not sm_scale > 0 or not on_hopper():
+    return None
+  mcfg = dataclasses.replace(mosaic_gpu.default_config(q, layout), stagger=cfg.stagger)
+  try:
+    mosaic_gpu.check_supported(q, k, v, layout, mcfg, has_seg)
+  except ValueError:
+    return None
+  return mcfg
 
 
 def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale,

@@ -206,6 +206,30 @@ def test_lowers_for_cuda_without_gpu(monkeypatch, list_chunk, kernels):
   assert lowered.as_text().count("xla.gpu.triton") == kernels
 
 
+@pytest.mark.parametrize("block_k, window, dtype, mosaic_calls", [
+    (128, None, jnp.bfloat16, 1), (64, None, jnp.bfloat16, 1), (32, None, jnp.bfloat16, 0),
+    (128, 256, jnp.bfloat16, 0), (128, None, jnp.float32, 0)])
+def test_forward_takes_mosaic_gpu_on_hopper(monkeypatch, block_k, window, dtype, mosaic_calls):
+  """With a Hopper GPU as the backend (faked; the trace is lowered for CUDA) a forward that
+  `mosaic_gpu` supports lowers to its Mosaic GPU kernel and the dQ and dK/dV kernels stay Triton;
+  calls it does not support (block_k 32, a window, float32) lower to the three Triton kernels."""
+  monkeypatch.setattr(pallas_gpu, "on_hopper", lambda: True)
+  b, t, hq, hkv = 1, 384, 4, 2  # a length no other test traces (jax caches traces by shape)
+  q = jax.ShapeDtypeStruct((b, t, hq, 128), dtype)
+  kv = jax.ShapeDtypeStruct((b, t, hkv, 128), dtype)
+  layout = BlockLayout.causal(t, t, block_q=128, block_k=block_k, num_head_units=hkv)
+
+  def loss(q, k, v):
+    out = block_sparse_attention(q, k, v, layout, window=window, return_lse=False,
+                                 implementation="pallas_gpu")
+    return out.astype(jnp.float32).sum()
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == mosaic_calls
+  assert text.count("xla.gpu.triton") == 3 - mosaic_calls
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(dqk=40), "multiples of 16"),
     (dict(dv=512), "multiples of 16"),

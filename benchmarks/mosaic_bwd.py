@@ -15,8 +15,10 @@ Sections (select with --sections, default check,dense,variants):
             pallas_gpu fwd+bwd, cuDNN (`jax.nn.dot_product_attention(..., implementation="cudnn",
             is_causal=True)`); plus mosaic fwd alone (so bwd = fwd+bwd - fwd) and the mosaic
             backward alone (both kernels, 2.5 * 4*B*H*L^2*D/2 FLOPs).
-  variants  the mosaic backward alone at the dense causal shape, L = --variant-length, under launch
-            variants (`BwdConfig`: ring stages, dQ key sub-block, stagger; block_k 64).
+  variants  the mosaic backward at the dense causal shape, L = --variant-length: each kernel alone
+            (dQ credited 1.5 forward-equivalents of FLOPs, dK/dV 2) and both, under launch
+            variants (`BwdConfig`: pingpong, dQ key sub-block, stagger; block_k 64 with 4 dQ
+            stages).
 
 With --interpret (a CPU smoke test of the script, tiny sizes) the Mosaic kernels are only lowered for
 CUDA (their rows say "lowered"), pallas_gpu runs in interpret mode.
@@ -240,7 +242,7 @@ def _print_row(name, label, r):
         f"(first call {r['first_call_s']:.1f} s)", flush=True)
 
 
-def _backward_only(layout, config, q, k, v, d_out):
+def _backward_only(layout, config, q, k, v, d_out, kernels=("dq", "dkv")):
   """(jitted mosaic backward of (q, k, v, out, lse, delta, d_out), its inputs)."""
   q_pos, kv_pos = positions(q.shape[0], q.shape[1], k.shape[1])
   scale = q.shape[-1] ** -0.5
@@ -253,7 +255,7 @@ def _backward_only(layout, config, q, k, v, d_out):
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
   fn = jax.jit(lambda q, k, v, out, lse, delta, d_out: mosaic_gpu_bwd.backward(
       q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, None, None, sm_scale=scale,
-      causal=True, config=config))
+      causal=True, config=config, kernels=kernels))
   return fn, (q, k, v, out, lse, delta, d_out)
 
 
@@ -312,22 +314,26 @@ def section_variants(args):
         "(2.5 x 4BHL^2D/2) ==")
   q, k, v, d_out = qkv(l, 1, l, 16, 16, 128)
   unit = dense_flops(1, 16, l, 128)
-  variants = [(128, Cfg()), (128, Cfg(dq_sub_k=None)), (128, Cfg(stagger=0)),
-              (64, Cfg(dq_stages=4, dkv_stages=2)), (64, Cfg(dq_stages=2, dkv_stages=2)),
-              (64, Cfg(dq_stages=4, dkv_stages=2, dq_sub_k=None))]
+  variants = [(128, Cfg(), "dq"), (128, Cfg(), "dkv"), (128, Cfg(pingpong=True), "dq"),
+              (128, Cfg(pingpong=True), "dkv"), (128, Cfg(dq_sub_k=None), "dq"),
+              (128, Cfg(stagger=0), "dq,dkv"), (128, Cfg(pingpong=True), "dq,dkv"),
+              (64, Cfg(dq_stages=4), "dq,dkv"), (64, Cfg(dq_stages=4, pingpong=True), "dq,dkv")]
   rows = []
-  for bk, cfg in variants:
-    label = (f"bk={bk:3d} dq_stages={cfg.dq_stages} dkv_stages={cfg.dkv_stages} "
-             f"dq_sub_k={cfg.dq_sub_k} stagger={cfg.stagger}")
+  # FLOPs credited: dQ kernel 1.5 units (S, dP, dQ), dK/dV kernel 2 (Sᵀ, dPᵀ, dV, dK); both 2.5
+  share = {"dq": 1.5, "dkv": 2.0, "dq,dkv": 2.5}
+  for bk, cfg, kernels in variants:
+    label = (f"{kernels:6s} bk={bk:3d} stages={cfg.dq_stages}/{cfg.dkv_stages} "
+             f"dq_sub_k={cfg.dq_sub_k} pingpong={int(cfg.pingpong)} stagger={cfg.stagger}")
 
-    def one(bk=bk, cfg=cfg):
-      fn, ins = _backward_only(causal_layout(l, bk, 16), cfg, q, k, v, d_out)
+    def one(bk=bk, cfg=cfg, kernels=kernels):
+      fn, ins = _backward_only(causal_layout(l, bk, 16), cfg, q, k, v, d_out, tuple(kernels.split(",")))
       ms, first = bench(fn, *ins)
       return dict(ms=ms, first_call_s=first)
     r = guarded(f"variants/{label}", one)
     if r is None:
       continue
-    r.update(block_k=bk, **dataclasses.asdict(cfg), tflops=2.5 * unit / r["ms"] / 1e9 if r["ms"] else None)
+    r.update(block_k=bk, kernels=kernels, **dataclasses.asdict(cfg),
+             tflops=share[kernels] * unit / r["ms"] / 1e9 if r["ms"] else None)
     rows.append(r)
     _print_row("mosaic bwd", label, r)
   RESULTS["variants"] = dict(L=l, rows=rows)

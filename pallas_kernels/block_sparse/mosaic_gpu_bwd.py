@@ -20,9 +20,20 @@ causal=...)` takes exactly what `pallas_gpu.backward` takes (lse from `mosaic_gp
   unit that head belongs to (Hl = Hkv: one list shared by the G heads, walked once per head), and
   TMA-loads each listed query unit's Q, dO (128 rows), lse, delta and positions / segment ids into a
   ring of `dkv_stages` slots. Per slot, in two halves of 64 query rows (the FA3 tile for D=128:
-  Sᵀ, dPᵀ are [64, 64] float32, which leaves registers for the two [64, D] accumulators):
+  Sᵀ, dPᵀ are [64, 64] float32, which leaves registers for the two [64, D] accumulators; 32 rows
+  would not do: the wgmma K of dV += Pᵀ dO must be a multiple of 64 with 128-byte swizzles):
   Sᵀ = K Qᵀ, dPᵀ = V dOᵀ (transposed shared-memory B operands), Pᵀ, dV += Pᵀ dO, dSᵀ = Pᵀ (dPᵀ -
   delta), dK += dSᵀ Q (Pᵀ, dSᵀ from registers). dK is scaled by sm_scale at the end.
+
+With `BwdConfig.pingpong` the two consumers of a kernel take turns on the tensor cores (a schedule
+barrier, half a sub-step apart), as the forward does. Each kernel's grid runs the heaviest lists
+first under a causal layout (dQ: the last query units; dK/dV: the first KV blocks) and varies the
+block/unit index fastest, so programs running together share one head's streamed operands in L2.
+
+Cost model. Without atomics dQ cannot share dS with the dK/dV kernel: S and dP are computed twice,
+so the backward runs 7 matmuls of a block pair (dQ: S, dP, dQ; dK/dV: Sᵀ, dPᵀ, dV, dK) where
+FlashAttention-3 runs 5 and the FLOP count credits 5 (2.5x the forward). Forward + backward thus
+executes 4.5 forward-equivalents of tensor-core work for the 3.5 counted.
 
 Masking is the forward's: key visible iff kv_pos <= q_pos (causal) and equal segment ids; without
 segment ids, causal tiles whose largest key position is <= the smallest query position (per 64
@@ -74,12 +85,16 @@ class BwdConfig:
   dkv_stages: query units (Q, dO of 128 rows) in flight in the dK/dV kernel's ring (>= 2).
   dq_sub_k: keys per dQ sub-step (64, or None: the whole block). 64 keeps S, dP at [64, 64]
     float32 per warpgroup next to the [64, D] dQ accumulator.
+  pingpong: the two consumer warpgroups of a kernel take turns on the tensor cores (a schedule
+    barrier, as mosaic_gpu's forward does): one runs its elementwise part while the other's
+    matmuls run. Not used by a dK/dV kernel of one consumer (block_k 64).
   stagger: list walks start at entry (program index mod min(stagger, count)), wrapping around
     (`mosaic_gpu.MosaicConfig.stagger`); 0: at entry 0.
   """
   dq_stages: int = 2
   dkv_stages: int = 2
   dq_sub_k: int | None = 64
+  pingpong: bool = False
   stagger: int = STAGGER
 
   def __post_init__(self):
@@ -235,17 +250,51 @@ def _mask(g, x, q_pos, kv_pos, q_seg, kv_seg, q_dim):
   return jnp.where(ok, x, 0.0)
 
 
-def _matmuls(*specs):
+def _matmuls(*specs, issued=None):
   """Run wgmmas into fresh float32 accumulators, one run_scoped: specs are (shape, a, b, init)
-  with init None (zeros) or an array to accumulate onto. Returns the accumulators' values."""
+  with init None (zeros) or an array to accumulate onto. Returns the accumulators' values.
+  issued: called after the wgmmas are issued, before their results are awaited."""
   def body(*refs):
     for ref, (_, a, b, init) in zip(refs, specs):
       if init is not None:
         ref[...] = init
       plgpu.wgmma(ref, a, b)
+    if issued is not None:
+      issued()
     return tuple(ref[...] for ref in refs)
   accs = [plgpu.ACC(shape, jnp.float32) for shape, *_ in specs]
   return pl.run_scoped(body, *accs)
+
+
+class _Turns:
+  """The consumers' schedule barrier (`BwdConfig.pingpong`); no-ops when off. Per sub-step a
+  consumer calls `issued()` after issuing its first matmuls, `release()` after its elementwise
+  part and `acquire()` before its second matmuls; `start(wg)` / `finish(wg)` put the second
+  consumer half a sub-step behind the first and balance the barrier's phases at the end."""
+
+  def __init__(self, barrier):
+    self.barrier = barrier
+
+  def issued(self):
+    if self.barrier is not None:
+      plgpu.barrier_arrive(self.barrier)
+      plgpu.barrier_wait(self.barrier)
+
+  def release(self):
+    if self.barrier is not None:
+      plgpu.barrier_arrive(self.barrier)
+
+  def acquire(self):
+    if self.barrier is not None:
+      plgpu.barrier_wait(self.barrier)
+
+  def start(self, wg):
+    if self.barrier is not None:
+      pl.when(wg == 1)(self.issued)
+
+  def finish(self, wg):
+    if self.barrier is not None:
+      pl.when(wg == 0)(self.issued)
 
 
 def _ring_producer(g, stages, total, load, free):
@@ -300,7 +349,8 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
   barriers = dict(
       q=plgpu.Barrier(num_arrivals=4 + g.side_copies, num_barriers=2),
       kv=plgpu.Barrier(num_arrivals=2 + g.side_copies, num_barriers=stages),
-      free=plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+      free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      turn=plgpu.Barrier(num_arrivals=2) if g.cfg.pingpong else None)
 
   def producer(s, b):
     def load(n, slot):
@@ -333,16 +383,26 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     q_lo = q_min_ref[batch, unit * 2 + wg] if g.mask_mode == "skip" else None
     sub = g.sub_k
     shape = (_ROWS, sub)
+    turns = _Turns(b["turn"])
 
-    def step(n, dq):
+    def needs_mask(n):
+      """Whether step n's block needs the element mask (skip mode): two scalar loads from global
+      memory, issued a step ahead so that their latency hides behind the matmuls."""
+      return kv_max_ref[batch, block_at(jnp.clip(n, 0, jnp.maximum(count - 1, 0)))] > q_lo
+
+    def step(n, carry):
+      dq, *need = carry
       slot = lax.rem(n, stages)
+      if g.mask_mode == "skip":
+        need, nxt = need[0], [needs_mask(n + 1)]
+      else:
+        need, nxt = None, []
       plgpu.barrier_wait(b["kv"].at[slot])
-      need = kv_max_ref[batch, block_at(n)] > q_lo if g.mask_mode == "skip" else None
       for c in range(g.block_k // sub):
         keys = pl.ds(c * sub, sub)
         k_sub, v_sub = s["k"].at[slot, keys], s["v"].at[slot, keys]
         sc, dp = _matmuls((shape, q_tile, k_sub.transpose((1, 0)), None),
-                          (shape, do_tile, v_sub.transpose((1, 0)), None))
+                          (shape, do_tile, v_sub.transpose((1, 0)), None), issued=turns.issued)
         p = jnp.exp2(sc * g.scale_log2 - _bcast(lse2, shape, 0))
 
         def masked(p, keys=keys):
@@ -354,12 +414,17 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
         elif g.mask_mode == "skip":
           p = lax.cond(need, masked, lambda p: p, p)
         ds = (p * (dp - _bcast(delta, shape, 0))).astype(g.dtype)
+        turns.release()
+        turns.acquire()
         (dq,) = _matmuls(((_ROWS, g.d), ds, k_sub, dq))
       plgpu.barrier_arrive(b["free"].at[slot])
-      return dq
+      return (dq, *nxt)
 
     dq = plgpu.layout_cast(jnp.zeros((_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
-    dq = lax.fori_loop(0, count, step, dq)
+    turns.start(wg)
+    need0 = [needs_mask(0)] if g.mask_mode == "skip" else []
+    dq, *_ = lax.fori_loop(0, count, step, (dq, *need0))
+    turns.finish(wg)
     q_tile[...] = (dq * g.sm_scale).astype(g.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
@@ -433,7 +498,8 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
   barriers = dict(
       kv=plgpu.Barrier(num_arrivals=2 + g.side_copies, num_barriers=nc),
       q=plgpu.Barrier(num_arrivals=4 + g.side_copies, num_barriers=stages),
-      free=plgpu.Barrier(num_arrivals=nc, num_barriers=stages))
+      free=plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
+      turn=plgpu.Barrier(num_arrivals=2) if g.cfg.pingpong and nc == 2 else None)
 
   def producer(s, b):
     total = for_each_step(lambda n, head, unit, t: t + 1, jnp.int32(0))
@@ -474,17 +540,22 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     kv_pos = _load_vector(s["kpos"].at[wg], _ROW) if g.causal else None
     kv_seg = _load_vector(s["kseg"].at[wg], _ROW) if g.has_seg else None
     kv_hi = kv_max_ref[batch, block * nc + wg] if g.mask_mode == "skip" else None
-    shape = (_ROWS, _ROWS)
+    sub = _ROWS  # query rows per sub-step (the wgmma K of dV += Pᵀ dO must be a multiple of 64)
+    shape = (_ROWS, sub)
+    turns = _Turns(b["turn"])
 
     def step(n, head, unit, carry):
       dk, dv = carry
       slot = lax.rem(n, stages)
+      if g.mask_mode == "skip":  # scalar loads issued before the wait, used after the matmuls
+        needs = [kv_hi > q_min_ref[batch, unit * (_BLOCK_Q // sub) + part]
+                 for part in range(_BLOCK_Q // sub)]
       plgpu.barrier_wait(b["q"].at[slot])
-      for half in range(2):
-        qrows = pl.ds(half * _ROWS, _ROWS)
+      for part in range(_BLOCK_Q // sub):
+        qrows = pl.ds(part * sub, sub)
         q_sub, do_sub = s["q"].at[slot, qrows], s["do"].at[slot, qrows]
         st, dpt = _matmuls((shape, k_tile, q_sub.transpose((1, 0)), None),
-                           (shape, v_tile, do_sub.transpose((1, 0)), None))
+                           (shape, v_tile, do_sub.transpose((1, 0)), None), issued=turns.issued)
         lse2 = _lse2(_load_vector(s["lse"].at[slot, qrows], _COL))
         pt = jnp.exp2(st * g.scale_log2 - _bcast(lse2, shape, 1))
 
@@ -495,17 +566,20 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
         if g.mask_mode == "always":
           pt = masked(pt)
         elif g.mask_mode == "skip":
-          need = kv_hi > q_min_ref[batch, unit * 2 + half]
-          pt = lax.cond(need, masked, lambda p: p, pt)
+          pt = lax.cond(needs[part], masked, lambda p: p, pt)
         delta = _load_vector(s["delta"].at[slot, qrows], _COL)
         dst = (pt * (dpt - _bcast(delta, shape, 1))).astype(g.dtype)
+        turns.release()
+        turns.acquire()
         dv, dk = _matmuls(((_ROWS, g.d), pt.astype(g.dtype), do_sub, dv),
                           ((_ROWS, g.d), dst, q_sub, dk))
       plgpu.barrier_arrive(b["free"].at[slot])
       return dk, dv
 
     zeros = plgpu.layout_cast(jnp.zeros((_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
+    turns.start(wg)
     dk, dv = for_each_step(step, (zeros, zeros))
+    turns.finish(wg)
     k_tile[...] = (dk * g.sm_scale).astype(g.dtype)
     v_tile[...] = dv.astype(g.dtype)
     plgpu.commit_smem()
@@ -542,9 +616,11 @@ def _geometry(q, k, layout, sm_scale, causal, has_seg, cfg) -> _Geometry:
 
 
 def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale,
-             causal, interpret=False, window=None, config: BwdConfig | None = None):
+             causal, interpret=False, window=None, config: BwdConfig | None = None,
+             kernels=("dq", "dkv")):
   """(dq, dk, dv) in the dtypes of (q, k, v); see the module docstring. interpret: False, or the
-  Mosaic GPU interpreter's parameters (`InterpretGPUParams`) passed to `plgpu.kernel`."""
+  Mosaic GPU interpreter's parameters (`InterpretGPUParams`) passed to `plgpu.kernel`.
+  kernels: which kernels to launch (benchmarks time them apart); a skipped one's outputs are None."""
   del out  # probabilities are recomputed from lse; delta carries rowsum(dO * O) - dlse
   if interpret is True:
     raise ValueError("mosaic_gpu_bwd cannot run with interpret=True (jax's Mosaic GPU interpreter "
@@ -571,20 +647,22 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   params = dict(compiler_params=plgpu.CompilerParams(approx_math=True), thread_name="wg",
                 interpret=interpret or None)
 
-  dq = plgpu.kernel(
-      functools.partial(_dq_kernel, g=g), out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(g.nq, hq, b), grid_names=("q", "heads", "batch"), num_threads=3,
-      kernel_name="block_sparse_dq_mosaic", **params,
-  )(layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), q_min, kv_max_dq,
-    *aux, *acts)
-
-  dk, dv = plgpu.kernel(
-      functools.partial(_dkv_kernel, g=g),
-      out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-      grid=(g.nk, hkv, b), grid_names=("k", "heads", "batch"), num_threads=g.dkv_consumers + 1,
-      kernel_name="block_sparse_dkv_mosaic", **params,
-  )(layout.q_indices.astype(jnp.int32), layout.kv_offsets.astype(jnp.int32), q_min, kv_max_dkv,
-    *aux, *acts)
+  dq = dk = dv = None
+  if "dq" in kernels:
+    dq = plgpu.kernel(
+        functools.partial(_dq_kernel, g=g), out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(g.nq, hq, b), grid_names=("q", "heads", "batch"), num_threads=3,
+        kernel_name="block_sparse_dq_mosaic", **params,
+    )(layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), q_min, kv_max_dq,
+      *aux, *acts)
+  if "dkv" in kernels:
+    dk, dv = plgpu.kernel(
+        functools.partial(_dkv_kernel, g=g),
+        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        grid=(g.nk, hkv, b), grid_names=("k", "heads", "batch"), num_threads=g.dkv_consumers + 1,
+        kernel_name="block_sparse_dkv_mosaic", **params,
+    )(layout.q_indices.astype(jnp.int32), layout.kv_offsets.astype(jnp.int32), q_min, kv_max_dkv,
+      *aux, *acts)
   return dq, dk, dv
 
 

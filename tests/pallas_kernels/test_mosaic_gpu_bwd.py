@@ -50,9 +50,11 @@ def _mosaic_grads(case, out, lse, config):
 _BASE = dict(block_q=128, dqk=128, dv=128, dtype="bfloat16", num_kv_heads=1, group=1)
 CASES = {
     # 2 query heads with a list each (Hl = Hq) over one KV head: block 0's dK/dV walk (2 heads x 2
-    # units) wraps the 2-slot ring; two dK/dV consumers; dQ in sub-blocks of 64 keys
+    # units) wraps the 2-slot ring; two consumers taking turns (pingpong) in both kernels, dQ in
+    # sub-blocks of 64 keys
     "causal_bk128_gqa": (dict(seq_len_q=256, seq_len_k=256, block_k=128, layout_kind="causal",
-                              group=2, dqk=64, dv=64), Cfg(dq_stages=2, dkv_stages=2, dq_sub_k=64)),
+                              group=2, dqk=64, dv=64),
+                         Cfg(dq_stages=2, dkv_stages=2, dq_sub_k=64, pingpong=True)),
     # one dK/dV consumer (block_k 64), dQ over whole blocks, a 3-slot dQ ring; Tq < Tk
     "causal_bk64_tq_lt_tk": (dict(seq_len_q=128, seq_len_k=256, block_k=64, layout_kind="causal"),
                              Cfg(dq_stages=3, dkv_stages=2, dq_sub_k=None, stagger=1)),
@@ -84,10 +86,13 @@ def test_grads_match_reference_interpreted(name):
     _close(label, x, w, 2e-2, case)
 
 
-@pytest.mark.parametrize("causal, segments, block_k, d, dtype", [
-    (True, False, 128, 128, jnp.bfloat16), (True, True, 64, 128, jnp.bfloat16),
-    (False, False, 64, 64, jnp.float16), (False, True, 128, 64, jnp.bfloat16)])
-def test_lowers_for_cuda_without_gpu(causal, segments, block_k, d, dtype):
+@pytest.mark.parametrize("causal, segments, block_k, d, dtype, config", [
+    (True, False, 128, 128, jnp.bfloat16, None),
+    (True, False, 128, 128, jnp.bfloat16, Cfg(pingpong=True, dq_sub_k=None)),
+    (True, True, 64, 128, jnp.bfloat16, None),
+    (False, False, 64, 64, jnp.float16, Cfg(pingpong=True, dq_stages=4)),
+    (False, True, 128, 64, jnp.bfloat16, None)])
+def test_lowers_for_cuda_without_gpu(causal, segments, block_k, d, dtype, config):
   """Both kernels lower to Mosaic GPU custom calls for CUDA (PTX compile happens on the GPU)."""
   b, t, hq, hkv = 1, 512, 4, 2
   q = jax.ShapeDtypeStruct((b, t, hq, d), dtype)
@@ -99,7 +104,7 @@ def test_lowers_for_cuda_without_gpu(causal, segments, block_k, d, dtype):
   def f(q, k, v, do, lse, delta, pos, seg):
     seg = seg if segments else None
     return mosaic_gpu_bwd.backward(q, k, v, None, lse, delta, do, layout, pos, pos, seg, seg,
-                                   sm_scale=0.1, causal=causal)
+                                   sm_scale=0.1, causal=causal, config=config)
 
   text = jax.jit(f).trace(q, kv, kv, q, lse, lse, ids, ids).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 2

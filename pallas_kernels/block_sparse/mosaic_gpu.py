@@ -29,8 +29,9 @@ of kv_pos and the per-tile minima of q_pos, reduced by XLA before the launch). R
 nothing give out 0 and lse -inf.
 
 Supported (`check_supported`): bfloat16 or float16; Dqk = Dv in {64, 128}; layout.block_q = 128;
-layout.block_k in {64, 128}; Tq a multiple of 128 and Tk of block_k (no ragged ends); no sliding
-window; sm_scale > 0. Launch parameters: `MosaicConfig`.
+layout.block_k in {64, 128}; Tq a multiple of 128 and Tk of block_k, or any lengths with causal
+masking (`forward` pads them: padded keys after every query, padded queries before every key); no
+sliding window; sm_scale > 0. Launch parameters: `MosaicConfig`.
 
 It uses only API spelled the same in jax 0.10.2 (CPU) and 0.11.2 (the GPU): `ref.transpose` rather
 than `plgpu.transpose_ref`, and loads followed by `plgpu.layout_cast` rather than `plgpu.load`.
@@ -103,8 +104,11 @@ def default_config(q, layout) -> MosaicConfig:
   return MosaicConfig(num_stages=stages)
 
 
-def check_supported(q, k, v, layout, config: MosaicConfig | None = None, has_seg: bool = True) -> None:
-  """Raise ValueError naming the values this kernel cannot run (the caller falls back to Triton)."""
+def check_supported(q, k, v, layout, config: MosaicConfig | None = None, has_seg: bool = True,
+                    causal: bool = False) -> None:
+  """Raise ValueError naming the values this kernel cannot run (the caller falls back to Triton).
+  Ragged ends (Tq not a multiple of 128, Tk not one of block_k) are served only with causal masking,
+  which hides the padding `forward` adds."""
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
     raise ValueError(f"mosaic_gpu needs q, k, v all bfloat16 or all float16; got q {q.dtype}, "
@@ -117,9 +121,10 @@ def check_supported(q, k, v, layout, config: MosaicConfig | None = None, has_seg
   if layout.block_k not in _BLOCK_K_CHOICES:
     raise ValueError(f"mosaic_gpu needs block_k in {_BLOCK_K_CHOICES}; got block_k={layout.block_k}")
   tq, tk = q.shape[1], k.shape[1]
-  if tq % _BLOCK_Q or tk % layout.block_k:
+  if (tq % _BLOCK_Q or tk % layout.block_k) and not causal:
     raise ValueError(f"mosaic_gpu needs Tq a multiple of {_BLOCK_Q} and Tk of block_k="
-                     f"{layout.block_k} (no ragged ends); got Tq={tq}, Tk={tk}")
+                     f"{layout.block_k} (no ragged ends) unless causal; got Tq={tq}, Tk={tk}, "
+                     f"causal={causal}")
   cfg = config or default_config(q, layout)
   need = smem_bytes(dqk, layout.block_k, cfg.num_stages, jnp.dtype(q.dtype).itemsize, has_seg)
   if need > SMEM_LIMIT:
@@ -428,27 +433,49 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
     raise ValueError(f"mosaic_gpu needs sm_scale > 0; got sm_scale={sm_scale}")
   has_seg = q_seg is not None
   cfg = config or default_config(q, layout)
-  check_supported(q, k, v, layout, cfg, has_seg)
-  b, tq, hq, d = q.shape
+  check_supported(q, k, v, layout, cfg, has_seg, bool(causal))
+  tq = q.shape[1]
+  q, k, v, q_pos, kv_pos, q_seg, kv_seg = _pad_ragged(q, k, v, q_pos, kv_pos, q_seg, kv_seg,
+                                                      layout.block_k)
+  b, tq_padded, hq, d = q.shape
   tk, hkv = k.shape[1], k.shape[2]
-  nq = tq // _BLOCK_Q
+  nq = tq_padded // _BLOCK_Q
   g = _Geometry(nq=nq, hq=hq, hkv=hkv, hl=layout.kv_indices.shape[1],
                 bl=layout.kv_indices.shape[0], block_k=layout.block_k, d=d,
                 dtype=jnp.dtype(q.dtype), causal=bool(causal), has_seg=has_seg,
                 scale_log2=float(sm_scale) * _LOG2E, cfg=cfg)
   q_pos, kv_pos = q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
-  q_min = q_pos.reshape(b, tq // _WG_ROWS, _WG_ROWS).min(-1)               # [B, Tq/64]
+  q_min = q_pos.reshape(b, tq_padded // _WG_ROWS, _WG_ROWS).min(-1)        # [B, Tq/64]
   kv_max = kv_pos.reshape(b, tk // layout.block_k, layout.block_k).max(-1)  # [B, nk]
   ins = [layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), q_min, kv_max,
          q_pos, kv_pos]
   if has_seg:
     ins += [q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)]
-  out_type = (jax.ShapeDtypeStruct((b, tq, hq, d), q.dtype),
-              jax.ShapeDtypeStruct((b, hq, tq), jnp.float32))
+  out_type = (jax.ShapeDtypeStruct((b, tq_padded, hq, d), q.dtype),
+              jax.ShapeDtypeStruct((b, hq, tq_padded), jnp.float32))
   out, lse = plgpu.kernel(
       functools.partial(_kernel, g=g), out_type=out_type, grid=(nq, hq, b),
       grid_names=("q", "heads", "batch"), num_threads=_CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       kernel_name="block_sparse_fwd_mosaic", interpret=interpret or None,
   )(*ins, q, k, v)
-  return out, lse
+  return out[:, :tq], lse[..., :tq]
+
+
+def _pad_ragged(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_k):
+  """Pad Tq to a multiple of 128 and Tk to one of block_k (causal calls only): padded queries at
+  the smallest int32 position and padded keys at the largest, so that under the causal mask
+  (kv_pos <= q_pos) no padded key is visible to a real query and padded rows see nothing."""
+  pad_q, pad_k = -q.shape[1] % _BLOCK_Q, -k.shape[1] % block_k
+  if not pad_q and not pad_k:
+    return q, k, v, q_pos, kv_pos, q_seg, kv_seg
+  lim = jnp.iinfo(jnp.int32)
+
+  def pad(x, n, value=0):
+    return jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+  q, q_pos = pad(q, pad_q), pad(q_pos.astype(jnp.int32), pad_q, lim.min)
+  k, v, kv_pos = pad(k, pad_k), pad(v, pad_k), pad(kv_pos.astype(jnp.int32), pad_k, lim.max)
+  if q_seg is not None:
+    q_seg, kv_seg = pad(q_seg, pad_q), pad(kv_seg, pad_k)
+  return q, k, v, q_pos, kv_pos, q_seg, kv_seg

@@ -35,8 +35,8 @@ block_k <= 64); any `block_q >= 1`; any head unit allowed by the layout. float32
 
 Hopper. On a GPU of compute capability 9.x the forward runs the Mosaic GPU kernel of `mosaic_gpu`
 (wgmma, TMA; 568 against 334 TFLOP/s dense causal at 32k on an H200) wherever that kernel supports
-the call (block_q 128, block_k 64 or 128, Dqk = Dv in {64, 128}, bf16/f16, no ragged ends, no window;
-`KernelConfig.mosaic`); its out and lse feed this module's backward unchanged.
+the call (block_q 128, block_k 64 or 128, Dqk = Dv in {64, 128}, bf16/f16, ragged ends only when
+causal, no window; `KernelConfig.mosaic`); its out and lse feed this module's backward unchanged.
 
 Launch parameters come from `default_configs` (tuned on an H200: benchmarks/notes_kernels.md);
 `forward(config=...)` / `backward(configs=...)` override them. `plgpu.CompilerParams` is spelled the
@@ -612,7 +612,7 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
             config: KernelConfig | None = None):
   """out [B, Tq, Hq, Dv] (q's dtype), lse [B, Hq, Tq] float32 (natural log; -inf for empty rows)."""
   cfg = config or default_configs(q, k, v, layout)["fwd"]
-  mosaic = _mosaic_config(q, k, v, layout, cfg, q_seg is not None, sm_scale, interpret, window)
+  mosaic = _mosaic_config(q, k, v, layout, cfg, q_seg is not None, sm_scale, causal, interpret, window)
   if mosaic is not None:
     return mosaic_gpu.forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, sm_scale=sm_scale,
                               causal=causal, config=mosaic)
@@ -639,13 +639,13 @@ def on_hopper() -> bool:
   return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
-def _mosaic_config(q, k, v, layout, cfg, has_seg, sm_scale, interpret, window):
+def _mosaic_config(q, k, v, layout, cfg, has_seg, sm_scale, causal, interpret, window):
   """The `mosaic_gpu.MosaicConfig` to run this forward with, or None for the Triton kernel."""
   if not cfg.mosaic or interpret or window is not None or not sm_scale > 0 or not on_hopper():
     return None
   mcfg = dataclasses.replace(mosaic_gpu.default_config(q, layout), stagger=cfg.stagger)
   try:
-    mosaic_gpu.check_supported(q, k, v, layout, mcfg, has_seg)
+    mosaic_gpu.check_supported(q, k, v, layout, mcfg, has_seg, causal)
   except ValueError:
     return None
   return mcfg

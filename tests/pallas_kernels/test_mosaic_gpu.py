@@ -159,6 +159,10 @@ CASES = {
     "segments_permuted": (dict(seq_len_q=256, seq_len_k=256, block_k=64, layout_kind="random",
                                segments=True, positions="permuted", density=0.8),
                           mosaic_gpu.MosaicConfig(num_stages=4, stagger=1)),
+    # ragged ends (causal): Tq = 200 and Tk = 300 padded to 256 / 320 inside `forward`, segments
+    "ragged_causal": (dict(seq_len_q=200, seq_len_k=300, block_k=64, layout_kind="random",
+                           segments=True, density=0.8),
+                      mosaic_gpu.MosaicConfig(num_stages=2)),
     # float16, D = 64, batch 2 with a list per batch row, segments without causal masking
     "f16_d64_batch2": (dict(seq_len_q=128, seq_len_k=256, block_k=64, layout_kind="top_k", batch=2,
                             layout_batch=2, dqk=64, dv=64, dtype="float16", segments=True,

@@ -206,15 +206,16 @@ def test_lowers_for_cuda_without_gpu(monkeypatch, list_chunk, kernels):
   assert lowered.as_text().count("xla.gpu.triton") == kernels
 
 
-@pytest.mark.parametrize("block_k, window, dtype, mosaic_calls", [
-    (128, None, jnp.bfloat16, 1), (64, None, jnp.bfloat16, 1), (32, None, jnp.bfloat16, 0),
-    (128, 256, jnp.bfloat16, 0), (128, None, jnp.float32, 0)])
-def test_forward_takes_mosaic_gpu_on_hopper(monkeypatch, block_k, window, dtype, mosaic_calls):
+@pytest.mark.parametrize("t, block_k, window, dtype, mosaic_calls", [
+    (384, 128, None, jnp.bfloat16, 1), (384, 64, None, jnp.bfloat16, 1), (330, 64, None, jnp.bfloat16, 1),
+    (384, 32, None, jnp.bfloat16, 0), (384, 128, 256, jnp.bfloat16, 0), (384, 128, None, jnp.float32, 0)])
+def test_forward_takes_mosaic_gpu_on_hopper(monkeypatch, t, block_k, window, dtype, mosaic_calls):
   """With a Hopper GPU as the backend (faked; the trace is lowered for CUDA) a forward that
-  `mosaic_gpu` supports lowers to its Mosaic GPU kernel and the dQ and dK/dV kernels stay Triton;
-  calls it does not support (block_k 32, a window, float32) lower to the three Triton kernels."""
+  `mosaic_gpu` supports (ragged ends included: the call is causal) lowers to its Mosaic GPU kernel
+  and the dQ and dK/dV kernels stay Triton; calls it does not support (block_k 32, a window,
+  float32) lower to the three Triton kernels."""
   monkeypatch.setattr(pallas_gpu, "on_hopper", lambda: True)
-  b, t, hq, hkv = 1, 384, 4, 2  # a length no other test traces (jax caches traces by shape)
+  b, hq, hkv = 1, 4, 2  # lengths no other test traces (jax caches traces by shape)
   q = jax.ShapeDtypeStruct((b, t, hq, 128), dtype)
   kv = jax.ShapeDtypeStruct((b, t, hkv, 128), dtype)
   layout = BlockLayout.causal(t, t, block_q=128, block_k=block_k, num_head_units=hkv)

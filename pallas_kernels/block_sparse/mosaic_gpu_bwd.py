@@ -88,6 +88,9 @@ class BwdConfig:
   pingpong: the two consumer warpgroups of a kernel take turns on the tensor cores (a schedule
     barrier, as mosaic_gpu's forward does): one runs its elementwise part while the other's
     matmuls run. Not used by a dK/dV kernel of one consumer (block_k 64).
+  registers: per-thread registers of (consumer, producer) warpgroups (`plgpu.set_max_registers`;
+    multiples of 8, 2 * consumer + producer <= 512). The dK/dV consumer holds two [64, D] float32
+    accumulators and Sᵀ, dPᵀ: FA3's 240 / 24 split.
   stagger: list walks start at entry (program index mod min(stagger, count)), wrapping around
     (`mosaic_gpu.MosaicConfig.stagger`); 0: at entry 0.
   """
@@ -95,6 +98,7 @@ class BwdConfig:
   dkv_stages: int = 2
   dq_sub_k: int | None = 64
   pingpong: bool = False
+  registers: tuple[int, int] = (240, 24)
   stagger: int = STAGGER
 
   def __post_init__(self):
@@ -105,6 +109,10 @@ class BwdConfig:
       raise ValueError(f"dq_sub_k={self.dq_sub_k} must be 64, 128 or None")
     if self.stagger < 0:
       raise ValueError(f"stagger={self.stagger} must be >= 0 (0: no stagger)")
+    cons, prod = self.registers
+    if cons % 8 or prod % 8 or not 24 <= prod <= cons <= 256 or 2 * cons + prod > 512:
+      raise ValueError(f"registers={self.registers} must be multiples of 8 with 24 <= producer <= "
+                       "consumer <= 256 and 2 * consumer + producer <= 512")
 
 
 def dq_smem_bytes(d, block_k, stages, itemsize, has_seg):
@@ -435,12 +443,12 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
 
     @pl.when(wg < 2)
     def _consume():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(g.cfg.registers[0], action="increase")
       consumer(s, b, wg)
 
     @pl.when(wg == 2)
     def _produce():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(g.cfg.registers[1], action="decrease")
       producer(s, b)
 
   pl.run_scoped(body, scratch, barriers, collective_axes="wg")
@@ -592,12 +600,12 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
 
     @pl.when(wg < nc)
     def _consume():
-      plgpu.set_max_registers(240 if nc == 1 else 232, action="increase")
+      plgpu.set_max_registers(g.cfg.registers[0], action="increase")
       consumer(s, b, wg)
 
     @pl.when(wg == nc)
     def _produce():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(g.cfg.registers[1], action="decrease")
       producer(s, b)
 
   pl.run_scoped(body, scratch, barriers, collective_axes="wg")

@@ -59,9 +59,12 @@ CASES = {
     "causal_bk64_tq_lt_tk": (dict(seq_len_q=128, seq_len_k=256, block_k=64, layout_kind="causal"),
                              Cfg(dq_stages=3, dkv_stages=2, dq_sub_k=None, stagger=1)),
     # one empty and one full unit, no causal mask, no stagger
-    "random_noncausal_empty_rows": (dict(seq_len_q=256, seq_len_k=256, block_k=64,
+    "random_noncausal_empty_rows": (dict(seq_len_q=256, seq_len_k=128, block_k=64,
                                          layout_kind="random", causal=False, dqk=64, dv=64),
                                     Cfg(dq_stages=4, dkv_stages=2, stagger=0)),
+    # causal without segments (the block-level mask skip) over random blocks with an empty unit
+    "random_causal_empty_rows": (dict(seq_len_q=256, seq_len_k=256, block_k=128,
+                                      layout_kind="random", dqk=64, dv=64), Cfg()),
     # one list per KV head shared by its 2 query heads (Hl = Hkv), random causal blocks, packed
     # documents with permuted positions (rows with nothing visible: lse -inf)
     "gqa_kv_head_lists_segments": (dict(seq_len_q=256, seq_len_k=256, block_k=128,
@@ -90,7 +93,7 @@ def test_grads_match_reference_interpreted(name):
     (True, False, 128, 128, jnp.bfloat16, None),
     (True, False, 128, 128, jnp.bfloat16, Cfg(pingpong=True, dq_sub_k=None)),
     (True, True, 64, 128, jnp.bfloat16, None),
-    (False, False, 64, 64, jnp.float16, Cfg(pingpong=True, dq_stages=4)),
+    (False, False, 64, 64, jnp.float16, Cfg(pingpong=True, dq_stages=4, registers=(232, 40))),
     (False, True, 128, 64, jnp.bfloat16, None)])
 def test_lowers_for_cuda_without_gpu(causal, segments, block_k, d, dtype, config):
   """Both kernels lower to Mosaic GPU custom calls for CUDA (PTX compile happens on the GPU)."""
@@ -174,5 +177,7 @@ def test_config_validation():
     Cfg(dq_stages=1)
   with pytest.raises(ValueError, match="dq_sub_k=32"):
     Cfg(dq_sub_k=32)
+  with pytest.raises(ValueError, match=r"registers=\(256, 24\)"):
+    Cfg(registers=(256, 24))
   with pytest.raises(ValueError, match="stagger=-1"):
     dataclasses.replace(Cfg(), stagger=-1)

@@ -69,7 +69,8 @@ CASES = {
     # documents with permuted positions (rows with nothing visible: lse -inf)
     "gqa_kv_head_lists_segments": (dict(seq_len_q=256, seq_len_k=256, block_k=128,
                                         layout_kind="random", group=2, head_unit="kv", density=0.7,
-                                        segments=True, positions="permuted"), Cfg()),
+                                        segments=True, positions="permuted", dqk=64, dv=64),
+                                   Cfg()),
     # float16, D = 64, batch 2 over a layout of batch 1, segments without causal masking
     "f16_d64_batch2": (dict(seq_len_q=128, seq_len_k=128, block_k=128, layout_kind="full",
                             batch=2, layout_batch=1, dqk=64, dv=64, dtype="float16",

@@ -58,10 +58,6 @@ CASES = {
     # one dK/dV consumer (block_k 64), dQ over whole blocks, a 3-slot dQ ring; Tq < Tk
     "causal_bk64_tq_lt_tk": (dict(seq_len_q=128, seq_len_k=256, block_k=64, layout_kind="causal"),
                              Cfg(dq_stages=3, dkv_stages=2, dq_sub_k=None, stagger=1)),
-    # one empty and one full unit, no causal mask, no stagger
-    "random_noncausal_empty_rows": (dict(seq_len_q=256, seq_len_k=128, block_k=64,
-                                         layout_kind="random", causal=False, dqk=64, dv=64),
-                                    Cfg(dq_stages=4, dkv_stages=2, stagger=0)),
     # causal without segments (the block-level mask skip) over random blocks with an empty unit
     "random_causal_empty_rows": (dict(seq_len_q=256, seq_len_k=256, block_k=128,
                                       layout_kind="random", dqk=64, dv=64), Cfg()),
@@ -71,10 +67,12 @@ CASES = {
                                         layout_kind="random", group=2, head_unit="kv", density=0.7,
                                         segments=True, positions="permuted", dqk=64, dv=64),
                                    Cfg()),
-    # float16, D = 64, batch 2 over a layout of batch 1, segments without causal masking
-    "f16_d64_batch2": (dict(seq_len_q=128, seq_len_k=128, block_k=128, layout_kind="full",
-                            batch=2, layout_batch=1, dqk=64, dv=64, dtype="float16",
-                            segments=True, causal=False), Cfg(dq_sub_k=128)),
+    # float16, D = 64, batch 2 over a layout of batch 1; random blocks with one empty and one full
+    # unit, no causal mask and no segments (no element mask at all), a 4-slot dQ ring, no stagger
+    "f16_d64_batch2_noncausal_empty_rows": (dict(seq_len_q=256, seq_len_k=128, block_k=64,
+                                                 layout_kind="random", batch=2, layout_batch=1,
+                                                 dqk=64, dv=64, dtype="float16", causal=False),
+                                            Cfg(dq_stages=4, stagger=0)),
 }
 
 

@@ -100,14 +100,14 @@ def fwd_bwd(fn, argnums):
     return jax.jit(jax.grad(loss, argnums=argnums))
 
 
-# CSR entries per dK/dV program tried for the compression attention's backward (`KernelConfig.list_chunk`)
-CMP_DKV_CHUNKS = (32, 128)
+# query block of the compression attention timed besides the spec's (A/B; see RESULTS, NSA)
+CMP_BLOCK_Q_AB = 64
 
 
 def breakdown(args, spec, t, dtype):
     """Forward time of each NSA piece at length t and, as `<piece>_fwd_bwd`, its forward + backward
-    (compression MLP, compression / selection / window attention; on GPU also the compression
-    attention with its dK/dV lists cut into `CMP_DKV_CHUNKS`); the importance pass + top-n on each
+    (compression MLP, compression / selection / window attention, and the compression attention
+    with query blocks of `CMP_BLOCK_Q_AB` as `cmp_attention_bq<n>`); the importance pass + top-n on each
     implementation (A/B), the Pallas kernel's scores alone for a few launch configurations, and top-n
     alone."""
     x = make_inputs(args, t, dtype)
@@ -121,19 +121,17 @@ def breakdown(args, spec, t, dtype):
                                                      (0, 1)), x["k_cmp"], x["compress_k"])[0]
     kc = comp(x)
     vc = jax.jit(lambda x: cmp_lib.compress(x["v_cmp"], x["compress_v"], block=l, stride=s))(x)
-    cmp_fn = lambda q, kc, vc, seg: cmp_lib.compressed_attention(
-        q, kc, vc, seg, block=l, stride=s, block_q=spec.compress_kernel_block_q,
-        block_k=spec.compress_kernel_block_k, implementation=impl)
+    def cmp_fn(q, kc, vc, seg, block_q=spec.compress_kernel_block_q):
+        return cmp_lib.compressed_attention(q, kc, vc, seg, block=l, stride=s, block_q=block_q,
+                                            block_k=spec.compress_kernel_block_k, implementation=impl)
     cmp_attention = jax.jit(cmp_fn)
     pieces["cmp_attention"] = bench(cmp_attention, x["q"], kc, vc, x["segment_ids"])[0]
     pieces["cmp_attention_fwd_bwd"] = bench(fwd_bwd(cmp_fn, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
-    if impl == "pallas_gpu" or (impl is None and jax.default_backend() == "gpu"):
-        for chunk in CMP_DKV_CHUNKS:            # its dK/dV lists cut into chunks (see RESULTS, NSA)
-            with timing.kernel_configs(("dkv",), list_chunk=chunk):
-                res = guarded(f"cmp_attention_fwd_bwd_chunk{chunk}@{t}", lambda: bench(
-                    fwd_bwd(cmp_fn, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"]))
-            if res:
-                pieces[f"cmp_attention_fwd_bwd_chunk{chunk}"] = res[0]
+    if CMP_BLOCK_Q_AB != spec.compress_kernel_block_q:
+        ab = functools.partial(cmp_fn, block_q=CMP_BLOCK_Q_AB)
+        pieces[f"cmp_attention_bq{CMP_BLOCK_Q_AB}"] = bench(jax.jit(ab), x["q"], kc, vc, x["segment_ids"])[0]
+        pieces[f"cmp_attention_bq{CMP_BLOCK_Q_AB}_fwd_bwd"] = bench(
+            fwd_bwd(ab, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
     lse = cmp_attention(x["q"], kc, vc, x["segment_ids"])[1]
     sel = dict(block=l, stride=s, select_block=spec.select_block, num_selected=spec.num_selected,
                num_initial=spec.num_initial, num_local=spec.num_local, chunk_elements=spec.score_chunk_elements)

@@ -12,10 +12,11 @@ Three branches with independent keys and values, each its own softmax, combined 
 
 Kernels. Every branch goes through `pallas_kernels.block_sparse_attention`; no [T, T] array exists.
 - cmp: one call, queries in blocks of `compress_kernel_block_q` over compressed blocks of
-  `compress_kernel_block_k` (64 and 64), block-causal through positions (query t at t, compressed
-  token i at i·d + l − 1); its log-sum-exp feeds the importance pass (`compressed.select_blocks`:
-  on GPU the Pallas kernel `pallas_kernels.nsa_importance`, which writes only the [T, K, S] block scores;
-  `implementation` "xla", "reference" or "pallas_tpu" take its XLA form).
+  `compress_kernel_block_k` (128 and 64, so that on a Hopper GPU its forward runs `mosaic_gpu`),
+  block-causal through positions (query t at t, compressed token i at i·d + l − 1); its
+  log-sum-exp feeds the importance pass (`compressed.select_blocks`: on GPU the Pallas kernel
+  `pallas_kernels.nsa_importance`, which writes only the [T, K, S] block scores; `implementation`
+  "xla", "reference" or "pallas_tpu" take its XLA form).
 - slc: one call, a per-token (block_q = 1), per-KV-group (Hl = K) layout from the index lists.
 - win: one call with block_q = block_k = b over `BlockLayout.sliding_window` (the w/b + 1 blocks that
   intersect query block b's windows when b | w) and the kernel's `window=w`, which masks the far
@@ -69,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
         "gate_hidden": 0,            # 0: gate = sigmoid(Linear(x)); > 0: a hidden layer of this width
         "gate_activation": "silu",
         "gate_bias_init": (0.0, 0.0, 0.0),   # initial gate logits of (cmp, slc, win)
-        "compress_kernel_block_q": 64,
+        "compress_kernel_block_q": 128,
         "compress_kernel_block_k": 64,
         "score_chunk_elements": 1 << 26,     # bound on the importance pass's per-chunk float32 scores
         "implementation": "auto",    # block_sparse_attention implementation; auto = best for the backend
@@ -90,7 +91,7 @@ class NSASpec:
     window: int = 512
     window_block: int = 64
     compress_activation: str = "silu"
-    compress_kernel_block_q: int = 64
+    compress_kernel_block_q: int = 128
     compress_kernel_block_k: int = 64
     score_chunk_elements: int = 1 << 26
     implementation: str = "auto"

@@ -26,7 +26,10 @@ causal=...)` takes exactly what `pallas_gpu.backward` takes (lse from `mosaic_gp
   delta), dK += dSᵀ Q (Pᵀ, dSᵀ from registers). dK is scaled by sm_scale at the end.
 
 With `BwdConfig.pingpong` the two consumers of a kernel take turns on the tensor cores (a schedule
-barrier, half a sub-step apart), as the forward does. Each kernel's grid runs the heaviest lists
+barrier, half a sub-step apart), as the forward does. With `BwdConfig.overlap` each dK/dV consumer
+software-pipelines its sub-steps instead: the dV, dK matmuls of one sub-step are issued after Sᵀ,
+dPᵀ of the next and run while it computes that sub-step's Pᵀ, dSᵀ (a wgmma wait that leaves two
+groups in flight). Each kernel's grid runs the heaviest lists
 first under a causal layout (dQ: the last query units; dK/dV: the first KV blocks) and varies the
 block/unit index fastest, so programs running together share one head's streamed operands in L2.
 
@@ -88,6 +91,9 @@ class BwdConfig:
   pingpong: the two consumer warpgroups of a kernel take turns on the tensor cores (a schedule
     barrier, as mosaic_gpu's forward does): one runs its elementwise part while the other's
     matmuls run. Not used by a dK/dV kernel of one consumer (block_k 64).
+  overlap: dK/dV only: software-pipeline each consumer's sub-steps: the dV, dK matmuls of
+    sub-step t are issued after Sᵀ, dPᵀ of sub-step t+1 and run while the consumer computes
+    Pᵀ, dSᵀ of t+1 (FA3's intra-warpgroup overlap; more registers live). Replaces pingpong there.
   registers: per-thread registers of (consumer, producer) warpgroups (`plgpu.set_max_registers`;
     multiples of 8, 2 * consumer + producer <= 512). The dK/dV consumer holds two [64, D] float32
     accumulators and Sᵀ, dPᵀ: FA3's 240 / 24 split.
@@ -98,6 +104,7 @@ class BwdConfig:
   dkv_stages: int = 2
   dq_sub_k: int | None = 64
   pingpong: bool = False
+  overlap: bool = False
   registers: tuple[int, int] = (240, 24)
   stagger: int = STAGGER
 
@@ -477,6 +484,9 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     lo = kv_off_ref[lb, u, block]
     return head, u, lo, kv_off_ref[lb, u, block + 1] - lo
 
+  def total_steps():
+    return lax.fori_loop(0, g.group, lambda i, t: t + head_list(i)[3], jnp.int32(0))
+
   def for_each_step(fn, carry):
     """fn(step, head, unit, carry) over the steps of the walk, in order (heads, then entries)."""
     def over_head(i, c):
@@ -507,10 +517,11 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       kv=plgpu.Barrier(num_arrivals=2 + g.side_copies, num_barriers=nc),
       q=plgpu.Barrier(num_arrivals=4 + g.side_copies, num_barriers=stages),
       free=plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
-      turn=plgpu.Barrier(num_arrivals=2) if g.cfg.pingpong and nc == 2 else None)
+      turn=(plgpu.Barrier(num_arrivals=2) if g.cfg.pingpong and not g.cfg.overlap and nc == 2
+            else None))
 
   def producer(s, b):
-    total = for_each_step(lambda n, head, unit, t: t + 1, jnp.int32(0))
+    total = total_steps()
 
     def load(n, slot, head, unit):
       rows = pl.ds(unit * _BLOCK_Q, _BLOCK_Q)
@@ -552,44 +563,109 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     shape = (_ROWS, sub)
     turns = _Turns(b["turn"])
 
+    def needs_masks(unit):
+      if g.mask_mode != "skip":
+        return [None] * (_BLOCK_Q // sub)
+      # scalar loads issued before the slot's wait, used after the matmuls
+      return [kv_hi > q_min_ref[batch, unit * (_BLOCK_Q // sub) + part]
+              for part in range(_BLOCK_Q // sub)]
+
+    def probs(slot, qrows, st, dpt, need):
+      """(Pᵀ, dSᵀ) in the input dtype from Sᵀ, dPᵀ of one sub-step."""
+      lse2 = _lse2(_load_vector(s["lse"].at[slot, qrows], _COL))
+      pt = jnp.exp2(st * g.scale_log2 - _bcast(lse2, shape, 1))
+
+      def masked(p):
+        q_pos = _load_vector(s["pos"].at[slot, qrows], _COL) if g.causal else None
+        q_seg = _load_vector(s["seg"].at[slot, qrows], _COL) if g.has_seg else None
+        return _mask(g, p, q_pos, kv_pos, q_seg, kv_seg, q_dim=1)
+      if g.mask_mode == "always":
+        pt = masked(pt)
+      elif g.mask_mode == "skip":
+        pt = lax.cond(need, masked, lambda p: p, pt)
+      delta = _load_vector(s["delta"].at[slot, qrows], _COL)
+      return pt.astype(g.dtype), (pt * (dpt - _bcast(delta, shape, 1))).astype(g.dtype)
+
     def step(n, head, unit, carry):
       dk, dv = carry
       slot = lax.rem(n, stages)
-      if g.mask_mode == "skip":  # scalar loads issued before the wait, used after the matmuls
-        needs = [kv_hi > q_min_ref[batch, unit * (_BLOCK_Q // sub) + part]
-                 for part in range(_BLOCK_Q // sub)]
+      needs = needs_masks(unit)
       plgpu.barrier_wait(b["q"].at[slot])
       for part in range(_BLOCK_Q // sub):
         qrows = pl.ds(part * sub, sub)
         q_sub, do_sub = s["q"].at[slot, qrows], s["do"].at[slot, qrows]
         st, dpt = _matmuls((shape, k_tile, q_sub.transpose((1, 0)), None),
                            (shape, v_tile, do_sub.transpose((1, 0)), None), issued=turns.issued)
-        lse2 = _lse2(_load_vector(s["lse"].at[slot, qrows], _COL))
-        pt = jnp.exp2(st * g.scale_log2 - _bcast(lse2, shape, 1))
-
-        def masked(p, qrows=qrows):
-          q_pos = _load_vector(s["pos"].at[slot, qrows], _COL) if g.causal else None
-          q_seg = _load_vector(s["seg"].at[slot, qrows], _COL) if g.has_seg else None
-          return _mask(g, p, q_pos, kv_pos, q_seg, kv_seg, q_dim=1)
-        if g.mask_mode == "always":
-          pt = masked(pt)
-        elif g.mask_mode == "skip":
-          pt = lax.cond(needs[part], masked, lambda p: p, pt)
-        delta = _load_vector(s["delta"].at[slot, qrows], _COL)
-        dst = (pt * (dpt - _bcast(delta, shape, 1))).astype(g.dtype)
+        pt, dst = probs(slot, qrows, st, dpt, needs[part])
         turns.release()
         turns.acquire()
-        dv, dk = _matmuls(((_ROWS, g.d), pt.astype(g.dtype), do_sub, dv),
-                          ((_ROWS, g.d), dst, q_sub, dk))
+        dv, dk = _matmuls(((_ROWS, g.d), pt, do_sub, dv), ((_ROWS, g.d), dst, q_sub, dk))
       plgpu.barrier_arrive(b["free"].at[slot])
       return dk, dv
 
+    def step_overlapped(n, head, unit, carry):
+      """Sub-step t issues Sᵀ, dPᵀ of t, then dV, dK of t-1 (carried Pᵀ, dSᵀ; zeros before the
+      first), waits for the first two only and computes Pᵀ, dSᵀ of t while the others run. The
+      previous slot is released once its last dV, dK are done."""
+      dk, dv, pt_prev, dst_prev = carry
+      slot = lax.rem(n, stages)
+      needs = needs_masks(unit)
+      plgpu.barrier_wait(b["q"].at[slot])
+      for part in range(_BLOCK_Q // sub):
+        qrows = pl.ds(part * sub, sub)
+        q_sub, do_sub = s["q"].at[slot, qrows], s["do"].at[slot, qrows]
+        if part == 0:  # t-1 is the previous step's last rows (or, at n = 0, zeros on loaded rows)
+          prev_slot = jnp.where(n > 0, lax.rem(n + stages - 1, stages), slot)
+          prev_rows = pl.ds(_BLOCK_Q - sub, sub)
+        else:
+          prev_slot, prev_rows = slot, pl.ds((part - 1) * sub, sub)
+        q_prev, do_prev = s["q"].at[prev_slot, prev_rows], s["do"].at[prev_slot, prev_rows]
+
+        def body(st_ref, dpt_ref, dv_ref, dk_ref, qrows=qrows, q_sub=q_sub, do_sub=do_sub,
+                 q_prev=q_prev, do_prev=do_prev, need=needs[part]):
+          dv_ref[...] = dv
+          dk_ref[...] = dk
+          plgpu.wgmma(st_ref, k_tile, q_sub.transpose((1, 0)))
+          plgpu.wgmma(dpt_ref, v_tile, do_sub.transpose((1, 0)))
+          plgpu.wgmma(dv_ref, pt_prev, do_prev)
+          plgpu.wgmma(dk_ref, dst_prev, q_prev)
+          st = plgpu.wgmma_accumulator_load(st_ref, wait_n=2)
+          dpt = plgpu.wgmma_accumulator_load(dpt_ref, wait_n=None)
+          pt, dst = probs(slot, qrows, st, dpt, need)
+          return dk_ref[...], dv_ref[...], pt, dst
+        dk, dv, pt_prev, dst_prev = pl.run_scoped(
+            body, *[plgpu.ACC(shp, jnp.float32) for shp in (shape, shape, (_ROWS, g.d), (_ROWS, g.d))])
+        if part == 0:
+          pl.when(n > 0)(lambda prev_slot=prev_slot: plgpu.barrier_arrive(b["free"].at[prev_slot]))
+      return dk, dv, pt_prev, dst_prev
+
     zeros = plgpu.layout_cast(jnp.zeros((_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
-    turns.start(wg)
-    dk, dv = for_each_step(step, (zeros, zeros))
-    turns.finish(wg)
-    k_tile[...] = (dk * g.sm_scale).astype(g.dtype)
-    v_tile[...] = dv.astype(g.dtype)
+    if g.cfg.overlap:
+      none = plgpu.layout_cast(jnp.zeros(shape, g.dtype), plgpu.Layout.WGMMA)
+      dk, dv, pt, dst = for_each_step(step_overlapped, (zeros, zeros, none, none))
+      total = total_steps()
+
+      @pl.when(total > 0)
+      def _last():
+        """dV, dK of the last sub-step, then release its slot."""
+        last = lax.rem(total - 1, stages)
+        rows = pl.ds(_BLOCK_Q - sub, sub)
+        dv_, dk_ = _matmuls(((_ROWS, g.d), pt, s["do"].at[last, rows], dv),
+                            ((_ROWS, g.d), dst, s["q"].at[last, rows], dk))
+        plgpu.barrier_arrive(b["free"].at[last])
+        k_tile[...] = (dk_ * g.sm_scale).astype(g.dtype)
+        v_tile[...] = dv_.astype(g.dtype)
+
+      @pl.when(total == 0)
+      def _none():
+        k_tile[...] = (dk * g.sm_scale).astype(g.dtype)
+        v_tile[...] = dv.astype(g.dtype)
+    else:
+      turns.start(wg)
+      dk, dv = for_each_step(step, (zeros, zeros))
+      turns.finish(wg)
+      k_tile[...] = (dk * g.sm_scale).astype(g.dtype)
+      v_tile[...] = dv.astype(g.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[batch, keys, kv_head])
     plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[batch, keys, kv_head])

@@ -55,18 +55,22 @@ CASES = {
     "causal_bk128_gqa": (dict(seq_len_q=256, seq_len_k=256, block_k=128, layout_kind="causal",
                               group=2, dqk=64, dv=64),
                          Cfg(dq_stages=2, dkv_stages=2, dq_sub_k=64, pingpong=True)),
-    # one dK/dV consumer (block_k 64), dQ over whole blocks, a 3-slot dQ ring; Tq < Tk
-    "causal_bk64_tq_lt_tk": (dict(seq_len_q=128, seq_len_k=256, block_k=64, layout_kind="causal"),
-                             Cfg(dq_stages=3, dkv_stages=2, dq_sub_k=None, stagger=1)),
+    # one dK/dV consumer (block_k 64) software-pipelined (overlap), dQ over whole blocks, a 3-slot
+    # dQ ring; Tq < Tk with the diagonal blocks only: KV blocks 0, 1 have empty inverse lists
+    "diagonal_bk64_tq_lt_tk_overlap": (dict(seq_len_q=128, seq_len_k=256, block_k=64,
+                                            layout_kind="diagonal"),
+                                       Cfg(dq_stages=3, dkv_stages=2, dq_sub_k=None, stagger=1,
+                                           overlap=True)),
     # causal without segments (the block-level mask skip) over random blocks with an empty unit
     "random_causal_empty_rows": (dict(seq_len_q=256, seq_len_k=256, block_k=128,
                                       layout_kind="random", dqk=64, dv=64), Cfg()),
     # one list per KV head shared by its 2 query heads (Hl = Hkv), random causal blocks, packed
-    # documents with permuted positions (rows with nothing visible: lse -inf)
+    # documents with permuted positions (rows with nothing visible: lse -inf); two dK/dV
+    # consumers software-pipelined (overlap) over a walk that crosses heads
     "gqa_kv_head_lists_segments": (dict(seq_len_q=256, seq_len_k=256, block_k=128,
                                         layout_kind="random", group=2, head_unit="kv", density=0.7,
                                         segments=True, positions="permuted", dqk=64, dv=64),
-                                   Cfg()),
+                                   Cfg(overlap=True)),
     # float16, D = 64, batch 2 over a layout of batch 1; random blocks with one empty and one full
     # unit, no causal mask and no segments (no element mask at all), a 4-slot dQ ring, no stagger
     "f16_d64_batch2_noncausal_empty_rows": (dict(seq_len_q=256, seq_len_k=128, block_k=64,
@@ -91,6 +95,7 @@ def test_grads_match_reference_interpreted(name):
 @pytest.mark.parametrize("causal, segments, block_k, d, dtype, config", [
     (True, False, 128, 128, jnp.bfloat16, None),
     (True, False, 128, 128, jnp.bfloat16, Cfg(pingpong=True, dq_sub_k=None)),
+    (True, True, 128, 128, jnp.bfloat16, Cfg(overlap=True)),
     (True, True, 64, 128, jnp.bfloat16, None),
     (False, False, 64, 64, jnp.float16, Cfg(pingpong=True, dq_stages=4, registers=(232, 40))),
     (False, True, 128, 64, jnp.bfloat16, None)])

@@ -17,7 +17,7 @@ Sections (select with --sections, default check,dense,variants):
             backward alone (both kernels, 2.5 * 4*B*H*L^2*D/2 FLOPs).
   variants  the mosaic backward at the dense causal shape, L = --variant-length: each kernel alone
             (dQ credited 1.5 forward-equivalents of FLOPs, dK/dV 2) and both, under launch
-            variants (`BwdConfig`: pingpong, dK/dV software pipelining (overlap), dQ key
+            variants (`BwdConfig`: pingpong, software pipelining (overlap), dQ key
             sub-block, register split, stagger; block_k 64 with 4 dQ stages).
 
 With --interpret (a CPU smoke test of the script, tiny sizes) the Mosaic kernels are only lowered for
@@ -317,7 +317,9 @@ def section_variants(args):
   variants = [(128, Cfg(), "dq"), (128, Cfg(), "dkv"), (128, Cfg(pingpong=True), "dq"),
               (128, Cfg(pingpong=True), "dkv"), (128, Cfg(dq_sub_k=None), "dq"),
               (128, Cfg(registers=(232, 40)), "dq"), (128, Cfg(registers=(232, 40)), "dkv"),
+              (128, Cfg(overlap=True), "dq"), (128, Cfg(overlap=True, dq_sub_k=None), "dq"),
               (128, Cfg(overlap=True), "dkv"), (128, Cfg(overlap=True, registers=(232, 40)), "dkv"),
+              (128, Cfg(overlap=True), "dq,dkv"),
               (128, Cfg(stagger=0), "dq,dkv"), (128, Cfg(pingpong=True), "dq,dkv"),
               (64, Cfg(dq_stages=4), "dq,dkv"), (64, Cfg(dq_stages=4, pingpong=True), "dq,dkv")]
   rows = []

@@ -26,10 +26,10 @@ causal=...)` takes exactly what `pallas_gpu.backward` takes (lse from `mosaic_gp
   delta), dK += dSᵀ Q (Pᵀ, dSᵀ from registers). dK is scaled by sm_scale at the end.
 
 With `BwdConfig.pingpong` the two consumers of a kernel take turns on the tensor cores (a schedule
-barrier, half a sub-step apart), as the forward does. With `BwdConfig.overlap` each dK/dV consumer
-software-pipelines its sub-steps instead: the dV, dK matmuls of one sub-step are issued after Sᵀ,
-dPᵀ of the next and run while it computes that sub-step's Pᵀ, dSᵀ (a wgmma wait that leaves two
-groups in flight). Each kernel's grid runs the heaviest lists
+barrier, half a sub-step apart), as the forward does. With `BwdConfig.overlap` each consumer
+software-pipelines its sub-steps instead: the second matmuls of one sub-step (dQ; dV, dK) are
+issued after the first ones of the next (S, dP; Sᵀ, dPᵀ) and run while it computes that sub-step's
+dS (Pᵀ, dSᵀ) (a wgmma wait that leaves those groups in flight). Each kernel's grid runs the heaviest lists
 first under a causal layout (dQ: the last query units; dK/dV: the first KV blocks) and varies the
 block/unit index fastest, so programs running together share one head's streamed operands in L2.
 
@@ -91,9 +91,10 @@ class BwdConfig:
   pingpong: the two consumer warpgroups of a kernel take turns on the tensor cores (a schedule
     barrier, as mosaic_gpu's forward does): one runs its elementwise part while the other's
     matmuls run. Not used by a dK/dV kernel of one consumer (block_k 64).
-  overlap: dK/dV only: software-pipeline each consumer's sub-steps: the dV, dK matmuls of
-    sub-step t are issued after Sᵀ, dPᵀ of sub-step t+1 and run while the consumer computes
-    Pᵀ, dSᵀ of t+1 (FA3's intra-warpgroup overlap; more registers live). Replaces pingpong there.
+  overlap: software-pipeline each consumer's sub-steps: the second matmuls of sub-step t (dQ; dV,
+    dK) are issued after the first ones (S, dP; Sᵀ, dPᵀ) of sub-step t+1 and run while the
+    consumer computes dS (Pᵀ, dSᵀ) of t+1 (FA3's intra-warpgroup overlap; more registers live).
+    Replaces pingpong.
   registers: per-thread registers of (consumer, producer) warpgroups (`plgpu.set_max_registers`;
     multiples of 8, 2 * consumer + producer <= 512). The dK/dV consumer holds two [64, D] float32
     accumulators and Sᵀ, dPᵀ: FA3's 240 / 24 split.
@@ -365,7 +366,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       q=plgpu.Barrier(num_arrivals=4 + g.side_copies, num_barriers=2),
       kv=plgpu.Barrier(num_arrivals=2 + g.side_copies, num_barriers=stages),
       free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      turn=plgpu.Barrier(num_arrivals=2) if g.cfg.pingpong else None)
+      turn=plgpu.Barrier(num_arrivals=2) if g.cfg.pingpong and not g.cfg.overlap else None)
 
   def producer(s, b):
     def load(n, slot):
@@ -405,6 +406,20 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       memory, issued a step ahead so that their latency hides behind the matmuls."""
       return kv_max_ref[batch, block_at(jnp.clip(n, 0, jnp.maximum(count - 1, 0)))] > q_lo
 
+    def grad_logits(slot, keys, sc, dp, need):
+      """dS in the input dtype from S, dP of one sub-block."""
+      p = jnp.exp2(sc * g.scale_log2 - _bcast(lse2, shape, 0))
+
+      def masked(p):
+        kv_pos = _load_vector(s["pos"].at[slot, keys], _COL) if g.causal else None
+        kv_seg = _load_vector(s["seg"].at[slot, keys], _COL) if g.has_seg else None
+        return _mask(g, p, q_pos, kv_pos, q_seg, kv_seg, q_dim=0)
+      if g.mask_mode == "always":
+        p = masked(p)
+      elif g.mask_mode == "skip":
+        p = lax.cond(need, masked, lambda p: p, p)
+      return (p * (dp - _bcast(delta, shape, 0))).astype(g.dtype)
+
     def step(n, carry):
       dq, *need = carry
       slot = lax.rem(n, stages)
@@ -418,29 +433,72 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
         k_sub, v_sub = s["k"].at[slot, keys], s["v"].at[slot, keys]
         sc, dp = _matmuls((shape, q_tile, k_sub.transpose((1, 0)), None),
                           (shape, do_tile, v_sub.transpose((1, 0)), None), issued=turns.issued)
-        p = jnp.exp2(sc * g.scale_log2 - _bcast(lse2, shape, 0))
-
-        def masked(p, keys=keys):
-          kv_pos = _load_vector(s["pos"].at[slot, keys], _COL) if g.causal else None
-          kv_seg = _load_vector(s["seg"].at[slot, keys], _COL) if g.has_seg else None
-          return _mask(g, p, q_pos, kv_pos, q_seg, kv_seg, q_dim=0)
-        if g.mask_mode == "always":
-          p = masked(p)
-        elif g.mask_mode == "skip":
-          p = lax.cond(need, masked, lambda p: p, p)
-        ds = (p * (dp - _bcast(delta, shape, 0))).astype(g.dtype)
+        ds = grad_logits(slot, keys, sc, dp, need)
         turns.release()
         turns.acquire()
         (dq,) = _matmuls(((_ROWS, g.d), ds, k_sub, dq))
       plgpu.barrier_arrive(b["free"].at[slot])
       return (dq, *nxt)
 
+    def step_overlapped(n, carry):
+      """Sub-block t issues S, dP of t, then dQ += dS K of t-1 (carried dS; zeros before the
+      first), waits for the first two only and computes dS of t while dQ's matmul runs. The
+      previous slot is released once its last dQ matmul is done."""
+      dq, ds_prev, *need = carry
+      slot = lax.rem(n, stages)
+      if g.mask_mode == "skip":
+        need, nxt = need[0], [needs_mask(n + 1)]
+      else:
+        need, nxt = None, []
+      plgpu.barrier_wait(b["kv"].at[slot])
+      last = g.block_k // sub - 1
+      for c in range(last + 1):
+        keys = pl.ds(c * sub, sub)
+        k_sub, v_sub = s["k"].at[slot, keys], s["v"].at[slot, keys]
+        if c == 0:  # t-1 is the previous block's last keys (or, at n = 0, zeros on loaded keys)
+          prev_slot = jnp.where(n > 0, lax.rem(n + stages - 1, stages), slot)
+          k_prev = s["k"].at[prev_slot, pl.ds(last * sub, sub)]
+        else:
+          prev_slot, k_prev = slot, s["k"].at[slot, pl.ds((c - 1) * sub, sub)]
+
+        def body(s_ref, dp_ref, dq_ref, keys=keys, k_sub=k_sub, v_sub=v_sub, k_prev=k_prev):
+          dq_ref[...] = dq
+          plgpu.wgmma(s_ref, q_tile, k_sub.transpose((1, 0)))
+          plgpu.wgmma(dp_ref, do_tile, v_sub.transpose((1, 0)))
+          plgpu.wgmma(dq_ref, ds_prev, k_prev)
+          sc = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+          dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=None)
+          ds = grad_logits(slot, keys, sc, dp, need)
+          return dq_ref[...], ds
+        dq, ds_prev = pl.run_scoped(
+            body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32),
+            plgpu.ACC((_ROWS, g.d), jnp.float32))
+        if c == 0:
+          pl.when(n > 0)(lambda prev_slot=prev_slot: plgpu.barrier_arrive(b["free"].at[prev_slot]))
+      return (dq, ds_prev, *nxt)
+
     dq = plgpu.layout_cast(jnp.zeros((_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
-    turns.start(wg)
     need0 = [needs_mask(0)] if g.mask_mode == "skip" else []
-    dq, *_ = lax.fori_loop(0, count, step, (dq, *need0))
-    turns.finish(wg)
-    q_tile[...] = (dq * g.sm_scale).astype(g.dtype)
+    if g.cfg.overlap:
+      none = plgpu.layout_cast(jnp.zeros(shape, g.dtype), plgpu.Layout.WGMMA)
+      dq, ds, *_ = lax.fori_loop(0, count, step_overlapped, (dq, none, *need0))
+
+      @pl.when(count > 0)
+      def _last():
+        """dQ += dS K of the last sub-block, then release its slot."""
+        last = lax.rem(count - 1, stages)
+        (dq_,) = _matmuls(((_ROWS, g.d), ds, s["k"].at[last, pl.ds(g.block_k - sub, sub)], dq))
+        plgpu.barrier_arrive(b["free"].at[last])
+        q_tile[...] = (dq_ * g.sm_scale).astype(g.dtype)
+
+      @pl.when(count == 0)
+      def _none():
+        q_tile[...] = (dq * g.sm_scale).astype(g.dtype)
+    else:
+      turns.start(wg)
+      dq, *_ = lax.fori_loop(0, count, step, (dq, *need0))
+      turns.finish(wg)
+      q_tile[...] = (dq * g.sm_scale).astype(g.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
     plgpu.wait_smem_to_gmem(0)

@@ -28,10 +28,13 @@ causal=...)` takes exactly what `pallas_gpu.backward` takes (lse from `mosaic_gp
 With `BwdConfig.pingpong` the two consumers of a kernel take turns on the tensor cores (a schedule
 barrier, half a sub-step apart), as the forward does. With `BwdConfig.overlap` each consumer
 software-pipelines its sub-steps instead: the second matmuls of one sub-step (dQ; dV, dK) are
-issued after the first ones of the next (S, dP; Sᵀ, dPᵀ) and run while it computes that sub-step's
-dS (Pᵀ, dSᵀ) (a wgmma wait that leaves those groups in flight). Each kernel's grid runs the heaviest lists
-first under a causal layout (dQ: the last query units; dK/dV: the first KV blocks) and varies the
-block/unit index fastest, so programs running together share one head's streamed operands in L2.
+issued after the first ones of the next (S, dP; Sᵀ, dPᵀ) and run while it computes that
+sub-step's dS (Pᵀ, dSᵀ) (a wgmma wait that leaves those groups in flight). The price: a ring slot
+is released one sub-step later, which a 2-slot ring (bk = 128, D = 128) may not hide.
+
+Each kernel's grid runs the heaviest lists first under a causal layout (dQ: the last query units;
+dK/dV: the first KV blocks) and varies the block/unit index fastest, so programs running together
+share one head's streamed operands in L2.
 
 Cost model. Without atomics dQ cannot share dS with the dK/dV kernel: S and dP are computed twice,
 so the backward runs 7 matmuls of a block pair (dQ: S, dP, dQ; dK/dV: Sᵀ, dPᵀ, dV, dK) where

@@ -18,8 +18,8 @@ causal=...)` takes exactly what `pallas_gpu.backward` takes (lse from `mosaic_gp
   shared memory and dK, dV accumulators in registers. The producer walks, for each of the G query
   heads of the KV group, the inverse list `q_indices[kv_offsets[j] : kv_offsets[j+1]]` of the head
   unit that head belongs to (Hl = Hkv: one list shared by the G heads, walked once per head), and
-  TMA-loads each listed query unit's Q, dO (128 rows), lse, delta and positions / segment ids into a
-  ring of `dkv_stages` slots. Per slot, in two halves of 64 query rows (the FA3 tile for D=128:
+  TMA-loads each listed query unit's Q, dO, lse, delta and positions / segment ids, in two halves
+  of 64 query rows, into a ring of `dkv_stages` half-unit slots. Per half (the FA3 tile for D=128:
   Sᵀ, dPᵀ are [64, 64] float32, which leaves registers for the two [64, D] accumulators; 32 rows
   would not do: the wgmma K of dV += Pᵀ dO must be a multiple of 64 with 128-byte swizzles):
   Sᵀ = K Qᵀ, dPᵀ = V dOᵀ (transposed shared-memory B operands), Pᵀ, dV += Pᵀ dO, dSᵀ = Pᵀ (dPᵀ -
@@ -30,7 +30,8 @@ barrier, half a sub-step apart), as the forward does. With `BwdConfig.overlap` e
 software-pipelines its sub-steps instead: the second matmuls of one sub-step (dQ; dV, dK) are
 issued after the first ones of the next (S, dP; Sᵀ, dPᵀ) and run while it computes that
 sub-step's dS (Pᵀ, dSᵀ) (a wgmma wait that leaves those groups in flight). The price: a ring slot
-is released one sub-step later, which a 2-slot ring (bk = 128, D = 128) may not hide.
+is released one sub-step later, which the dQ kernel's 2-slot ring (bk = 128, D = 128) may not hide
+(the dK/dV ring holds 4 half units there).
 
 Each kernel's grid runs the heaviest lists first under a causal layout (dQ: the last query units;
 dK/dV: the first KV blocks) and varies the block/unit index fastest, so programs running together
@@ -75,6 +76,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 _LOG2E = math.log2(math.e)
 _BLOCK_Q = 128
 _ROWS = 64                # rows of one consumer warpgroup (the wgmma M)
+_HALVES = _BLOCK_Q // _ROWS  # dK/dV ring slots (of 64 query rows) per query unit
 _BLOCK_K_CHOICES = (64, 128)
 _HEAD_DIMS = (64, 128)
 _DTYPES = (jnp.bfloat16, jnp.float16)
@@ -88,7 +90,8 @@ class BwdConfig:
   """Launch parameters of the two kernels.
 
   dq_stages: K/V blocks in flight in the dQ kernel's ring (>= 2).
-  dkv_stages: query units (Q, dO of 128 rows) in flight in the dK/dV kernel's ring (>= 2).
+  dkv_stages: half query units (Q, dO, lse, delta of 64 rows) in flight in the dK/dV kernel's
+    ring (>= 2).
   dq_sub_k: keys per dQ sub-step (64, or None: the whole block). 64 keeps S, dP at [64, 64]
     float32 per warpgroup next to the [64, D] dQ accumulator.
   pingpong: the two consumer warpgroups of a kernel take turns on the tensor cores (a schedule
@@ -134,17 +137,20 @@ def dq_smem_bytes(d, block_k, stages, itemsize, has_seg):
 
 
 def dkv_smem_bytes(d, block_k, stages, itemsize, has_seg):
-  """Shared memory of a dK/dV program: K, V tiles, the Q/dO ring with lse, delta, positions/segments."""
-  tiles = 2 * block_k * d * itemsize + stages * 2 * _BLOCK_Q * d * itemsize
-  ints = (1 + has_seg) * 4 * (block_k + stages * _BLOCK_Q) + stages * 2 * 4 * _BLOCK_Q
+  """Shared memory of a dK/dV program: K, V tiles, the ring of half units (Q, dO, lse, delta,
+  positions / segment ids of 64 rows)."""
+  tiles = 2 * block_k * d * itemsize + stages * 2 * _ROWS * d * itemsize
+  ints = (1 + has_seg) * 4 * (block_k + stages * _ROWS) + stages * 2 * 4 * _ROWS
   return tiles + ints + _SMEM_RESERVED
 
 
 def default_config(q, layout) -> BwdConfig:
-  """The deepest rings (up to 4) that fit shared memory, segment ids included."""
+  """The deepest rings (dQ: up to 4 blocks, dK/dV: up to 6 half units) that fit shared memory,
+  segment ids included."""
   d, size, bk = q.shape[-1], jnp.dtype(q.dtype).itemsize, layout.block_k
-  deepest = lambda fn: max(s for s in (2, 3, 4) if s == 2 or fn(d, bk, s, size, True) <= SMEM_LIMIT)  # noqa: E731
-  return BwdConfig(dq_stages=deepest(dq_smem_bytes), dkv_stages=deepest(dkv_smem_bytes))
+  deepest = lambda fn, most: max(  # noqa: E731
+      s for s in range(2, most + 1) if s == 2 or fn(d, bk, s, size, True) <= SMEM_LIMIT)
+  return BwdConfig(dq_stages=deepest(dq_smem_bytes, 4), dkv_stages=deepest(dkv_smem_bytes, 6))
 
 
 def long_lists(layout) -> bool:
@@ -566,14 +572,14 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
   scratch = dict(
       k=plgpu.SMEM((nc, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
       v=plgpu.SMEM((nc, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
-      q=plgpu.SMEM((stages, _BLOCK_Q, g.d), g.dtype, transforms=_SWIZZLED),
-      do=plgpu.SMEM((stages, _BLOCK_Q, g.d), g.dtype, transforms=_SWIZZLED),
-      lse=f32(stages, _BLOCK_Q),
-      delta=f32(stages, _BLOCK_Q),
+      q=plgpu.SMEM((stages, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      do=plgpu.SMEM((stages, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      lse=f32(stages, _ROWS),
+      delta=f32(stages, _ROWS),
       kpos=ints(nc, _ROWS) if g.causal else None,
       kseg=ints(nc, _ROWS) if g.has_seg else None,
-      pos=ints(stages, _BLOCK_Q) if g.causal else None,
-      seg=ints(stages, _BLOCK_Q) if g.has_seg else None)
+      pos=ints(stages, _ROWS) if g.causal else None,
+      seg=ints(stages, _ROWS) if g.has_seg else None)
   barriers = dict(
       kv=plgpu.Barrier(num_arrivals=2 + g.side_copies, num_barriers=nc),
       q=plgpu.Barrier(num_arrivals=4 + g.side_copies, num_barriers=stages),
@@ -582,10 +588,10 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
             else None))
 
   def producer(s, b):
-    total = total_steps()
+    total = _HALVES * total_steps()   # ring steps: half units
 
-    def load(n, slot, head, unit):
-      rows = pl.ds(unit * _BLOCK_Q, _BLOCK_Q)
+    def load(t, slot, head, unit, half):
+      rows = pl.ds(unit * _BLOCK_Q + half * _ROWS, _ROWS)
       bar = b["q"].at[slot]
       plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], s["q"].at[slot], bar)
       plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], s["do"].at[slot], bar)
@@ -597,9 +603,11 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
         plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], s["seg"].at[slot], bar)
 
     def issue(n, head, unit, carry):
-      slot = lax.rem(n, stages)
-      pl.when(n >= stages)(lambda: plgpu.barrier_wait(b["free"].at[slot]))
-      load(n, slot, head, unit)
+      for half in range(_HALVES):
+        t = _HALVES * n + half
+        slot = lax.rem(t, stages)
+        pl.when(t >= stages)(lambda slot=slot: plgpu.barrier_wait(b["free"].at[slot]))
+        load(t, slot, head, unit, half)
       return carry
     for_each_step(issue, jnp.int32(0))
 
@@ -620,70 +628,63 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     kv_pos = _load_vector(s["kpos"].at[wg], _ROW) if g.causal else None
     kv_seg = _load_vector(s["kseg"].at[wg], _ROW) if g.has_seg else None
     kv_hi = kv_max_ref[batch, block * nc + wg] if g.mask_mode == "skip" else None
-    sub = _ROWS  # query rows per sub-step (the wgmma K of dV += Pᵀ dO must be a multiple of 64)
-    shape = (_ROWS, sub)
+    shape = (_ROWS, _ROWS)   # Sᵀ, dPᵀ of one half unit (the wgmma K of dV += Pᵀ dO: 64)
     turns = _Turns(b["turn"])
 
     def needs_masks(unit):
       if g.mask_mode != "skip":
-        return [None] * (_BLOCK_Q // sub)
+        return [None] * _HALVES
       # scalar loads issued before the slot's wait, used after the matmuls
-      return [kv_hi > q_min_ref[batch, unit * (_BLOCK_Q // sub) + part]
-              for part in range(_BLOCK_Q // sub)]
+      return [kv_hi > q_min_ref[batch, unit * _HALVES + half] for half in range(_HALVES)]
 
-    def probs(slot, qrows, st, dpt, need):
-      """(Pᵀ, dSᵀ) in the input dtype from Sᵀ, dPᵀ of one sub-step."""
-      lse2 = _lse2(_load_vector(s["lse"].at[slot, qrows], _COL))
+    def probs(slot, st, dpt, need):
+      """(Pᵀ, dSᵀ) in the input dtype from Sᵀ, dPᵀ of the half unit in `slot`."""
+      lse2 = _lse2(_load_vector(s["lse"].at[slot], _COL))
       pt = jnp.exp2(st * g.scale_log2 - _bcast(lse2, shape, 1))
 
       def masked(p):
-        q_pos = _load_vector(s["pos"].at[slot, qrows], _COL) if g.causal else None
-        q_seg = _load_vector(s["seg"].at[slot, qrows], _COL) if g.has_seg else None
+        q_pos = _load_vector(s["pos"].at[slot], _COL) if g.causal else None
+        q_seg = _load_vector(s["seg"].at[slot], _COL) if g.has_seg else None
         return _mask(g, p, q_pos, kv_pos, q_seg, kv_seg, q_dim=1)
       if g.mask_mode == "always":
         pt = masked(pt)
       elif g.mask_mode == "skip":
         pt = lax.cond(need, masked, lambda p: p, pt)
-      delta = _load_vector(s["delta"].at[slot, qrows], _COL)
+      delta = _load_vector(s["delta"].at[slot], _COL)
       return pt.astype(g.dtype), (pt * (dpt - _bcast(delta, shape, 1))).astype(g.dtype)
 
     def step(n, head, unit, carry):
       dk, dv = carry
-      slot = lax.rem(n, stages)
       needs = needs_masks(unit)
-      plgpu.barrier_wait(b["q"].at[slot])
-      for part in range(_BLOCK_Q // sub):
-        qrows = pl.ds(part * sub, sub)
-        q_sub, do_sub = s["q"].at[slot, qrows], s["do"].at[slot, qrows]
+      for half in range(_HALVES):
+        slot = lax.rem(_HALVES * n + half, stages)
+        q_sub, do_sub = s["q"].at[slot], s["do"].at[slot]
+        plgpu.barrier_wait(b["q"].at[slot])
         st, dpt = _matmuls((shape, k_tile, q_sub.transpose((1, 0)), None),
                            (shape, v_tile, do_sub.transpose((1, 0)), None), issued=turns.issued)
-        pt, dst = probs(slot, qrows, st, dpt, needs[part])
+        pt, dst = probs(slot, st, dpt, needs[half])
         turns.release()
         turns.acquire()
         dv, dk = _matmuls(((_ROWS, g.d), pt, do_sub, dv), ((_ROWS, g.d), dst, q_sub, dk))
-      plgpu.barrier_arrive(b["free"].at[slot])
+        plgpu.barrier_arrive(b["free"].at[slot])
       return dk, dv
 
     def step_overlapped(n, head, unit, carry):
-      """Sub-step t issues Sᵀ, dPᵀ of t, then dV, dK of t-1 (carried Pᵀ, dSᵀ; zeros before the
-      first), waits for the first two only and computes Pᵀ, dSᵀ of t while the others run. The
-      previous slot is released once its last dV, dK are done."""
+      """Ring step t issues Sᵀ, dPᵀ of t, then dV, dK of t-1 (carried Pᵀ, dSᵀ; zeros before the
+      first, on t's loaded rows), waits for the first two only and computes Pᵀ, dSᵀ of t while
+      the others run; then releases t-1's slot."""
       dk, dv, pt_prev, dst_prev = carry
-      slot = lax.rem(n, stages)
       needs = needs_masks(unit)
-      plgpu.barrier_wait(b["q"].at[slot])
-      for part in range(_BLOCK_Q // sub):
-        qrows = pl.ds(part * sub, sub)
-        q_sub, do_sub = s["q"].at[slot, qrows], s["do"].at[slot, qrows]
-        if part == 0:  # t-1 is the previous step's last rows (or, at n = 0, zeros on loaded rows)
-          prev_slot = jnp.where(n > 0, lax.rem(n + stages - 1, stages), slot)
-          prev_rows = pl.ds(_BLOCK_Q - sub, sub)
-        else:
-          prev_slot, prev_rows = slot, pl.ds((part - 1) * sub, sub)
-        q_prev, do_prev = s["q"].at[prev_slot, prev_rows], s["do"].at[prev_slot, prev_rows]
+      for half in range(_HALVES):
+        t = _HALVES * n + half
+        slot = lax.rem(t, stages)
+        prev = jnp.where(t > 0, lax.rem(t + stages - 1, stages), slot)
+        q_sub, do_sub = s["q"].at[slot], s["do"].at[slot]
+        q_prev, do_prev = s["q"].at[prev], s["do"].at[prev]
+        plgpu.barrier_wait(b["q"].at[slot])
 
-        def body(st_ref, dpt_ref, dv_ref, dk_ref, qrows=qrows, q_sub=q_sub, do_sub=do_sub,
-                 q_prev=q_prev, do_prev=do_prev, need=needs[part]):
+        def body(st_ref, dpt_ref, dv_ref, dk_ref, slot=slot, q_sub=q_sub, do_sub=do_sub,
+                 q_prev=q_prev, do_prev=do_prev, need=needs[half]):
           dv_ref[...] = dv
           dk_ref[...] = dk
           plgpu.wgmma(st_ref, k_tile, q_sub.transpose((1, 0)))
@@ -692,27 +693,25 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
           plgpu.wgmma(dk_ref, dst_prev, q_prev)
           st = plgpu.wgmma_accumulator_load(st_ref, wait_n=2)
           dpt = plgpu.wgmma_accumulator_load(dpt_ref, wait_n=None)
-          pt, dst = probs(slot, qrows, st, dpt, need)
+          pt, dst = probs(slot, st, dpt, need)
           return dk_ref[...], dv_ref[...], pt, dst
         dk, dv, pt_prev, dst_prev = pl.run_scoped(
             body, *[plgpu.ACC(shp, jnp.float32) for shp in (shape, shape, (_ROWS, g.d), (_ROWS, g.d))])
-        if part == 0:
-          pl.when(n > 0)(lambda prev_slot=prev_slot: plgpu.barrier_arrive(b["free"].at[prev_slot]))
+        pl.when(t > 0)(lambda prev=prev: plgpu.barrier_arrive(b["free"].at[prev]))
       return dk, dv, pt_prev, dst_prev
 
     zeros = plgpu.layout_cast(jnp.zeros((_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
     if g.cfg.overlap:
       none = plgpu.layout_cast(jnp.zeros(shape, g.dtype), plgpu.Layout.WGMMA)
       dk, dv, pt, dst = for_each_step(step_overlapped, (zeros, zeros, none, none))
-      total = total_steps()
+      total = _HALVES * total_steps()
 
       @pl.when(total > 0)
       def _last():
-        """dV, dK of the last sub-step, then release its slot."""
+        """dV, dK of the last ring step, then release its slot."""
         last = lax.rem(total - 1, stages)
-        rows = pl.ds(_BLOCK_Q - sub, sub)
-        dv_, dk_ = _matmuls(((_ROWS, g.d), pt, s["do"].at[last, rows], dv),
-                            ((_ROWS, g.d), dst, s["q"].at[last, rows], dk))
+        dv_, dk_ = _matmuls(((_ROWS, g.d), pt, s["do"].at[last], dv),
+                            ((_ROWS, g.d), dst, s["q"].at[last], dk))
         plgpu.barrier_arrive(b["free"].at[last])
         k_tile[...] = (dk_ * g.sm_scale).astype(g.dtype)
         v_tile[...] = dv_.astype(g.dtype)

@@ -50,11 +50,11 @@ def _mosaic_grads(case, out, lse, config):
 _BASE = dict(block_q=128, dqk=128, dv=128, dtype="bfloat16", num_kv_heads=1, group=1)
 CASES = {
     # 2 query heads with a list each (Hl = Hq) over one KV head: block 0's dK/dV walk (2 heads x 2
-    # units) wraps the 2-slot ring; two consumers taking turns (pingpong) in both kernels, dQ in
-    # sub-blocks of 64 keys
+    # units x 2 halves) wraps a 3-slot ring; two consumers taking turns (pingpong) in both
+    # kernels, dQ in sub-blocks of 64 keys
     "causal_bk128_gqa": (dict(seq_len_q=256, seq_len_k=256, block_k=128, layout_kind="causal",
                               group=2, dqk=64, dv=64),
-                         Cfg(dq_stages=2, dkv_stages=2, dq_sub_k=64, pingpong=True)),
+                         Cfg(dq_stages=2, dkv_stages=3, dq_sub_k=64, pingpong=True)),
     # one dK/dV consumer (block_k 64) software-pipelined (overlap), dQ over whole blocks, a 3-slot
     # dQ ring; Tq < Tk with the diagonal blocks only: KV blocks 0, 1 have empty inverse lists
     "diagonal_bk64_tq_lt_tk_overlap": (dict(seq_len_q=128, seq_len_k=256, block_k=64,
@@ -153,7 +153,7 @@ def _long_list_layout():
     (_shapes(tq=200), (128, 64), None, "Tq=200"),
     (_shapes(tk=200), (128, 64), None, "Tk=200"),
     (_shapes(), (128, 128), Cfg(dq_stages=3), "dq_stages=3"),
-    (_shapes(), (128, 128), Cfg(dkv_stages=3), "dkv_stages=3"),
+    (_shapes(), (128, 128), Cfg(dkv_stages=5), "dkv_stages=5"),
     (_shapes(), (128, 64), Cfg(dq_sub_k=128), "dq_sub_k=128"),
     (_shapes(tq=64 * 128, tk=64 * 128), "long", None, "long KV-major lists"),
 ])
@@ -169,7 +169,7 @@ def test_check_supported_names_the_value(shapes, layout, config, message):
 
 def test_default_config_fits_shared_memory():
   q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
-  for block_k, (dq, dkv) in ((128, (2, 2)), (64, (4, 2))):
+  for block_k, (dq, dkv) in ((128, (2, 4)), (64, (4, 5))):
     layout = BlockLayout.causal(256, 256, block_q=128, block_k=block_k)
     cfg = mosaic_gpu_bwd.default_config(q, layout)
     assert (cfg.dq_stages, cfg.dkv_stages) == (dq, dkv), cfg

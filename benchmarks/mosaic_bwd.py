@@ -324,10 +324,10 @@ def section_variants(args):
   unit = dense_flops(1, 16, l, 128)
   # (block_k, changes to default_config, kernels timed)
   variants = [(128, {}, "dq"), (128, {}, "dkv"), (128, dict(pingpong=True), "dq"),
-              (128, dict(pingpong=True), "dkv"), (128, dict(dq_sub_k=None), "dq"),
-              (128, dict(dkv_stages=2), "dkv"),
+              (128, dict(pingpong=True), "dkv"), (128, dict(dq_sub_k=None, dq_stages=2), "dq"),
+              (128, dict(dkv_stages=2), "dkv"), (128, dict(dq_stages=2), "dq"),
               (128, dict(registers=(232, 40)), "dq"), (128, dict(registers=(232, 40)), "dkv"),
-              (128, dict(overlap=True), "dq"), (128, dict(overlap=True, dq_sub_k=None), "dq"),
+              (128, dict(overlap=True), "dq"), (128, dict(overlap=True, dq_sub_k=None, dq_stages=2), "dq"),
               (128, dict(overlap=True), "dkv"), (128, dict(overlap=True, registers=(232, 40)), "dkv"),
               (128, dict(overlap=True), "dq,dkv"),
               (128, dict(stagger=0), "dq,dkv"), (128, dict(pingpong=True), "dq,dkv"),

@@ -9,8 +9,8 @@ causal=...)` takes exactly what `pallas_gpu.backward` takes (lse from `mosaic_gp
 * dQ (query-major, the forward's grid): one program per (query unit of 128 tokens, query head,
   batch). Two consumer warpgroups of 64 query rows keep Q, dO (shared memory), lse and delta
   (registers); a producer warpgroup walks the unit's list `kv_indices` and TMA-loads each listed
-  K/V block (with key positions / segment ids) into a ring of `dq_stages` slots. Per block, in
-  sub-blocks of `dq_sub_k` keys: S = Q Kᵀ and dP = dO Vᵀ (wgmma, Kᵀ/Vᵀ transposed shared-memory
+  K/V block (with key positions / segment ids), in sub-blocks of `dq_sub_k` keys, into a ring of
+  `dq_stages` sub-block slots. Per sub-block: S = Q Kᵀ and dP = dO Vᵀ (wgmma, Kᵀ/Vᵀ transposed shared-memory
   views), P = exp2(S·scale·log2e - lse·log2e), dS = P (dP - delta), dQ += dS K (dS from
   registers). dQ is scaled by sm_scale at the end.
 * dK/dV (KV-major): one program per (KV block, KV head, batch). Each consumer warpgroup keeps 64
@@ -89,11 +89,11 @@ STAGGER = 64
 class BwdConfig:
   """Launch parameters of the two kernels.
 
-  dq_stages: K/V blocks in flight in the dQ kernel's ring (>= 2).
+  dq_stages: K/V sub-blocks (`dq_sub_k` keys) in flight in the dQ kernel's ring (>= 2).
   dkv_stages: half query units (Q, dO, lse, delta of 64 rows) in flight in the dK/dV kernel's
     ring (>= 2).
-  dq_sub_k: keys per dQ sub-step (64, or None: the whole block). 64 keeps S, dP at [64, 64]
-    float32 per warpgroup next to the [64, D] dQ accumulator.
+  dq_sub_k: keys per dQ sub-step and ring slot (64, or None: the whole block). 64 keeps S, dP at
+    [64, 64] float32 per warpgroup next to the [64, D] dQ accumulator.
   pingpong: the two consumer warpgroups of a kernel take turns on the tensor cores (a schedule
     barrier, as mosaic_gpu's forward does): one runs its elementwise part while the other's
     matmuls run. Not used by a dK/dV kernel of one consumer (block_k 64).
@@ -129,10 +129,11 @@ class BwdConfig:
                        "consumer <= 256 and 2 * consumer + producer <= 512")
 
 
-def dq_smem_bytes(d, block_k, stages, itemsize, has_seg):
-  """Shared memory of a dQ program: Q, dO tiles, the K/V ring, lse/delta, positions/segments."""
-  tiles = 2 * _BLOCK_Q * d * itemsize + stages * 2 * block_k * d * itemsize
-  ints = (1 + has_seg) * 4 * (_BLOCK_Q + stages * block_k)
+def dq_smem_bytes(d, slot_k, stages, itemsize, has_seg):
+  """Shared memory of a dQ program: Q, dO tiles, the K/V ring of `stages` slots of `slot_k` keys,
+  lse/delta, positions/segments."""
+  tiles = 2 * _BLOCK_Q * d * itemsize + stages * 2 * slot_k * d * itemsize
+  ints = (1 + has_seg) * 4 * (_BLOCK_Q + stages * slot_k)
   return tiles + ints + 2 * 4 * _BLOCK_Q + _SMEM_RESERVED
 
 
@@ -145,12 +146,12 @@ def dkv_smem_bytes(d, block_k, stages, itemsize, has_seg):
 
 
 def default_config(q, layout) -> BwdConfig:
-  """The deepest rings (dQ: up to 4 blocks, dK/dV: up to 6 half units) that fit shared memory,
-  segment ids included."""
+  """The deepest rings (dQ: up to 6 sub-blocks of 64 keys, dK/dV: up to 6 half units) that fit
+  shared memory, segment ids included."""
   d, size, bk = q.shape[-1], jnp.dtype(q.dtype).itemsize, layout.block_k
-  deepest = lambda fn, most: max(  # noqa: E731
-      s for s in range(2, most + 1) if s == 2 or fn(d, bk, s, size, True) <= SMEM_LIMIT)
-  return BwdConfig(dq_stages=deepest(dq_smem_bytes, 4), dkv_stages=deepest(dkv_smem_bytes, 6))
+  deepest = lambda fn, slot: max(  # noqa: E731
+      s for s in range(2, 7) if s == 2 or fn(d, slot, s, size, True) <= SMEM_LIMIT)
+  return BwdConfig(dq_stages=deepest(dq_smem_bytes, _ROWS), dkv_stages=deepest(dkv_smem_bytes, bk))
 
 
 def long_lists(layout) -> bool:
@@ -187,9 +188,10 @@ def check_supported(q, k, v, layout, config: BwdConfig | None = None, has_seg: b
   if cfg.dq_sub_k is not None and cfg.dq_sub_k > layout.block_k:
     raise ValueError(f"mosaic_gpu_bwd: dq_sub_k={cfg.dq_sub_k} exceeds block_k={layout.block_k}")
   size = jnp.dtype(q.dtype).itemsize
-  for name, fn, stages in (("dq_stages", dq_smem_bytes, cfg.dq_stages),
-                           ("dkv_stages", dkv_smem_bytes, cfg.dkv_stages)):
-    need = fn(dqk, layout.block_k, stages, size, has_seg)
+  for name, fn, slot, stages in (
+      ("dq_stages", dq_smem_bytes, cfg.dq_sub_k or layout.block_k, cfg.dq_stages),
+      ("dkv_stages", dkv_smem_bytes, layout.block_k, cfg.dkv_stages)):
+    need = fn(dqk, slot, stages, size, has_seg)
     if need > SMEM_LIMIT:
       raise ValueError(f"mosaic_gpu_bwd: {name}={stages} with block_k={layout.block_k}, D={dqk} "
                        f"needs {need} bytes of shared memory, over {SMEM_LIMIT}; use fewer stages")
@@ -350,7 +352,8 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
   else:
     q_seg_ref = kv_seg_ref = None
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-  stages = g.cfg.dq_stages
+  stages, sub = g.cfg.dq_stages, g.sub_k
+  parts = g.block_k // sub   # ring steps (sub-blocks) per listed block
   batch, head = lax.axis_index("batch"), lax.axis_index("heads")
   unit = g.nq - 1 - lax.axis_index("q")
   lb = batch if g.bl > 1 else 0
@@ -363,14 +366,14 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
   scratch = dict(
       q=plgpu.SMEM((2, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
       do=plgpu.SMEM((2, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
-      k=plgpu.SMEM((stages, g.block_k, g.d), g.dtype, transforms=_SWIZZLED),
-      v=plgpu.SMEM((stages, g.block_k, g.d), g.dtype, transforms=_SWIZZLED),
+      k=plgpu.SMEM((stages, sub, g.d), g.dtype, transforms=_SWIZZLED),
+      v=plgpu.SMEM((stages, sub, g.d), g.dtype, transforms=_SWIZZLED),
       lse=plgpu.SMEM((2, _ROWS), jnp.float32),
       delta=plgpu.SMEM((2, _ROWS), jnp.float32),
       qpos=ints(2, _ROWS) if g.causal else None,
       qseg=ints(2, _ROWS) if g.has_seg else None,
-      pos=ints(stages, g.block_k) if g.causal else None,
-      seg=ints(stages, g.block_k) if g.has_seg else None)
+      pos=ints(stages, sub) if g.causal else None,
+      seg=ints(stages, sub) if g.has_seg else None)
   barriers = dict(
       q=plgpu.Barrier(num_arrivals=4 + g.side_copies, num_barriers=2),
       kv=plgpu.Barrier(num_arrivals=2 + g.side_copies, num_barriers=stages),
@@ -378,8 +381,8 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       turn=plgpu.Barrier(num_arrivals=2) if g.cfg.pingpong and not g.cfg.overlap else None)
 
   def producer(s, b):
-    def load(n, slot):
-      rows = pl.ds(block_at(n) * g.block_k, g.block_k)
+    def load(t, slot):
+      rows = pl.ds(block_at(t // parts) * g.block_k + lax.rem(t, parts) * sub, sub)
       bar = b["kv"].at[slot]
       plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], s["k"].at[slot], bar)
       plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], s["v"].at[slot], bar)
@@ -387,7 +390,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
         plgpu.copy_gmem_to_smem(kv_pos_ref.at[batch, rows], s["pos"].at[slot], bar)
       if g.has_seg:
         plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, rows], s["seg"].at[slot], bar)
-    _ring_producer(g, stages, count, load, b["free"])
+    _ring_producer(g, stages, parts * count, load, b["free"])
 
   def consumer(s, b, wg):
     rows = pl.ds(unit * _BLOCK_Q + wg * _ROWS, _ROWS)
@@ -406,7 +409,6 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     q_pos = _load_vector(s["qpos"].at[wg], _ROW) if g.causal else None
     q_seg = _load_vector(s["qseg"].at[wg], _ROW) if g.has_seg else None
     q_lo = q_min_ref[batch, unit * 2 + wg] if g.mask_mode == "skip" else None
-    sub = g.sub_k
     shape = (_ROWS, sub)
     turns = _Turns(b["turn"])
 
@@ -415,13 +417,13 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       memory, issued a step ahead so that their latency hides behind the matmuls."""
       return kv_max_ref[batch, block_at(jnp.clip(n, 0, jnp.maximum(count - 1, 0)))] > q_lo
 
-    def grad_logits(slot, keys, sc, dp, need):
-      """dS in the input dtype from S, dP of one sub-block."""
+    def grad_logits(slot, sc, dp, need):
+      """dS in the input dtype from S, dP of the sub-block in `slot`."""
       p = jnp.exp2(sc * g.scale_log2 - _bcast(lse2, shape, 0))
 
       def masked(p):
-        kv_pos = _load_vector(s["pos"].at[slot, keys], _COL) if g.causal else None
-        kv_seg = _load_vector(s["seg"].at[slot, keys], _COL) if g.has_seg else None
+        kv_pos = _load_vector(s["pos"].at[slot], _COL) if g.causal else None
+        kv_seg = _load_vector(s["seg"].at[slot], _COL) if g.has_seg else None
         return _mask(g, p, q_pos, kv_pos, q_seg, kv_seg, q_dim=0)
       if g.mask_mode == "always":
         p = masked(p)
@@ -431,59 +433,52 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
 
     def step(n, carry):
       dq, *need = carry
-      slot = lax.rem(n, stages)
       if g.mask_mode == "skip":
         need, nxt = need[0], [needs_mask(n + 1)]
       else:
         need, nxt = None, []
-      plgpu.barrier_wait(b["kv"].at[slot])
-      for c in range(g.block_k // sub):
-        keys = pl.ds(c * sub, sub)
-        k_sub, v_sub = s["k"].at[slot, keys], s["v"].at[slot, keys]
+      for c in range(parts):
+        slot = lax.rem(parts * n + c, stages)
+        k_sub, v_sub = s["k"].at[slot], s["v"].at[slot]
+        plgpu.barrier_wait(b["kv"].at[slot])
         sc, dp = _matmuls((shape, q_tile, k_sub.transpose((1, 0)), None),
                           (shape, do_tile, v_sub.transpose((1, 0)), None), issued=turns.issued)
-        ds = grad_logits(slot, keys, sc, dp, need)
+        ds = grad_logits(slot, sc, dp, need)
         turns.release()
         turns.acquire()
         (dq,) = _matmuls(((_ROWS, g.d), ds, k_sub, dq))
-      plgpu.barrier_arrive(b["free"].at[slot])
+        plgpu.barrier_arrive(b["free"].at[slot])
       return (dq, *nxt)
 
     def step_overlapped(n, carry):
-      """Sub-block t issues S, dP of t, then dQ += dS K of t-1 (carried dS; zeros before the
-      first), waits for the first two only and computes dS of t while dQ's matmul runs. The
-      previous slot is released once its last dQ matmul is done."""
+      """Ring step t issues S, dP of t, then dQ += dS K of t-1 (carried dS; zeros before the
+      first, on t's loaded keys), waits for the first two only and computes dS of t while dQ's
+      matmul runs; then releases t-1's slot."""
       dq, ds_prev, *need = carry
-      slot = lax.rem(n, stages)
       if g.mask_mode == "skip":
         need, nxt = need[0], [needs_mask(n + 1)]
       else:
         need, nxt = None, []
-      plgpu.barrier_wait(b["kv"].at[slot])
-      last = g.block_k // sub - 1
-      for c in range(last + 1):
-        keys = pl.ds(c * sub, sub)
-        k_sub, v_sub = s["k"].at[slot, keys], s["v"].at[slot, keys]
-        if c == 0:  # t-1 is the previous block's last keys (or, at n = 0, zeros on loaded keys)
-          prev_slot = jnp.where(n > 0, lax.rem(n + stages - 1, stages), slot)
-          k_prev = s["k"].at[prev_slot, pl.ds(last * sub, sub)]
-        else:
-          prev_slot, k_prev = slot, s["k"].at[slot, pl.ds((c - 1) * sub, sub)]
+      for c in range(parts):
+        t = parts * n + c
+        slot = lax.rem(t, stages)
+        prev = jnp.where(t > 0, lax.rem(t + stages - 1, stages), slot)
+        k_sub, v_sub, k_prev = s["k"].at[slot], s["v"].at[slot], s["k"].at[prev]
+        plgpu.barrier_wait(b["kv"].at[slot])
 
-        def body(s_ref, dp_ref, dq_ref, keys=keys, k_sub=k_sub, v_sub=v_sub, k_prev=k_prev):
+        def body(s_ref, dp_ref, dq_ref, slot=slot, k_sub=k_sub, v_sub=v_sub, k_prev=k_prev):
           dq_ref[...] = dq
           plgpu.wgmma(s_ref, q_tile, k_sub.transpose((1, 0)))
           plgpu.wgmma(dp_ref, do_tile, v_sub.transpose((1, 0)))
           plgpu.wgmma(dq_ref, ds_prev, k_prev)
           sc = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
           dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=None)
-          ds = grad_logits(slot, keys, sc, dp, need)
+          ds = grad_logits(slot, sc, dp, need)
           return dq_ref[...], ds
         dq, ds_prev = pl.run_scoped(
             body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32),
             plgpu.ACC((_ROWS, g.d), jnp.float32))
-        if c == 0:
-          pl.when(n > 0)(lambda prev_slot=prev_slot: plgpu.barrier_arrive(b["free"].at[prev_slot]))
+        pl.when(t > 0)(lambda prev=prev: plgpu.barrier_arrive(b["free"].at[prev]))
       return (dq, ds_prev, *nxt)
 
     dq = plgpu.layout_cast(jnp.zeros((_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
@@ -494,9 +489,9 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
 
       @pl.when(count > 0)
       def _last():
-        """dQ += dS K of the last sub-block, then release its slot."""
-        last = lax.rem(count - 1, stages)
-        (dq_,) = _matmuls(((_ROWS, g.d), ds, s["k"].at[last, pl.ds(g.block_k - sub, sub)], dq))
+        """dQ += dS K of the last ring step, then release its slot."""
+        last = lax.rem(parts * count - 1, stages)
+        (dq_,) = _matmuls(((_ROWS, g.d), ds, s["k"].at[last], dq))
         plgpu.barrier_arrive(b["free"].at[last])
         q_tile[...] = (dq_ * g.sm_scale).astype(g.dtype)
 

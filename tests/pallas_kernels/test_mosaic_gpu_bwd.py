@@ -152,7 +152,8 @@ def _long_list_layout():
     (_shapes(), (128, 32), None, "block_k in"),
     (_shapes(tq=200), (128, 64), None, "Tq=200"),
     (_shapes(tk=200), (128, 64), None, "Tk=200"),
-    (_shapes(), (128, 128), Cfg(dq_stages=3), "dq_stages=3"),
+    (_shapes(), (128, 128), Cfg(dq_stages=3, dq_sub_k=None), "dq_stages=3"),
+    (_shapes(), (128, 128), Cfg(dq_stages=5), "dq_stages=5"),
     (_shapes(), (128, 128), Cfg(dkv_stages=5), "dkv_stages=5"),
     (_shapes(), (128, 64), Cfg(dq_sub_k=128), "dq_sub_k=128"),
     (_shapes(tq=64 * 128, tk=64 * 128), "long", None, "long KV-major lists"),
@@ -169,7 +170,7 @@ def test_check_supported_names_the_value(shapes, layout, config, message):
 
 def test_default_config_fits_shared_memory():
   q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
-  for block_k, (dq, dkv) in ((128, (2, 4)), (64, (4, 5))):
+  for block_k, (dq, dkv) in ((128, (4, 4)), (64, (4, 5))):
     layout = BlockLayout.causal(256, 256, block_q=128, block_k=block_k)
     cfg = mosaic_gpu_bwd.default_config(q, layout)
     assert (cfg.dq_stages, cfg.dkv_stages) == (dq, dkv), cfg

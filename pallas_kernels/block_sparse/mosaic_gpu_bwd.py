@@ -30,8 +30,8 @@ barrier, half a sub-step apart), as the forward does. With `BwdConfig.overlap` e
 software-pipelines its sub-steps instead: the second matmuls of one sub-step (dQ; dV, dK) are
 issued after the first ones of the next (S, dP; Sᵀ, dPᵀ) and run while it computes that
 sub-step's dS (Pᵀ, dSᵀ) (a wgmma wait that leaves those groups in flight). The price: a ring slot
-is released one sub-step later, which the dQ kernel's 2-slot ring (bk = 128, D = 128) may not hide
-(the dK/dV ring holds 4 half units there).
+is released one sub-step later and more registers stay live. Both rings hold sub-steps (64 keys;
+64 query rows), 4 slots each at block_k = 128, D = 128, bf16.
 
 Each kernel's grid runs the heaviest lists first under a causal layout (dQ: the last query units;
 dK/dV: the first KV blocks) and varies the block/unit index fastest, so programs running together
@@ -87,7 +87,8 @@ STAGGER = 64
 
 @dataclasses.dataclass(frozen=True)
 class BwdConfig:
-  """Launch parameters of the two kernels.
+  """Launch parameters of the two kernels (`default_config` picks the ring depths that fit; the
+  field defaults are the shallowest).
 
   dq_stages: K/V sub-blocks (`dq_sub_k` keys) in flight in the dQ kernel's ring (>= 2).
   dkv_stages: half query units (Q, dO, lse, delta of 64 rows) in flight in the dK/dV kernel's

@@ -49,8 +49,18 @@ INTERPRET = False
 Cfg = mosaic_gpu_bwd.BwdConfig
 
 
+OUT_PATH = None
+
+
 def guarded(name, fn):
-  return timing.guarded(name, fn, RESULTS.setdefault("errors", {}))
+  """fn() with its error recorded; RESULTS are written after every row (partial results survive a
+  run that is killed, e.g. by a hung kernel under `timeout`)."""
+  result = timing.guarded(name, fn, RESULTS.setdefault("errors", {}))
+  RESULTS.setdefault("done", []).append(name)
+  if OUT_PATH:
+    with open(OUT_PATH, "w") as f:
+      json.dump(RESULTS, f, indent=1)
+  return result
 
 
 def qkv(seed, b, t, hq, hkv, d, dtype=jnp.bfloat16):
@@ -370,8 +380,8 @@ def main():
   p.add_argument("--interpret", action="store_true",
                  help="CPU smoke test of the script: tiny sizes, Mosaic kernels lowered, pallas_gpu interpreted")
   args = p.parse_args()
-  global INTERPRET
-  INTERPRET = args.interpret
+  global INTERPRET, OUT_PATH
+  INTERPRET, OUT_PATH = args.interpret, args.out
   if INTERPRET:
     args.lengths, args.check_length, args.variant_length = [256], 256, 256
   dev = jax.devices()[0]

@@ -214,7 +214,7 @@ def section_check(args):
       ("batch 2, layout batch 1", dict(b=2, hq=2, hkv=1, d=128), lambda: causal_layout(t, 128, 2),
        True, False),
   ]
-  out = {}
+  out = RESULTS["check"] = {}
   for name, sh, make_layout, causal, segments in cases:
     def check(sh=sh, make_layout=make_layout, causal=causal, segments=segments):
       layout = make_layout()
@@ -241,7 +241,6 @@ def section_check(args):
       print(f"  {name:30s} {errs}  {'OK' if r['ok'] else 'FAIL'}", flush=True)
     elif r:
       print(f"  {name:30s} lowered for CUDA", flush=True)
-  RESULTS["check"] = out
 
 
 def _print_row(name, label, r):
@@ -281,6 +280,7 @@ def section_dense(args):
   print("\n== dense causal, bf16, B=1, H=16, Hkv=16, D=128: forward+backward TFLOP/s "
         "(3.5 x 4BHL^2D/2) ==")
   rows = []
+  RESULTS["dense"] = dict(block_k=args.block_k, rows=rows)
   for l in args.lengths:
     q, k, v, d_out = qkv(l, 1, l, 16, 16, 128)
     d_lse = jnp.zeros((1, 16, l), jnp.float32)
@@ -323,7 +323,6 @@ def section_dense(args):
       print("  mosaic fwd+bwd speed-up: " + ", ".join(
           f"{at_l[o] / at_l['mosaic']:.2f}x vs {o}" for o in ("mosaic+pallas_gpu", "pallas_gpu", "cudnn")
           if at_l.get(o)), flush=True)
-  RESULTS["dense"] = dict(block_k=args.block_k, rows=rows)
 
 
 def section_variants(args):
@@ -343,6 +342,7 @@ def section_variants(args):
               (128, dict(stagger=0), "dq,dkv"), (128, dict(pingpong=True), "dq,dkv"),
               (64, {}, "dq,dkv"), (64, dict(pingpong=True), "dq,dkv"), (64, dict(overlap=True), "dq,dkv")]
   rows = []
+  RESULTS["variants"] = dict(L=l, rows=rows)
   # FLOPs credited: dQ kernel 1.5 units (S, dP, dQ), dK/dV kernel 2 (Sᵀ, dPᵀ, dV, dK); both 2.5
   share = {"dq": 1.5, "dkv": 2.0, "dq,dkv": 2.5}
   for bk, changes, kernels in variants:
@@ -363,7 +363,6 @@ def section_variants(args):
              tflops=share[kernels] * unit / r["ms"] / 1e9 if r["ms"] else None)
     rows.append(r)
     _print_row("mosaic bwd", label, r)
-  RESULTS["variants"] = dict(L=l, rows=rows)
 
 
 SECTIONS = dict(check=section_check, dense=section_dense, variants=section_variants)

@@ -42,7 +42,7 @@ import numpy as np
 import timing
 
 from pallas_kernels import BlockLayout, block_sparse_attention
-from pallas_kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd, pallas_gpu, reference
+from pallas_kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd, pallas_gpu
 
 RESULTS: dict = {}
 INTERPRET = False

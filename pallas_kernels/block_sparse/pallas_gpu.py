@@ -36,7 +36,10 @@ block_k <= 64); any `block_q >= 1`; any head unit allowed by the layout. float32
 Hopper. On a GPU of compute capability 9.x the forward runs the Mosaic GPU kernel of `mosaic_gpu`
 (wgmma, TMA; 568 against 334 TFLOP/s dense causal at 32k on an H200) wherever that kernel supports
 the call (block_q 128, block_k 64 or 128, Dqk = Dv in {64, 128}, bf16/f16, ragged ends only when
-causal, no window; `KernelConfig.mosaic`); its out and lse feed this module's backward unchanged.
+causal, no window), and the backward the dQ and dK/dV kernels of `mosaic_gpu_bwd` wherever they do
+(the same, without ragged ends and without KV-major lists that would need splitting; forward +
+backward 458 against 303 TFLOP/s); `KernelConfig.mosaic`. Either side's out and lse feed the other's
+backward unchanged.
 
 Launch parameters come from `default_configs` (tuned on an H200: benchmarks/notes_kernels.md);
 `forward(config=...)` / `backward(configs=...)` override them. `plgpu.CompilerParams` is spelled the
@@ -53,7 +56,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_sparse import mosaic_gpu
+from pallas_kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -97,9 +100,10 @@ class KernelConfig:
     gradient sums changes, the result only by rounding; still deterministic. `default_configs`
     staggers units of several tokens (STAGGER); NSA's one-token units measured 1.7% slower with it,
     so they start at entry 0.
-  mosaic: forward only: on a Hopper GPU, run `mosaic_gpu`'s forward (with this `stagger`) where it
-    supports the call, else this module's kernel. `default_configs` sets it; a config built by hand
-    runs the Triton kernel it describes.
+  mosaic: on a Hopper GPU, run the Mosaic GPU kernels (with this `stagger`) where they support the
+    call, else this module's: the forward `mosaic_gpu.forward`; the backward
+    `mosaic_gpu_bwd.backward` (both of its kernels) when the "dq" and "dkv" configs both allow it.
+    `default_configs` sets it; a config built by hand runs the Triton kernel it describes.
   """
   rows: int
   num_warps: int
@@ -150,10 +154,10 @@ def default_configs(q, k, v, layout) -> dict[str, KernelConfig]:
                      stagger=stagger, mosaic=True)
   dq_rows = min(rows, 64)
   dq = KernelConfig(rows=dq_rows, num_warps=4, num_stages=_stages(2, bk, dq_rows, d_total, size),
-                    stagger=stagger)
+                    stagger=stagger, mosaic=True)
   dkv_rows = 64 if bk >= 64 else 32
   dkv = KernelConfig(rows=dkv_rows, num_warps=4 if bk <= 64 else 8,
-                     num_stages=_stages(2, dkv_rows, bk, d_total, size), stagger=stagger)
+                     num_stages=_stages(2, dkv_rows, bk, d_total, size), stagger=stagger, mosaic=True)
   return {"fwd": fwd, "dq": dq, "dkv": dkv}
 
 
@@ -639,6 +643,21 @@ def on_hopper() -> bool:
   return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
+def _mosaic_bwd_config(q, k, v, layout, cfgs, has_seg, sm_scale, interpret, window):
+  """The `mosaic_gpu_bwd.BwdConfig` to run this backward with, or None for the Triton kernels
+  (both "dq" and "dkv" configs must allow Mosaic)."""
+  if not (cfgs["dq"].mosaic and cfgs["dkv"].mosaic) or interpret or window is not None:
+    return None
+  if not sm_scale > 0 or not on_hopper():
+    return None
+  bcfg = dataclasses.replace(mosaic_gpu_bwd.default_config(q, layout), stagger=cfgs["dq"].stagger)
+  try:
+    mosaic_gpu_bwd.check_supported(q, k, v, layout, bcfg, has_seg)
+  except ValueError:
+    return None
+  return bcfg
+
+
 def _mosaic_config(q, k, v, layout, cfg, has_seg, sm_scale, causal, interpret, window):
   """The `mosaic_gpu.MosaicConfig` to run this forward with, or None for the Triton kernel."""
   if not cfg.mosaic or interpret or window is not None or not sm_scale > 0 or not on_hopper():
@@ -654,8 +673,12 @@ def _mosaic_config(q, k, v, layout, cfg, has_seg, sm_scale, causal, interpret, w
 def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale,
              causal, interpret, window=None, configs: dict[str, KernelConfig] | None = None):
   """(dq, dk, dv) in the dtypes of (q, k, v). `delta [B, Hq, Tq]` = rowsum(dO * O) - dlse."""
-  del out  # the probabilities are recomputed from lse; delta already carries rowsum(dO * O)
   cfgs = dict(default_configs(q, k, v, layout), **(configs or {}))
+  mosaic = _mosaic_bwd_config(q, k, v, layout, cfgs, q_seg is not None, sm_scale, interpret, window)
+  if mosaic is not None:
+    return mosaic_gpu_bwd.backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg,
+                                   kv_seg, sm_scale=sm_scale, causal=causal, config=mosaic)
+  del out  # the probabilities are recomputed from lse; delta already carries rowsum(dO * O)
   b, tq, hq, dqk = q.shape
   has_seg = q_seg is not None
   aux = _aux_inputs(q_pos, kv_pos, q_seg, kv_seg)

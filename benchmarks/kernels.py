@@ -27,14 +27,7 @@ Sections (select with --sections, default check,a,b,c):
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
-import os
-import platform
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -479,22 +472,16 @@ SECTIONS = {"check": section_check, "a": section_dense, "b": section_density, "c
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--sections", default="check,a,b,c", help=f"comma list of {list(SECTIONS)}")
-  p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernels.json"))
-  p.add_argument("--dense-lengths", type=lambda s: [int(x) for x in s.split(",")],
-                 default=[8192, 32768, 131072])
-  p.add_argument("--density-lengths", type=lambda s: [int(x) for x in s.split(",")],
-                 default=[32768, 131072])
-  p.add_argument("--nsa-lengths", type=lambda s: [int(x) for x in s.split(",")],
-                 default=[8192, 16384, 65536])
+  p = timing.parser(__doc__, SECTIONS, "check,a,b,c", "kernels.json")
+  p.add_argument("--dense-lengths", type=timing.int_list, default=[8192, 32768, 131072])
+  p.add_argument("--density-lengths", type=timing.int_list, default=[32768, 131072])
+  p.add_argument("--nsa-lengths", type=timing.int_list, default=[8192, 16384, 65536])
   p.add_argument("--tune-length", type=int, default=32768)
   p.add_argument("--check-length", type=int, default=1024)
   p.add_argument("--tune-nsa-length", type=int, default=16384)
   p.add_argument("--tune-density", type=float, default=0.1)
   p.add_argument("--lists-length", type=int, default=65536)
-  p.add_argument("--lists-staggers", type=lambda s: [int(x) for x in s.split(",")],
-                 default=[1 << 20, 64, 16],
+  p.add_argument("--lists-staggers", type=timing.int_list, default=[1 << 20, 64, 16],
                  help="lists: KernelConfig.stagger spans timed after 0 (no stagger); 1048576 = the whole list")
   p.add_argument("--lists-shapes", type=lambda s: s.split(","), default=None,
                  help="lists: list shapes to time (default all)")
@@ -505,19 +492,7 @@ def main():
   args = p.parse_args()
   global INTERPRET
   INTERPRET = args.interpret
-  dev = jax.devices()[0]
-  RESULTS["meta"] = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-                         python=platform.python_version(), date=datetime.datetime.now(
-                             datetime.timezone.utc).isoformat(timespec="seconds"),
-                         argv=" ".join(sys.argv))
-  print(RESULTS["meta"])
-  for name in args.sections.split(","):
-    t = time.perf_counter()
-    SECTIONS[name](args)
-    print(f"  ({name}: {time.perf_counter() - t:.0f} s)", flush=True)
-    with open(args.out, "w") as f:
-      json.dump(RESULTS, f, indent=1)
-  print(f"\nwrote {args.out}")
+  timing.run_sections(SECTIONS, args, RESULTS)
 
 
 if __name__ == "__main__":

@@ -28,14 +28,7 @@ CUDA (their rows say "lowered"), pallas_gpu runs in interpret mode.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
-import os
-import platform
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +52,7 @@ def guarded(name, fn):
   result = timing.guarded(name, fn, RESULTS.setdefault("errors", {}))
   RESULTS.setdefault("done", []).append(name)
   if OUT_PATH:
-    with open(OUT_PATH, "w") as f:
-      json.dump(RESULTS, f, indent=1)
+    timing.write_json(RESULTS, OUT_PATH)
   return result
 
 
@@ -96,31 +88,6 @@ def random_layout(seed, t, heads, block_k, density, causal, empty_rows=0.0):
   return BlockLayout.from_block_mask(mask, block_q=128, block_k=block_k, max_kv_blocks=cap)
 
 
-def with_vjp(fwd, bwd):
-  """A differentiable (out, lse) = fwd(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg) whose
-  backward is bwd(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg), delta
-  as api.py computes it."""
-  @jax.custom_vjp
-  def attend(*args):
-    return fwd(*args)
-
-  def attend_fwd(*args):
-    out, lse = fwd(*args)
-    return (out, lse), (*args, out, lse)
-
-  def attend_bwd(res, cot):
-    q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
-    d_out, d_lse = cot
-    row = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
-    delta = jnp.where(jnp.isneginf(lse), 0.0, row - d_lse)
-    grads = bwd(q, k, v, out, lse, delta, d_out.astype(q.dtype), layout, q_pos, kv_pos, q_seg, kv_seg)
-    return (*grads, None, None, None, None, None)
-
-  attend.defvjp(attend_fwd, attend_bwd)
-  return attend
-
-
 def attention_fn(impl, layout, causal=True, bwd_config=None):
   """(q, k, v, q_seg, kv_seg) -> (out, lse), default positions, differentiable: impl is
   "mosaic" (mosaic fwd + mosaic bwd), "mosaic+pallas_gpu" (mosaic fwd + pallas_gpu bwd),
@@ -138,7 +105,7 @@ def attention_fn(impl, layout, causal=True, bwd_config=None):
     assert impl == "mosaic+pallas_gpu", impl
     fwd = lambda *a: mosaic_gpu.forward(*a, sm_scale=scale, causal=causal)  # noqa: E731
     bwd = lambda *a: pallas_gpu.backward(*a, sm_scale=scale, causal=causal, interpret=INTERPRET)  # noqa: E731
-    return with_vjp(fwd, bwd)(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)
+    return mosaic_gpu_bwd.with_vjp(fwd, bwd)(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)
   return f
 
 
@@ -167,19 +134,12 @@ def uses_mosaic(impl):
 
 def run(fn, *args, mosaic=True):
   """fn(*args) on the GPU; with --interpret and a Mosaic kernel inside, only its CUDA lowering."""
-  if INTERPRET and mosaic:
-    fn.trace(*args).lower(lowering_platforms=("cuda",))
-    return None
-  return jax.block_until_ready(fn(*args))
+  return timing.run_or_lower(fn, *args, lower_only=INTERPRET and mosaic)
 
 
 def bench(fn, *args, mosaic=True, reps=10):
   """(median ms, first-call s), or (None, lowering s) with --interpret and a Mosaic kernel."""
-  if INTERPRET and mosaic:
-    start = time.perf_counter()
-    run(fn, *args)
-    return None, time.perf_counter() - start
-  return timing.bench(fn, *args, reps=reps)
+  return timing.bench_or_lower(fn, *args, lower_only=INTERPRET and mosaic, reps=reps)
 
 
 def dense_flops(b, h, l, d):
@@ -386,10 +346,8 @@ SECTIONS = dict(check=section_check, dense=section_dense, variants=section_varia
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--sections", default="check,dense,variants", help=f"comma list of {list(SECTIONS)}")
-  p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "mosaic_bwd.json"))
-  p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768])
+  p = timing.parser(__doc__, SECTIONS, "check,dense,variants", "mosaic_bwd.json")
+  p.add_argument("--lengths", type=timing.int_list, default=[8192, 32768])
   p.add_argument("--block-k", type=int, default=128, help="dense section's block_k")
   p.add_argument("--check-length", type=int, default=1024)
   p.add_argument("--variant-length", type=int, default=32768)
@@ -400,19 +358,7 @@ def main():
   INTERPRET, OUT_PATH = args.interpret, args.out
   if INTERPRET:
     args.lengths, args.check_length, args.variant_length = [256], 256, 256
-  dev = jax.devices()[0]
-  RESULTS["meta"] = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-                         python=platform.python_version(), date=datetime.datetime.now(
-                             datetime.timezone.utc).isoformat(timespec="seconds"),
-                         argv=" ".join(sys.argv))
-  print(RESULTS["meta"])
-  for name in args.sections.split(","):
-    t = time.perf_counter()
-    SECTIONS[name](args)
-    print(f"  ({name}: {time.perf_counter() - t:.0f} s)", flush=True)
-    with open(args.out, "w") as f:
-      json.dump(RESULTS, f, indent=1)
-  print(f"\nwrote {args.out}")
+  timing.run_sections(SECTIONS, args, RESULTS)
 
 
 if __name__ == "__main__":

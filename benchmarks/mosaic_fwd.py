@@ -28,14 +28,7 @@ mosaic_gpu, which jax cannot interpret, is only lowered for CUDA (its rows say "
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
-import os
-import platform
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -94,19 +87,12 @@ def tokamax_fn():
 
 def run_mosaic(fn, *args):
   """fn(*args) on the GPU; with --interpret only its CUDA lowering (returns None)."""
-  if INTERPRET:
-    fn.trace(*args).lower(lowering_platforms=("cuda",))
-    return None
-  return jax.block_until_ready(fn(*args))
+  return timing.run_or_lower(fn, *args, lower_only=INTERPRET)
 
 
 def time_mosaic(fn, *args, reps=10):
   """(median ms, first-call s), or (None, lowering s) with --interpret."""
-  if INTERPRET:
-    start = time.perf_counter()
-    run_mosaic(fn, *args)
-    return None, time.perf_counter() - start
-  return timing.bench(fn, *args, reps=reps)
+  return timing.bench_or_lower(fn, *args, lower_only=INTERPRET, reps=reps)
 
 
 def dense_flops(b, h, l, d):
@@ -322,10 +308,8 @@ SECTIONS = dict(check=section_check, dense=section_dense, sparse=section_sparse,
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--sections", default="check,dense,sparse,variants", help=f"comma list of {list(SECTIONS)}")
-  p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "mosaic_fwd.json"))
-  p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768])
+  p = timing.parser(__doc__, SECTIONS, "check,dense,sparse,variants", "mosaic_fwd.json")
+  p.add_argument("--lengths", type=timing.int_list, default=[8192, 32768])
   p.add_argument("--block-k", type=int, default=128, help="dense section's block_k")
   p.add_argument("--check-length", type=int, default=1024)
   p.add_argument("--sparse-length", type=int, default=32768)
@@ -340,19 +324,7 @@ def main():
   if INTERPRET:
     args.lengths, args.check_length, args.sparse_length, args.variant_length = [256], 256, 256, 256
     args.no_tokamax = True
-  dev = jax.devices()[0]
-  RESULTS["meta"] = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-                         python=platform.python_version(), date=datetime.datetime.now(
-                             datetime.timezone.utc).isoformat(timespec="seconds"),
-                         argv=" ".join(sys.argv))
-  print(RESULTS["meta"])
-  for name in args.sections.split(","):
-    t = time.perf_counter()
-    SECTIONS[name](args)
-    print(f"  ({name}: {time.perf_counter() - t:.0f} s)", flush=True)
-    with open(args.out, "w") as f:
-      json.dump(RESULTS, f, indent=1)
-  print(f"\nwrote {args.out}")
+  timing.run_sections(SECTIONS, args, RESULTS)
 
 
 if __name__ == "__main__":

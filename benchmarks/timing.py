@@ -1,10 +1,17 @@
-"""Timing helpers shared by the benchmark scripts (imported as `timing`: the scripts run as
-`python benchmarks/<name>.py`, which puts this folder first on sys.path)."""
+"""Timing helpers shared by the benchmark scripts, and the main loop of those run in sections
+(`parser`, `run_sections`). Imported as `timing`: the scripts run as `python benchmarks/<name>.py`,
+which puts this folder first on sys.path."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import datetime
+import json
+import os
+import platform
 import statistics
+import sys
 import time
 import traceback
 
@@ -29,6 +36,24 @@ def bench(fn, *args, reps: int = 10, warmup: int = 2, max_s: float = 20.0) -> tu
         if time.perf_counter() - start > max_s:
             break
     return statistics.median(times), first_call_s
+
+
+def run_or_lower(fn, *args, lower_only: bool = False):
+    """The jitted `fn(*args)`, synchronised; lower_only: only its lowering for CUDA (None), as a CPU
+    smoke test of a script does for a kernel that cannot run there (Mosaic GPU)."""
+    if lower_only:
+        fn.trace(*args).lower(lowering_platforms=("cuda",))
+        return None
+    return jax.block_until_ready(fn(*args))
+
+
+def bench_or_lower(fn, *args, lower_only: bool = False, reps: int = 10) -> tuple[float | None, float]:
+    """`bench`, or (None, seconds taken to lower for CUDA) when lower_only."""
+    if lower_only:
+        start = time.perf_counter()
+        run_or_lower(fn, *args, lower_only=True)
+        return None, time.perf_counter() - start
+    return bench(fn, *args, reps=reps)
 
 
 def median_ms(fn, *args, **kwargs) -> float:
@@ -63,3 +88,40 @@ def kernel_configs(kernels=("fwd", "dq", "dkv"), **fields):
         yield
     finally:
         pallas_gpu.default_configs = defaults
+
+
+def parser(doc: str, sections: dict, default: str, out_name: str) -> argparse.ArgumentParser:
+    """An argument parser with the options of every sectioned script: --sections (a comma list of
+    names of `sections`; `default` when not given) and --out (the JSON file, default $OUT/out_name)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default=default, help=f"comma list of {list(sections)}")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), out_name))
+    return p
+
+
+def int_list(text: str) -> list[int]:
+    """An option's comma-separated integers."""
+    return [int(x) for x in text.split(",")]
+
+
+def write_json(results: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def run_sections(sections: dict, args, results: dict) -> None:
+    """A benchmark script's main loop: record the device, versions, date and command line in
+    results["meta"], then run sections[name](args) for each name of the comma list `args.sections`,
+    writing `results` to the JSON file `args.out` after each (finished sections survive a failure)."""
+    dev = jax.devices()[0]
+    results["meta"] = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                           python=platform.python_version(), date=datetime.datetime.now(
+                               datetime.timezone.utc).isoformat(timespec="seconds"),
+                           argv=" ".join(sys.argv))
+    print(results["meta"])
+    for name in args.sections.split(","):
+        t = time.perf_counter()
+        sections[name](args)
+        print(f"  ({name}: {time.perf_counter() - t:.0f} s)", flush=True)
+        write_json(results, args.out)
+    print(f"\nwrote {args.out}")

@@ -109,27 +109,54 @@ def check_supported(q, k, v, layout, config: MosaicConfig | None = None, has_seg
   """Raise ValueError naming the values this kernel cannot run (the caller falls back to Triton).
   Ragged ends (Tq not a multiple of 128, Tk not one of block_k) are served only with causal masking,
   which hides the padding `forward` adds."""
+  _check_tiles("mosaic_gpu", q, k, v, layout, causal)
+  cfg = config or default_config(q, layout)
+  d = q.shape[-1]
+  _check_smem("mosaic_gpu", f"num_stages={cfg.num_stages}", layout.block_k, d,
+              smem_bytes(d, layout.block_k, cfg.num_stages, jnp.dtype(q.dtype).itemsize, has_seg))
+
+
+def _check_tiles(kernel: str, q, k, v, layout, causal: bool | None) -> None:
+  """The checks of dtypes, head dims, tiles and lengths that this forward and mosaic_gpu_bwd share
+  (`kernel` names the module in the messages). Ragged ends pass only when `causal` is True; None:
+  the kernel never takes them."""
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
-    raise ValueError(f"mosaic_gpu needs q, k, v all bfloat16 or all float16; got q {q.dtype}, "
+    raise ValueError(f"{kernel} needs q, k, v all bfloat16 or all float16; got q {q.dtype}, "
                      f"k {k.dtype}, v {v.dtype}")
   dqk, dv = q.shape[-1], v.shape[-1]
   if dqk != dv or dqk not in _HEAD_DIMS:
-    raise ValueError(f"mosaic_gpu needs Dqk = Dv in {_HEAD_DIMS}; got Dqk={dqk}, Dv={dv}")
+    raise ValueError(f"{kernel} needs Dqk = Dv in {_HEAD_DIMS}; got Dqk={dqk}, Dv={dv}")
   if layout.block_q != _BLOCK_Q:
-    raise ValueError(f"mosaic_gpu needs block_q={_BLOCK_Q}; got block_q={layout.block_q}")
+    raise ValueError(f"{kernel} needs block_q={_BLOCK_Q}; got block_q={layout.block_q}")
   if layout.block_k not in _BLOCK_K_CHOICES:
-    raise ValueError(f"mosaic_gpu needs block_k in {_BLOCK_K_CHOICES}; got block_k={layout.block_k}")
+    raise ValueError(f"{kernel} needs block_k in {_BLOCK_K_CHOICES}; got block_k={layout.block_k}")
   tq, tk = q.shape[1], k.shape[1]
   if (tq % _BLOCK_Q or tk % layout.block_k) and not causal:
-    raise ValueError(f"mosaic_gpu needs Tq a multiple of {_BLOCK_Q} and Tk of block_k="
-                     f"{layout.block_k} (no ragged ends) unless causal; got Tq={tq}, Tk={tk}, "
-                     f"causal={causal}")
-  cfg = config or default_config(q, layout)
-  need = smem_bytes(dqk, layout.block_k, cfg.num_stages, jnp.dtype(q.dtype).itemsize, has_seg)
+    unless, got = ("", "") if causal is None else (" unless causal", f", causal={causal}")
+    raise ValueError(f"{kernel} needs Tq a multiple of {_BLOCK_Q} and Tk of block_k="
+                     f"{layout.block_k} (no ragged ends){unless}; got Tq={tq}, Tk={tk}{got}")
+
+
+def _check_call(kernel: str, interpret, window, sm_scale) -> None:
+  """Refuse interpret=True, a sliding window and sm_scale <= 0 (the call's arguments that this
+  forward and mosaic_gpu_bwd check alike)."""
+  if interpret is True:
+    raise ValueError(f"{kernel} cannot run with interpret=True: jax's Mosaic GPU interpreter does not "
+                     "run wgmma with a register or transposed operand; pass interpret=False or "
+                     "InterpretGPUParams for an interpreter that does (tests/pallas_kernels/"
+                     "test_mosaic_gpu.py extends jax's)")
+  if window is not None:
+    raise ValueError(f"{kernel} does not support a sliding window; got window={window}")
+  if not float(sm_scale) > 0:
+    raise ValueError(f"{kernel} needs sm_scale > 0; got sm_scale={sm_scale}")
+
+
+def _check_smem(kernel: str, stages: str, block_k: int, d: int, need: int) -> None:
+  """Refuse a ring (`stages`: "name=value") whose program needs more than SMEM_LIMIT bytes."""
   if need > SMEM_LIMIT:
-    raise ValueError(f"mosaic_gpu: num_stages={cfg.num_stages} with block_k={layout.block_k}, "
-                     f"D={dqk} needs {need} bytes of shared memory, over {SMEM_LIMIT}; use fewer stages")
+    raise ValueError(f"{kernel}: {stages} with block_k={block_k}, D={d} needs {need} bytes of "
+                     f"shared memory, over {SMEM_LIMIT}; use fewer stages")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,9 +201,10 @@ def _load_vector(ref, layout):
   return plgpu.layout_cast(ref[...], layout)
 
 
-def _walk(g: _Geometry, seed, count):
+def _walk(g, seed, count):
   """Entry of the list visited at step n (a function of n), rotated to start at entry
-  (seed mod min(stagger, count)) when `g.cfg.stagger`."""
+  (seed mod min(stagger, count)) when `g.cfg.stagger` (g: this module's or mosaic_gpu_bwd's
+  geometry)."""
   if not g.cfg.stagger:
     return lambda n: n
   start = lax.rem(seed, jnp.clip(count, 1, g.cfg.stagger))
@@ -423,14 +451,7 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
   Mosaic GPU interpreter's parameters (`InterpretGPUParams`), passed to `plgpu.kernel`; True is
   refused: jax's own interpreter (0.10, 0.11) cannot run a wgmma with a register or transposed
   operand (tests/pallas_kernels/test_mosaic_gpu.py extends it)."""
-  if interpret is True:
-    raise ValueError("mosaic_gpu cannot run with interpret=True: jax's Mosaic GPU interpreter does "
-                     "not run wgmma with a register or transposed operand; pass interpret=False or "
-                     "InterpretGPUParams for an interpreter that does")
-  if window is not None:
-    raise ValueError(f"mosaic_gpu does not support a sliding window; got window={window}")
-  if not float(sm_scale) > 0:
-    raise ValueError(f"mosaic_gpu needs sm_scale > 0; got sm_scale={sm_scale}")
+  _check_call("mosaic_gpu", interpret, window, sm_scale)
   has_seg = q_seg is not None
   cfg = config or default_config(q, layout)
   check_supported(q, k, v, layout, cfg, has_seg, bool(causal))

@@ -54,8 +54,8 @@ chunks (`pallas_gpu._list_chunk`, e.g. NSA's always-selected block 0); this firs
 them (the same static test on shapes: nq > 4 * ceil(nq * K / nk)) and the caller falls back to
 Triton. Launch parameters: `BwdConfig`.
 
-`attention(...)`: mosaic_gpu.forward + this backward under one custom_vjp (for benchmarks; the
-library's dispatch lives in api.py).
+`attention(...)`: mosaic_gpu.forward + this backward under one custom_vjp (`with_vjp`, which
+benchmarks also use; the library's dispatch lives in api.py).
 
 Like mosaic_gpu.py it only uses API spelled the same in jax 0.10.2 and 0.11.2. Tests
 (tests/pallas_kernels/test_mosaic_gpu_bwd.py) run both kernels on CPU in jax's Mosaic GPU
@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -73,16 +72,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_LOG2E = math.log2(math.e)
-_BLOCK_Q = 128
-_ROWS = 64                # rows of one consumer warpgroup (the wgmma M)
-_HALVES = _BLOCK_Q // _ROWS  # dK/dV ring slots (of 64 query rows) per query unit
-_BLOCK_K_CHOICES = (64, 128)
-_HEAD_DIMS = (64, 128)
-_DTYPES = (jnp.bfloat16, jnp.float16)
-SMEM_LIMIT = 227 * 1024
-_SMEM_RESERVED = 4 * 1024
-STAGGER = 64
+from pallas_kernels.block_sparse import mosaic_gpu
+from pallas_kernels.block_sparse.mosaic_gpu import (
+    _BLOCK_Q, _LOG2E, _SMEM_RESERVED, _WG_ROWS, SMEM_LIMIT, STAGGER, _check_call, _check_smem,
+    _check_tiles, _load_vector, _walk)
+
+_HALVES = _BLOCK_Q // _WG_ROWS  # dK/dV ring slots (of 64 query rows) per query unit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +136,8 @@ def dq_smem_bytes(d, slot_k, stages, itemsize, has_seg):
 def dkv_smem_bytes(d, block_k, stages, itemsize, has_seg):
   """Shared memory of a dK/dV program: K, V tiles, the ring of half units (Q, dO, lse, delta,
   positions / segment ids of 64 rows)."""
-  tiles = 2 * block_k * d * itemsize + stages * 2 * _ROWS * d * itemsize
-  ints = (1 + has_seg) * 4 * (block_k + stages * _ROWS) + stages * 2 * 4 * _ROWS
+  tiles = 2 * block_k * d * itemsize + stages * 2 * _WG_ROWS * d * itemsize
+  ints = (1 + has_seg) * 4 * (block_k + stages * _WG_ROWS) + stages * 2 * 4 * _WG_ROWS
   return tiles + ints + _SMEM_RESERVED
 
 
@@ -152,7 +147,7 @@ def default_config(q, layout) -> BwdConfig:
   d, size, bk = q.shape[-1], jnp.dtype(q.dtype).itemsize, layout.block_k
   deepest = lambda fn, slot: max(  # noqa: E731
       s for s in range(2, 7) if s == 2 or fn(d, slot, s, size, True) <= SMEM_LIMIT)
-  return BwdConfig(dq_stages=deepest(dq_smem_bytes, _ROWS), dkv_stages=deepest(dkv_smem_bytes, bk))
+  return BwdConfig(dq_stages=deepest(dq_smem_bytes, _WG_ROWS), dkv_stages=deepest(dkv_smem_bytes, bk))
 
 
 def long_lists(layout) -> bool:
@@ -165,21 +160,7 @@ def long_lists(layout) -> bool:
 
 def check_supported(q, k, v, layout, config: BwdConfig | None = None, has_seg: bool = True) -> None:
   """Raise ValueError naming the values this backward cannot run (the caller falls back to Triton)."""
-  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
-  if len(dtypes) != 1 or jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
-    raise ValueError(f"mosaic_gpu_bwd needs q, k, v all bfloat16 or all float16; got q {q.dtype}, "
-                     f"k {k.dtype}, v {v.dtype}")
-  dqk, dv = q.shape[-1], v.shape[-1]
-  if dqk != dv or dqk not in _HEAD_DIMS:
-    raise ValueError(f"mosaic_gpu_bwd needs Dqk = Dv in {_HEAD_DIMS}; got Dqk={dqk}, Dv={dv}")
-  if layout.block_q != _BLOCK_Q:
-    raise ValueError(f"mosaic_gpu_bwd needs block_q={_BLOCK_Q}; got block_q={layout.block_q}")
-  if layout.block_k not in _BLOCK_K_CHOICES:
-    raise ValueError(f"mosaic_gpu_bwd needs block_k in {_BLOCK_K_CHOICES}; got block_k={layout.block_k}")
-  tq, tk = q.shape[1], k.shape[1]
-  if tq % _BLOCK_Q or tk % layout.block_k:
-    raise ValueError(f"mosaic_gpu_bwd needs Tq a multiple of {_BLOCK_Q} and Tk of block_k="
-                     f"{layout.block_k} (no ragged ends); got Tq={tq}, Tk={tk}")
+  _check_tiles("mosaic_gpu_bwd", q, k, v, layout, causal=None)
   if long_lists(layout):
     nq, cap = layout.kv_indices.shape[2:]
     raise ValueError(f"mosaic_gpu_bwd does not split long KV-major lists: nq={nq} query units with "
@@ -188,14 +169,12 @@ def check_supported(q, k, v, layout, config: BwdConfig | None = None, has_seg: b
   cfg = config or default_config(q, layout)
   if cfg.dq_sub_k is not None and cfg.dq_sub_k > layout.block_k:
     raise ValueError(f"mosaic_gpu_bwd: dq_sub_k={cfg.dq_sub_k} exceeds block_k={layout.block_k}")
-  size = jnp.dtype(q.dtype).itemsize
+  d, size = q.shape[-1], jnp.dtype(q.dtype).itemsize
   for name, fn, slot, stages in (
       ("dq_stages", dq_smem_bytes, cfg.dq_sub_k or layout.block_k, cfg.dq_stages),
       ("dkv_stages", dkv_smem_bytes, layout.block_k, cfg.dkv_stages)):
-    need = fn(dqk, slot, stages, size, has_seg)
-    if need > SMEM_LIMIT:
-      raise ValueError(f"mosaic_gpu_bwd: {name}={stages} with block_k={layout.block_k}, D={dqk} "
-                       f"needs {need} bytes of shared memory, over {SMEM_LIMIT}; use fewer stages")
+    _check_smem("mosaic_gpu_bwd", f"{name}={stages}", layout.block_k, d,
+                fn(d, slot, stages, size, has_seg))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +212,7 @@ class _Geometry:
 
   @property
   def dkv_consumers(self):
-    return self.block_k // _ROWS
+    return self.block_k // _WG_ROWS
 
   @property
   def sub_k(self):
@@ -243,17 +222,6 @@ class _Geometry:
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 _ROW = plgpu.Layout.WGMMA.reduce(1)
 _COL = plgpu.Layout.WGMMA.reduce(0)
-
-
-def _load_vector(ref, layout):
-  return plgpu.layout_cast(ref[...], layout)
-
-
-def _walk(g: _Geometry, seed, count):
-  if not g.cfg.stagger:
-    return lambda n: n
-  start = lax.rem(seed, jnp.clip(count, 1, g.cfg.stagger))
-  return lambda n: jnp.where(n + start >= count, n + start - count, n + start)
 
 
 def _bcast(x, shape, dim):
@@ -276,6 +244,31 @@ def _mask(g, x, q_pos, kv_pos, q_seg, kv_seg, q_dim):
     same = _bcast(kv_seg, shape, k_dim) == _bcast(q_seg, shape, q_dim)
     ok = same if ok is None else ok & same
   return jnp.where(ok, x, 0.0)
+
+
+def _apply_mask(g, x, masked, need):
+  """masked(x) as `g.mask_mode` asks: always, only where `need` (skip: a traced bool), or never."""
+  if g.mask_mode == "always":
+    return masked(x)
+  if g.mask_mode == "skip":
+    return lax.cond(need, masked, lambda x: x, x)
+  return x
+
+
+def _copy_sides(g, srcs, dsts, index, at, bar):
+  """TMA-copy the key or query positions (causal) and segment ids (with segments) of global rows
+  `index` from srcs = (pos_ref, seg_ref) into entry `at` of dsts = (pos, seg) shared memory, on
+  `bar` (next to the tiles of those rows)."""
+  for on, src, dst in zip((g.causal, g.has_seg), srcs, dsts):
+    if on:
+      plgpu.copy_gmem_to_smem(src.at[index], dst.at[at], bar)
+
+
+def _load_sides(g, pos, seg, at, layout):
+  """(positions, segment ids) of entry `at` of the shared-memory refs `pos`, `seg` as vectors with
+  `layout`; None for what the launch does not have."""
+  return (_load_vector(pos.at[at], layout) if g.causal else None,
+          _load_vector(seg.at[at], layout) if g.has_seg else None)
 
 
 def _matmuls(*specs, issued=None):
@@ -342,6 +335,25 @@ def _ring_producer(g, stages, total, load, free):
     plgpu.barrier_wait(free.at[lax.rem(n, stages)])
 
 
+def _specialize(g, consumers, scratch, barriers, consumer, producer):
+  """Run consumer(smem, barriers, wg) on warpgroups wg < `consumers` and producer(smem, barriers)
+  on the last one, with the register split of `g.cfg.registers`."""
+  def body(s, b):
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < consumers)
+    def _consume():
+      plgpu.set_max_registers(g.cfg.registers[0], action="increase")
+      consumer(s, b, wg)
+
+    @pl.when(wg == consumers)
+    def _produce():
+      plgpu.set_max_registers(g.cfg.registers[1], action="decrease")
+      producer(s, b)
+
+  pl.run_scoped(body, scratch, barriers, collective_axes="wg")
+
+
 # ----------------------------------------------------------------------------------------------
 # dQ
 
@@ -365,14 +377,14 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
   block_at = lambda n: kv_idx_ref[lb, hu, unit, entry(n)]  # noqa: E731
   ints = lambda *shape: plgpu.SMEM(shape, jnp.int32)  # noqa: E731
   scratch = dict(
-      q=plgpu.SMEM((2, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
-      do=plgpu.SMEM((2, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      q=plgpu.SMEM((2, _WG_ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      do=plgpu.SMEM((2, _WG_ROWS, g.d), g.dtype, transforms=_SWIZZLED),
       k=plgpu.SMEM((stages, sub, g.d), g.dtype, transforms=_SWIZZLED),
       v=plgpu.SMEM((stages, sub, g.d), g.dtype, transforms=_SWIZZLED),
-      lse=plgpu.SMEM((2, _ROWS), jnp.float32),
-      delta=plgpu.SMEM((2, _ROWS), jnp.float32),
-      qpos=ints(2, _ROWS) if g.causal else None,
-      qseg=ints(2, _ROWS) if g.has_seg else None,
+      lse=plgpu.SMEM((2, _WG_ROWS), jnp.float32),
+      delta=plgpu.SMEM((2, _WG_ROWS), jnp.float32),
+      qpos=ints(2, _WG_ROWS) if g.causal else None,
+      qseg=ints(2, _WG_ROWS) if g.has_seg else None,
       pos=ints(stages, sub) if g.causal else None,
       seg=ints(stages, sub) if g.has_seg else None)
   barriers = dict(
@@ -387,30 +399,23 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       bar = b["kv"].at[slot]
       plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], s["k"].at[slot], bar)
       plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], s["v"].at[slot], bar)
-      if g.causal:
-        plgpu.copy_gmem_to_smem(kv_pos_ref.at[batch, rows], s["pos"].at[slot], bar)
-      if g.has_seg:
-        plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, rows], s["seg"].at[slot], bar)
+      _copy_sides(g, (kv_pos_ref, kv_seg_ref), (s["pos"], s["seg"]), (batch, rows), slot, bar)
     _ring_producer(g, stages, parts * count, load, b["free"])
 
   def consumer(s, b, wg):
-    rows = pl.ds(unit * _BLOCK_Q + wg * _ROWS, _ROWS)
+    rows = pl.ds(unit * _BLOCK_Q + wg * _WG_ROWS, _WG_ROWS)
     q_tile, do_tile, bar = s["q"].at[wg], s["do"].at[wg], b["q"].at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, bar)
     plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_tile, bar)
     plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], s["lse"].at[wg], bar)
     plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], s["delta"].at[wg], bar)
-    if g.causal:
-      plgpu.copy_gmem_to_smem(q_pos_ref.at[batch, rows], s["qpos"].at[wg], bar)
-    if g.has_seg:
-      plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], s["qseg"].at[wg], bar)
+    _copy_sides(g, (q_pos_ref, q_seg_ref), (s["qpos"], s["qseg"]), (batch, rows), wg, bar)
     plgpu.barrier_wait(bar)
     lse2 = _lse2(_load_vector(s["lse"].at[wg], _ROW))
     delta = _load_vector(s["delta"].at[wg], _ROW)
-    q_pos = _load_vector(s["qpos"].at[wg], _ROW) if g.causal else None
-    q_seg = _load_vector(s["qseg"].at[wg], _ROW) if g.has_seg else None
+    q_pos, q_seg = _load_sides(g, s["qpos"], s["qseg"], wg, _ROW)
     q_lo = q_min_ref[batch, unit * 2 + wg] if g.mask_mode == "skip" else None
-    shape = (_ROWS, sub)
+    shape = (_WG_ROWS, sub)
     turns = _Turns(b["turn"])
 
     def needs_mask(n):
@@ -418,26 +423,23 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       memory, issued a step ahead so that their latency hides behind the matmuls."""
       return kv_max_ref[batch, block_at(jnp.clip(n, 0, jnp.maximum(count - 1, 0)))] > q_lo
 
+    def needs(n, carried):
+      """(step n's flag, taken from the carry, and step n+1's, to carry on) in skip mode."""
+      return (carried[0], [needs_mask(n + 1)]) if g.mask_mode == "skip" else (None, [])
+
     def grad_logits(slot, sc, dp, need):
       """dS in the input dtype from S, dP of the sub-block in `slot`."""
       p = jnp.exp2(sc * g.scale_log2 - _bcast(lse2, shape, 0))
 
       def masked(p):
-        kv_pos = _load_vector(s["pos"].at[slot], _COL) if g.causal else None
-        kv_seg = _load_vector(s["seg"].at[slot], _COL) if g.has_seg else None
+        kv_pos, kv_seg = _load_sides(g, s["pos"], s["seg"], slot, _COL)
         return _mask(g, p, q_pos, kv_pos, q_seg, kv_seg, q_dim=0)
-      if g.mask_mode == "always":
-        p = masked(p)
-      elif g.mask_mode == "skip":
-        p = lax.cond(need, masked, lambda p: p, p)
+      p = _apply_mask(g, p, masked, need)
       return (p * (dp - _bcast(delta, shape, 0))).astype(g.dtype)
 
     def step(n, carry):
-      dq, *need = carry
-      if g.mask_mode == "skip":
-        need, nxt = need[0], [needs_mask(n + 1)]
-      else:
-        need, nxt = None, []
+      dq, *carried = carry
+      need, nxt = needs(n, carried)
       for c in range(parts):
         slot = lax.rem(parts * n + c, stages)
         k_sub, v_sub = s["k"].at[slot], s["v"].at[slot]
@@ -447,7 +449,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
         ds = grad_logits(slot, sc, dp, need)
         turns.release()
         turns.acquire()
-        (dq,) = _matmuls(((_ROWS, g.d), ds, k_sub, dq))
+        (dq,) = _matmuls(((_WG_ROWS, g.d), ds, k_sub, dq))
         plgpu.barrier_arrive(b["free"].at[slot])
       return (dq, *nxt)
 
@@ -455,11 +457,8 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       """Ring step t issues S, dP of t, then dQ += dS K of t-1 (carried dS; zeros before the
       first, on t's loaded keys), waits for the first two only and computes dS of t while dQ's
       matmul runs; then releases t-1's slot."""
-      dq, ds_prev, *need = carry
-      if g.mask_mode == "skip":
-        need, nxt = need[0], [needs_mask(n + 1)]
-      else:
-        need, nxt = None, []
+      dq, ds_prev, *carried = carry
+      need, nxt = needs(n, carried)
       for c in range(parts):
         t = parts * n + c
         slot = lax.rem(t, stages)
@@ -478,11 +477,11 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
           return dq_ref[...], ds
         dq, ds_prev = pl.run_scoped(
             body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32),
-            plgpu.ACC((_ROWS, g.d), jnp.float32))
+            plgpu.ACC((_WG_ROWS, g.d), jnp.float32))
         pl.when(t > 0)(lambda prev=prev: plgpu.barrier_arrive(b["free"].at[prev]))
       return (dq, ds_prev, *nxt)
 
-    dq = plgpu.layout_cast(jnp.zeros((_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
+    dq = plgpu.layout_cast(jnp.zeros((_WG_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
     need0 = [needs_mask(0)] if g.mask_mode == "skip" else []
     if g.cfg.overlap:
       none = plgpu.layout_cast(jnp.zeros(shape, g.dtype), plgpu.Layout.WGMMA)
@@ -492,7 +491,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       def _last():
         """dQ += dS K of the last ring step, then release its slot."""
         last = lax.rem(parts * count - 1, stages)
-        (dq_,) = _matmuls(((_ROWS, g.d), ds, s["k"].at[last], dq))
+        (dq_,) = _matmuls(((_WG_ROWS, g.d), ds, s["k"].at[last], dq))
         plgpu.barrier_arrive(b["free"].at[last])
         q_tile[...] = (dq_ * g.sm_scale).astype(g.dtype)
 
@@ -508,20 +507,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
     plgpu.wait_smem_to_gmem(0)
 
-  def body(s, b):
-    wg = lax.axis_index("wg")
-
-    @pl.when(wg < 2)
-    def _consume():
-      plgpu.set_max_registers(g.cfg.registers[0], action="increase")
-      consumer(s, b, wg)
-
-    @pl.when(wg == 2)
-    def _produce():
-      plgpu.set_max_registers(g.cfg.registers[1], action="decrease")
-      producer(s, b)
-
-  pl.run_scoped(body, scratch, barriers, collective_axes="wg")
+  _specialize(g, 2, scratch, barriers, consumer, producer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,16 +552,16 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
   ints = lambda *shape: plgpu.SMEM(shape, jnp.int32)  # noqa: E731
   f32 = lambda *shape: plgpu.SMEM(shape, jnp.float32)  # noqa: E731
   scratch = dict(
-      k=plgpu.SMEM((nc, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
-      v=plgpu.SMEM((nc, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
-      q=plgpu.SMEM((stages, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
-      do=plgpu.SMEM((stages, _ROWS, g.d), g.dtype, transforms=_SWIZZLED),
-      lse=f32(stages, _ROWS),
-      delta=f32(stages, _ROWS),
-      kpos=ints(nc, _ROWS) if g.causal else None,
-      kseg=ints(nc, _ROWS) if g.has_seg else None,
-      pos=ints(stages, _ROWS) if g.causal else None,
-      seg=ints(stages, _ROWS) if g.has_seg else None)
+      k=plgpu.SMEM((nc, _WG_ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      v=plgpu.SMEM((nc, _WG_ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      q=plgpu.SMEM((stages, _WG_ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      do=plgpu.SMEM((stages, _WG_ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      lse=f32(stages, _WG_ROWS),
+      delta=f32(stages, _WG_ROWS),
+      kpos=ints(nc, _WG_ROWS) if g.causal else None,
+      kseg=ints(nc, _WG_ROWS) if g.has_seg else None,
+      pos=ints(stages, _WG_ROWS) if g.causal else None,
+      seg=ints(stages, _WG_ROWS) if g.has_seg else None)
   barriers = dict(
       kv=plgpu.Barrier(num_arrivals=2 + g.side_copies, num_barriers=nc),
       q=plgpu.Barrier(num_arrivals=4 + g.side_copies, num_barriers=stages),
@@ -587,16 +573,13 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     total = _HALVES * total_steps()   # ring steps: half units
 
     def load(t, slot, head, unit, half):
-      rows = pl.ds(unit * _BLOCK_Q + half * _ROWS, _ROWS)
+      rows = pl.ds(unit * _BLOCK_Q + half * _WG_ROWS, _WG_ROWS)
       bar = b["q"].at[slot]
       plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], s["q"].at[slot], bar)
       plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], s["do"].at[slot], bar)
       plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], s["lse"].at[slot], bar)
       plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], s["delta"].at[slot], bar)
-      if g.causal:
-        plgpu.copy_gmem_to_smem(q_pos_ref.at[batch, rows], s["pos"].at[slot], bar)
-      if g.has_seg:
-        plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], s["seg"].at[slot], bar)
+      _copy_sides(g, (q_pos_ref, q_seg_ref), (s["pos"], s["seg"]), (batch, rows), slot, bar)
 
     def issue(n, head, unit, carry):
       for half in range(_HALVES):
@@ -612,19 +595,15 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       plgpu.barrier_wait(b["free"].at[lax.rem(n, stages)])
 
   def consumer(s, b, wg):
-    keys = pl.ds(block * g.block_k + wg * _ROWS, _ROWS)
+    keys = pl.ds(block * g.block_k + wg * _WG_ROWS, _WG_ROWS)
     k_tile, v_tile, bar = s["k"].at[wg], s["v"].at[wg], b["kv"].at[wg]
     plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_tile, bar)
     plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_tile, bar)
-    if g.causal:
-      plgpu.copy_gmem_to_smem(kv_pos_ref.at[batch, keys], s["kpos"].at[wg], bar)
-    if g.has_seg:
-      plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], s["kseg"].at[wg], bar)
+    _copy_sides(g, (kv_pos_ref, kv_seg_ref), (s["kpos"], s["kseg"]), (batch, keys), wg, bar)
     plgpu.barrier_wait(bar)
-    kv_pos = _load_vector(s["kpos"].at[wg], _ROW) if g.causal else None
-    kv_seg = _load_vector(s["kseg"].at[wg], _ROW) if g.has_seg else None
+    kv_pos, kv_seg = _load_sides(g, s["kpos"], s["kseg"], wg, _ROW)
     kv_hi = kv_max_ref[batch, block * nc + wg] if g.mask_mode == "skip" else None
-    shape = (_ROWS, _ROWS)   # Sᵀ, dPᵀ of one half unit (the wgmma K of dV += Pᵀ dO: 64)
+    shape = (_WG_ROWS, _WG_ROWS)   # Sᵀ, dPᵀ of one half unit (the wgmma K of dV += Pᵀ dO: 64)
     turns = _Turns(b["turn"])
 
     def needs_masks(unit):
@@ -639,13 +618,9 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       pt = jnp.exp2(st * g.scale_log2 - _bcast(lse2, shape, 1))
 
       def masked(p):
-        q_pos = _load_vector(s["pos"].at[slot], _COL) if g.causal else None
-        q_seg = _load_vector(s["seg"].at[slot], _COL) if g.has_seg else None
+        q_pos, q_seg = _load_sides(g, s["pos"], s["seg"], slot, _COL)
         return _mask(g, p, q_pos, kv_pos, q_seg, kv_seg, q_dim=1)
-      if g.mask_mode == "always":
-        pt = masked(pt)
-      elif g.mask_mode == "skip":
-        pt = lax.cond(need, masked, lambda p: p, pt)
+      pt = _apply_mask(g, pt, masked, need)
       delta = _load_vector(s["delta"].at[slot], _COL)
       return pt.astype(g.dtype), (pt * (dpt - _bcast(delta, shape, 1))).astype(g.dtype)
 
@@ -661,7 +636,7 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
         pt, dst = probs(slot, st, dpt, needs[half])
         turns.release()
         turns.acquire()
-        dv, dk = _matmuls(((_ROWS, g.d), pt, do_sub, dv), ((_ROWS, g.d), dst, q_sub, dk))
+        dv, dk = _matmuls(((_WG_ROWS, g.d), pt, do_sub, dv), ((_WG_ROWS, g.d), dst, q_sub, dk))
         plgpu.barrier_arrive(b["free"].at[slot])
       return dk, dv
 
@@ -692,11 +667,11 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
           pt, dst = probs(slot, st, dpt, need)
           return dk_ref[...], dv_ref[...], pt, dst
         dk, dv, pt_prev, dst_prev = pl.run_scoped(
-            body, *[plgpu.ACC(shp, jnp.float32) for shp in (shape, shape, (_ROWS, g.d), (_ROWS, g.d))])
+            body, *[plgpu.ACC(shp, jnp.float32) for shp in (shape, shape, (_WG_ROWS, g.d), (_WG_ROWS, g.d))])
         pl.when(t > 0)(lambda prev=prev: plgpu.barrier_arrive(b["free"].at[prev]))
       return dk, dv, pt_prev, dst_prev
 
-    zeros = plgpu.layout_cast(jnp.zeros((_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
+    zeros = plgpu.layout_cast(jnp.zeros((_WG_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
     if g.cfg.overlap:
       none = plgpu.layout_cast(jnp.zeros(shape, g.dtype), plgpu.Layout.WGMMA)
       dk, dv, pt, dst = for_each_step(step_overlapped, (zeros, zeros, none, none))
@@ -706,8 +681,8 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       def _last():
         """dV, dK of the last ring step, then release its slot."""
         last = lax.rem(total - 1, stages)
-        dv_, dk_ = _matmuls(((_ROWS, g.d), pt, s["do"].at[last], dv),
-                            ((_ROWS, g.d), dst, s["q"].at[last], dk))
+        dv_, dk_ = _matmuls(((_WG_ROWS, g.d), pt, s["do"].at[last], dv),
+                            ((_WG_ROWS, g.d), dst, s["q"].at[last], dk))
         plgpu.barrier_arrive(b["free"].at[last])
         k_tile[...] = (dk_ * g.sm_scale).astype(g.dtype)
         v_tile[...] = dv_.astype(g.dtype)
@@ -727,20 +702,7 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[batch, keys, kv_head])
     plgpu.wait_smem_to_gmem(0)
 
-  def body(s, b):
-    wg = lax.axis_index("wg")
-
-    @pl.when(wg < nc)
-    def _consume():
-      plgpu.set_max_registers(g.cfg.registers[0], action="increase")
-      consumer(s, b, wg)
-
-    @pl.when(wg == nc)
-    def _produce():
-      plgpu.set_max_registers(g.cfg.registers[1], action="decrease")
-      producer(s, b)
-
-  pl.run_scoped(body, scratch, barriers, collective_axes="wg")
+  _specialize(g, nc, scratch, barriers, consumer, producer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -762,14 +724,7 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   Mosaic GPU interpreter's parameters (`InterpretGPUParams`) passed to `plgpu.kernel`.
   kernels: which kernels to launch (benchmarks time them apart); a skipped one's outputs are None."""
   del out  # probabilities are recomputed from lse; delta carries rowsum(dO * O) - dlse
-  if interpret is True:
-    raise ValueError("mosaic_gpu_bwd cannot run with interpret=True (jax's Mosaic GPU interpreter "
-                     "lacks register/transposed wgmma); pass InterpretGPUParams with the extended "
-                     "interpreter of tests/pallas_kernels/test_mosaic_gpu.py")
-  if window is not None:
-    raise ValueError(f"mosaic_gpu_bwd does not support a sliding window; got window={window}")
-  if not float(sm_scale) > 0:
-    raise ValueError(f"mosaic_gpu_bwd needs sm_scale > 0; got sm_scale={sm_scale}")
+  _check_call("mosaic_gpu_bwd", interpret, window, sm_scale)
   has_seg = q_seg is not None
   cfg = config or default_config(q, layout)
   check_supported(q, k, v, layout, cfg, has_seg)
@@ -777,9 +732,9 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   b, tq, hq, d = q.shape
   tk, hkv = k.shape[1], k.shape[2]
   q_pos, kv_pos = q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
-  q_min = q_pos.reshape(b, tq // _ROWS, _ROWS).min(-1)                   # [B, Tq/64]
+  q_min = q_pos.reshape(b, tq // _WG_ROWS, _WG_ROWS).min(-1)                   # [B, Tq/64]
   kv_max_dq = kv_pos.reshape(b, g.nk, g.block_k).max(-1)                # [B, nk]
-  kv_max_dkv = kv_pos.reshape(b, tk // _ROWS, _ROWS).max(-1)            # [B, Tk/64]
+  kv_max_dkv = kv_pos.reshape(b, tk // _WG_ROWS, _WG_ROWS).max(-1)            # [B, Tk/64]
   aux = [q_pos, kv_pos]
   if has_seg:
     aux += [q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)]
@@ -806,21 +761,16 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   return dq, dk, dv
 
 
-def attention(q, k, v, layout, q_pos, kv_pos, q_seg=None, kv_seg=None, *, sm_scale, causal,
-              fwd_config=None, bwd_config: BwdConfig | None = None, interpret=False):
-  """(out, lse) of `mosaic_gpu.forward`, differentiable in q, k, v through this backward."""
-  from pallas_kernels.block_sparse import mosaic_gpu  # noqa: PLC0415
-
-  def fwd_impl(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg):
-    return mosaic_gpu.forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, sm_scale=sm_scale,
-                              causal=causal, interpret=interpret, config=fwd_config)
-
+def with_vjp(fwd, bwd):
+  """A differentiable (out, lse) = fwd(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg) whose backward
+  is bwd(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg) -> (dq, dk, dv),
+  delta = rowsum(dO * O) - dlse as api.py computes it (0 on rows with lse -inf)."""
   @jax.custom_vjp
-  def attend(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg):
-    return fwd_impl(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)
+  def attend(*args):
+    return fwd(*args)
 
   def attend_fwd(*args):
-    out, lse = fwd_impl(*args)
+    out, lse = fwd(*args)
     return (out, lse), (*args, out, lse)
 
   def attend_bwd(res, cot):
@@ -829,10 +779,18 @@ def attention(q, k, v, layout, q_pos, kv_pos, q_seg=None, kv_seg=None, *, sm_sca
     row = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32),
                      precision=lax.Precision.HIGHEST)
     delta = jnp.where(jnp.isneginf(lse), 0.0, row - d_lse.astype(jnp.float32))
-    grads = backward(q, k, v, out, lse, delta, d_out.astype(q.dtype), layout, q_pos, kv_pos, q_seg,
-                     kv_seg, sm_scale=sm_scale, causal=causal, interpret=interpret,
-                     config=bwd_config)
+    grads = bwd(q, k, v, out, lse, delta, d_out.astype(q.dtype), layout, q_pos, kv_pos, q_seg, kv_seg)
     return (*grads, None, None, None, None, None)
 
   attend.defvjp(attend_fwd, attend_bwd)
-  return attend(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)
+  return attend
+
+
+def attention(q, k, v, layout, q_pos, kv_pos, q_seg=None, kv_seg=None, *, sm_scale, causal,
+              fwd_config=None, bwd_config: BwdConfig | None = None, interpret=False):
+  """(out, lse) of `mosaic_gpu.forward`, differentiable in q, k, v through this backward."""
+  fwd = functools.partial(mosaic_gpu.forward, sm_scale=sm_scale, causal=causal, interpret=interpret,
+                          config=fwd_config)
+  bwd = functools.partial(backward, sm_scale=sm_scale, causal=causal, interpret=interpret,
+                          config=bwd_config)
+  return with_vjp(fwd, bwd)(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)

@@ -230,7 +230,9 @@ def _shapes(tq=256, tk=256, d=128, dv=None, dtype=jnp.bfloat16):
           jax.ShapeDtypeStruct((1, tk, 2, dv or d), dtype))
 
 
-@pytest.mark.parametrize("shapes, layout, config, message", [
+# (shapes, (block_q, block_k), config, message) that this forward and mosaic_gpu_bwd both refuse
+# (non-causal: no ragged ends); test_mosaic_gpu_bwd.py adds the backward's own
+SHARED_REFUSALS = [
     (_shapes(dtype=jnp.float32), (128, 64), None, "bfloat16 or all float16"),
     (_shapes(d=96), (128, 64), None, "Dqk = Dv in"),
     (_shapes(dv=64), (128, 64), None, "Dqk = Dv in"),
@@ -238,6 +240,11 @@ def _shapes(tq=256, tk=256, d=128, dv=None, dtype=jnp.bfloat16):
     (_shapes(), (128, 32), None, "block_k in"),
     (_shapes(tq=200), (128, 64), None, "Tq=200"),
     (_shapes(tk=200), (128, 64), None, "Tk=200"),
+]
+
+
+@pytest.mark.parametrize("shapes, layout, config, message", [
+    *SHARED_REFUSALS,
     (_shapes(), (128, 128), mosaic_gpu.MosaicConfig(num_stages=3), "shared memory"),
 ])
 def test_check_supported_names_the_value(shapes, layout, config, message):

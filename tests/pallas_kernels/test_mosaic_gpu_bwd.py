@@ -24,6 +24,7 @@ test_mosaic_gpu = pytest.importorskip("test_mosaic_gpu")
 extended_interpreter = test_mosaic_gpu.extended_interpreter
 InterpretGPUParams = test_mosaic_gpu.InterpretGPUParams
 _inputs = test_mosaic_gpu._inputs
+_shapes = test_mosaic_gpu._shapes
 Cfg = mosaic_gpu_bwd.BwdConfig
 
 
@@ -132,11 +133,6 @@ def test_attention_grad_lowers_for_cuda():
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 3
 
 
-def _shapes(tq=256, tk=256, d=128, dv=None, dtype=jnp.bfloat16):
-  return (jax.ShapeDtypeStruct((1, tq, 2, d), dtype), jax.ShapeDtypeStruct((1, tk, 2, d), dtype),
-          jax.ShapeDtypeStruct((1, tk, 2, dv or d), dtype))
-
-
 def _long_list_layout():
   """Every query unit lists KV block 0 and its own block (NSA-like): block 0's list is long."""
   nq = 64
@@ -145,13 +141,7 @@ def _long_list_layout():
 
 
 @pytest.mark.parametrize("shapes, layout, config, message", [
-    (_shapes(dtype=jnp.float32), (128, 64), None, "bfloat16 or all float16"),
-    (_shapes(d=96), (128, 64), None, "Dqk = Dv in"),
-    (_shapes(dv=64), (128, 64), None, "Dqk = Dv in"),
-    (_shapes(), (64, 64), None, "block_q=128"),
-    (_shapes(), (128, 32), None, "block_k in"),
-    (_shapes(tq=200), (128, 64), None, "Tq=200"),
-    (_shapes(tk=200), (128, 64), None, "Tk=200"),
+    *test_mosaic_gpu.SHARED_REFUSALS,
     (_shapes(), (128, 128), Cfg(dq_stages=3, dq_sub_k=None), "dq_stages=3"),
     (_shapes(), (128, 128), Cfg(dq_stages=5), "dq_stages=5"),
     (_shapes(), (128, 128), Cfg(dkv_stages=5), "dkv_stages=5"),

@@ -643,12 +643,16 @@ def on_hopper() -> bool:
   return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
-def _mosaic_bwd_config(q, k, v, layout, cfgs, has_seg, sm_scale, interpret, window):
+def _mosaic_bwd_config(q, k, v, layout, cfgs, has_seg, sm_scale, causal, interpret, window):
   """The `mosaic_gpu_bwd.BwdConfig` to run this backward with, or None for the Triton kernels
-  (both "dq" and "dkv" configs must allow Mosaic)."""
+  (both "dq" and "dkv" configs must allow Mosaic, and the Triton dK/dV kernel must not be one that
+  splits its lists: the Mosaic one does not, and was measured only on shapes that need no split)."""
   if not (cfgs["dq"].mosaic and cfgs["dkv"].mosaic) or interpret or window is not None:
     return None
   if not sm_scale > 0 or not on_hopper():
+    return None
+  g = _geometry(q, k, v, layout, cfgs["dkv"], sm_scale, causal, has_seg, window)
+  if _list_chunk(g, layout, cfgs["dkv"], q.shape[0]):
     return None
   bcfg = dataclasses.replace(mosaic_gpu_bwd.default_config(q, layout), stagger=cfgs["dq"].stagger)
   try:
@@ -674,7 +678,8 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
              causal, interpret, window=None, configs: dict[str, KernelConfig] | None = None):
   """(dq, dk, dv) in the dtypes of (q, k, v). `delta [B, Hq, Tq]` = rowsum(dO * O) - dlse."""
   cfgs = dict(default_configs(q, k, v, layout), **(configs or {}))
-  mosaic = _mosaic_bwd_config(q, k, v, layout, cfgs, q_seg is not None, sm_scale, interpret, window)
+  mosaic = _mosaic_bwd_config(q, k, v, layout, cfgs, q_seg is not None, sm_scale, causal, interpret,
+                              window)
   if mosaic is not None:
     return mosaic_gpu_bwd.backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg,
                                    kv_seg, sm_scale=sm_scale, causal=causal, config=mosaic)

@@ -113,6 +113,9 @@ def run_sections(sections: dict, args, results: dict) -> None:
     """A benchmark script's main loop: record the device, versions, date and command line in
     results["meta"], then run sections[name](args) for each name of the comma list `args.sections`,
     writing `results` to the JSON file `args.out` after each (finished sections survive a failure)."""
+    unknown = [name for name in args.sections.split(",") if name not in sections]
+    if unknown:
+        raise SystemExit(f"--sections: unknown {unknown}; choose from {list(sections)}")
     dev = jax.devices()[0]
     results["meta"] = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                            python=platform.python_version(), date=datetime.datetime.now(

@@ -60,6 +60,8 @@ _HEAD_DIMS = (64, 128)
 _DTYPES = (jnp.bfloat16, jnp.float16)
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a Hopper CTA may use
 _SMEM_RESERVED = 4 * 1024  # barriers, reduction scratch and alignment
+# List walks start within the first 64 entries (`MosaicConfig.stagger`, `pallas_gpu.KernelConfig.
+# stagger`): 64 128x128 K/V blocks of one head are 4 MiB in bf16, well inside an H200's L2.
 STAGGER = 64
 
 

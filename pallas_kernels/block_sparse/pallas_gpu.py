@@ -64,9 +64,8 @@ _MIN_ROWS = 16  # smallest M of a tensor-core tile
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _BLOCK_K_CHOICES = (16, 32, 64, 128)
 _MAX_HEAD_DIM = 256
-# KernelConfig.stagger of units of several tokens: starts spread over 64 entries (64 128x128 K/V
-# blocks of one head are 4 MiB in bf16, well inside an H200's L2; see the field's docstring).
-STAGGER = 64
+# KernelConfig.stagger of units of several tokens: the Mosaic kernels' span, one number for both
+STAGGER = mosaic_gpu.STAGGER
 # dK/dV: fewer programs than this (KV blocks x KV heads x batch) split their lists (_list_chunk) into
 # chunks of at least _DKV_MIN_CHUNK_STEPS steps, about _DKV_SPLIT_PROGRAMS programs in all.
 _DKV_MIN_PROGRAMS = 1024

@@ -9,7 +9,9 @@ Sections (select with --sections, default check,dense,variants):
             causal (block_k 128 and 64 with GQA 2), a random non-causal layout with empty rows,
             random causal GQA 4 with one list per KV head (Hl = Hkv), segment ids with causal
             masking, float16 with D = 64 and segments, a layout of batch 1 broadcast over batch 2;
-            then a few of them under the launch variants (overlap, pingpong, dq_sub_k=None).
+            then a few of them under the launch variants (overlap, pingpong, dq_sub_k=None), with
+            split dK/dV lists (`list_chunk`), and with ragged ends (NSA's compression shape:
+            Tk = Tq/16 - 1, split; and Tq = Tk = L - 40).
   dense     dense causal layout, bf16, B=1, H=16 q heads, 16 KV heads, D=128, L in --lengths:
             forward+backward time (jax.grad of sum(out * dO) in q, k, v) and TFLOP/s (FLOPs
             3.5 * 4*B*H*L^2*D/2) of: mosaic fwd + mosaic bwd, mosaic fwd + pallas_gpu bwd,
@@ -56,10 +58,10 @@ def guarded(name, fn):
   return result
 
 
-def qkv(seed, b, t, hq, hkv, d, dtype=jnp.bfloat16):
+def qkv(seed, b, t, hq, hkv, d, dtype=jnp.bfloat16, tk=None):
   k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
-  q, k, v = (jax.random.normal(key, (b, t, h, d), jnp.float32).astype(dtype)
-             for key, h in ((k1, hq), (k2, hkv), (k3, hkv)))
+  q, k, v = (jax.random.normal(key, (b, n, h, d), jnp.float32).astype(dtype)
+             for key, n, h in ((k1, t, hq), (k2, tk or t, hkv), (k3, tk or t, hkv)))
   d_out = jax.random.normal(k4, (b, t, hq, d), jnp.float32).astype(dtype)
   return q, k, v, d_out
 
@@ -187,22 +189,34 @@ def section_check(args):
       ("random causal GQA4 Hl=Hkv [overlap, dq_sub_k=None]", dict(hq=8, hkv=2, d=128),
        lambda: random_layout(2, t, 2, 128, 0.4, causal=True), True, False,
        dict(overlap=True, dq_sub_k=None, dq_stages=2)),
+      # split dK/dV lists (float32 partials summed in order) and ragged ends: NSA's compression
+      # attention's shape (Tk = Tq / 16 - 1 keys, GQA 4 with a list per KV head, segment ids)
+      ("dense causal bk128 [split 2]", dict(hq=4, hkv=4, d=128), lambda: causal_layout(t, 128, 4),
+       True, False, dict(list_chunk=2, dkv_stages=2)),
+      ("random causal GQA4 Hl=Hkv [split 1, overlap]", dict(hq=8, hkv=2, d=128),
+       lambda: random_layout(2, t, 2, 128, 0.4, causal=True), True, False,
+       dict(list_chunk=1, dkv_stages=2, overlap=True)),
+      ("ragged Tk=Tq/16-1 GQA4 Hl=Hkv segments [split 1]", dict(hq=8, hkv=2, d=128, tk=t // 16 - 1),
+       lambda: BlockLayout.causal(t, t // 16 - 1, block_q=128, block_k=64, num_head_units=2),
+       True, True, dict(list_chunk=1, dkv_stages=3)),
+      ("ragged Tq=Tk=L-40 [by shape]", dict(hq=4, hkv=4, d=128, tq=t - 40, tk=t - 40),
+       lambda: causal_layout(t - 40, 128, 4), True, False, dict()),
   ]
   out = RESULTS["check"] = {}
   for name, sh, make_layout, causal, segments, changes in cases:
     def check(sh=sh, make_layout=make_layout, causal=causal, segments=segments, changes=changes):
       layout = make_layout()
-      b = sh.get("b", 1)
-      q, k, v, d_out = qkv(7, b, t, sh["hq"], sh["hkv"], sh["d"], sh.get("dtype", jnp.bfloat16))
-      d_lse = jax.random.normal(jax.random.key(8), (b, sh["hq"], t), jnp.float32)
+      b, tq, tk = sh.get("b", 1), sh.get("tq", t), sh.get("tk", t)
+      q, k, v, d_out = qkv(7, b, tq, sh["hq"], sh["hkv"], sh["d"], sh.get("dtype", jnp.bfloat16), tk)
+      d_lse = jax.random.normal(jax.random.key(8), (b, sh["hq"], tq), jnp.float32)
       seg = ()
-      if segments:  # three segments of random lengths, per batch row
-        cuts = jax.random.randint(jax.random.key(5), (b, 2), 1, t)
-        ids = (jnp.arange(t)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(jnp.int32)
-        seg = (ids, ids)
+      if segments:  # three segments of random lengths over the longer side, per batch row
+        cuts = jax.random.randint(jax.random.key(5), (b, 2), 1, max(tq, tk))
+        ids = lambda n: (jnp.arange(n)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(jnp.int32)  # noqa: E731
+        seg = (ids(tq), ids(tk))
       cfg = None
-      if changes:
-        cfg = dataclasses.replace(mosaic_gpu_bwd.default_config(q, layout), **changes)
+      if changes is not None:
+        cfg = dataclasses.replace(mosaic_gpu_bwd.default_config(q, layout, k.shape[2]), **changes)
       got = run(grad_fn(attention_fn("mosaic", layout, causal, cfg)), q, k, v, d_out, d_lse, *seg)
       if got is None:
         return dict(lowered=True)

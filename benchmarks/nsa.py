@@ -36,6 +36,7 @@ from timing import bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pallas_kernels.block_sparse import pallas_gpu  # noqa: E402
 from pallas_kernels.nsa_importance import ImportanceConfig, importance_scores  # noqa: E402
 from sparsejax.attention import compressed as cmp_lib  # noqa: E402
 from sparsejax.attention.compressed import CompressionParams  # noqa: E402
@@ -104,10 +105,24 @@ def fwd_bwd(fn, argnums):
 CMP_BLOCK_Q_AB = 64
 
 
+def triton_backward(fn):
+    """fn, traced with `pallas_gpu.backward` on its Triton kernels even where the Mosaic GPU backward
+    would run (the A/B of the Mosaic backward; the forward is unchanged)."""
+    def traced(*args):
+        saved = pallas_gpu._mosaic_bwd_config
+        pallas_gpu._mosaic_bwd_config = lambda *a, **k: None
+        try:
+            return fn(*args)
+        finally:
+            pallas_gpu._mosaic_bwd_config = saved
+    return traced
+
+
 def breakdown(args, spec, t, dtype):
     """Forward time of each NSA piece at length t and, as `<piece>_fwd_bwd`, its forward + backward
-    (compression MLP, compression / selection / window attention, and the compression attention
-    with query blocks of `CMP_BLOCK_Q_AB` as `cmp_attention_bq<n>`); the importance pass + top-n on each
+    (compression MLP, compression / selection / window attention, the compression attention with
+    its backward on the Triton kernels as `cmp_attention_fwd_bwd_triton_bwd` and with query blocks
+    of `CMP_BLOCK_Q_AB` as `cmp_attention_bq<n>`); the importance pass + top-n on each
     implementation (A/B), the Pallas kernel's scores alone for a few launch configurations, and top-n
     alone."""
     x = make_inputs(args, t, dtype)
@@ -127,6 +142,8 @@ def breakdown(args, spec, t, dtype):
     cmp_attention = jax.jit(cmp_fn)
     pieces["cmp_attention"] = bench(cmp_attention, x["q"], kc, vc, x["segment_ids"])[0]
     pieces["cmp_attention_fwd_bwd"] = bench(fwd_bwd(cmp_fn, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
+    pieces["cmp_attention_fwd_bwd_triton_bwd"] = bench(
+        fwd_bwd(triton_backward(cmp_fn), (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
     if CMP_BLOCK_Q_AB != spec.compress_kernel_block_q:
         ab = functools.partial(cmp_fn, block_q=CMP_BLOCK_Q_AB)
         pieces[f"cmp_attention_bq{CMP_BLOCK_Q_AB}"] = bench(jax.jit(ab), x["q"], kc, vc, x["segment_ids"])[0]

@@ -47,12 +47,18 @@ segment ids, causal tiles whose largest key position is <= the smallest query po
 rows, reduced by XLA before the launch) skip the element mask. Rows with lse = -inf give P = 0
 (lse·log2e is replaced by +inf), so they contribute nothing and never NaN.
 
+Split lists. One dK/dV program per KV block serialises the backward when one block's list is far
+longer than the others (NSA's always-selected block 0) or when there are too few blocks to fill
+the GPU (NSA's compression attention: 32 KV blocks x 4 heads at 64k, block 0 listing every query
+unit). `list_chunk` then cuts every list into chunks (`split.chunk_table`, as `pallas_gpu` does):
+one program per chunk walks it for each query head of its head unit and writes float32 partial
+dK, dV tiles through a staging tile; XLA sums each block's partials one at a time in program order
+(deterministic).
+
 Supported (`check_supported`): bfloat16 or float16; Dqk = Dv in {64, 128}; block_q = 128; block_k
-in {64, 128}; Tq a multiple of 128 and Tk of block_k; no sliding window; sm_scale > 0; and no
-layout whose KV-major lists can be much longer than the mean: `pallas_gpu` splits such lists into
-chunks (`pallas_gpu._list_chunk`, e.g. NSA's always-selected block 0); this first version rejects
-them (the same static test on shapes: nq > 4 * ceil(nq * K / nk)) and the caller falls back to
-Triton. Launch parameters: `BwdConfig`.
+in {64, 128}; Tq a multiple of 128 and Tk of block_k, or any lengths with causal masking
+(`backward` pads them as `mosaic_gpu.forward` does: padded keys after every query, padded query
+rows with lse -inf); no sliding window; sm_scale > 0. Launch parameters: `BwdConfig`.
 
 `attention(...)`: mosaic_gpu.forward + this backward under one custom_vjp (`with_vjp`, which
 benchmarks also use; the library's dispatch lives in api.py).
@@ -72,12 +78,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.block_sparse import mosaic_gpu
+from pallas_kernels.block_sparse import mosaic_gpu, split
 from pallas_kernels.block_sparse.mosaic_gpu import (
     _BLOCK_Q, _LOG2E, _SMEM_RESERVED, _WG_ROWS, SMEM_LIMIT, STAGGER, _check_call, _check_smem,
-    _check_tiles, _load_vector, _walk)
+    _check_tiles, _load_vector, _pad_ragged, _walk)
 
 _HALVES = _BLOCK_Q // _WG_ROWS  # dK/dV ring slots (of 64 query rows) per query unit
+# dK/dV list split (`list_chunk`): below this many whole-list programs (two waves of an H200's 132
+# SMs) the lists are cut into chunks of at least _MIN_CHUNK entries, about _SPLIT_PROGRAMS programs.
+_SPLIT_BELOW_PROGRAMS = 264
+_SPLIT_PROGRAMS = 2048
+_MIN_CHUNK = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +113,8 @@ class BwdConfig:
     accumulators and Sᵀ, dPᵀ: FA3's 240 / 24 split.
   stagger: list walks start at entry (program index mod min(stagger, count)), wrapping around
     (`mosaic_gpu.MosaicConfig.stagger`); 0: at entry 0.
+  list_chunk: dK/dV list entries per program (`split`): None picks by shape (`list_chunk`), 0
+    never splits.
   """
   dq_stages: int = 2
   dkv_stages: int = 2
@@ -110,6 +123,7 @@ class BwdConfig:
   overlap: bool = False
   registers: tuple[int, int] = (240, 24)
   stagger: int = STAGGER
+  list_chunk: int | None = None
 
   def __post_init__(self):
     for name in ("dq_stages", "dkv_stages"):
@@ -119,6 +133,8 @@ class BwdConfig:
       raise ValueError(f"dq_sub_k={self.dq_sub_k} must be 64, 128 or None")
     if self.stagger < 0:
       raise ValueError(f"stagger={self.stagger} must be >= 0 (0: no stagger)")
+    if self.list_chunk is not None and self.list_chunk < 0:
+      raise ValueError(f"list_chunk={self.list_chunk} must be None (by shape), 0 (never split) or > 0")
     cons, prod = self.registers
     if cons % 8 or prod % 8 or not 24 <= prod <= cons <= 256 or 2 * cons + prod > 512:
       raise ValueError(f"registers={self.registers} must be multiples of 8 with 24 <= producer <= "
@@ -133,48 +149,65 @@ def dq_smem_bytes(d, slot_k, stages, itemsize, has_seg):
   return tiles + ints + 2 * 4 * _BLOCK_Q + _SMEM_RESERVED
 
 
-def dkv_smem_bytes(d, block_k, stages, itemsize, has_seg):
+def dkv_smem_bytes(d, block_k, stages, itemsize, has_seg, partials=False):
   """Shared memory of a dK/dV program: K, V tiles, the ring of half units (Q, dO, lse, delta,
-  positions / segment ids of 64 rows)."""
+  positions / segment ids of 64 rows); partials (split lists): plus a float32 staging tile per
+  consumer."""
   tiles = 2 * block_k * d * itemsize + stages * 2 * _WG_ROWS * d * itemsize
   ints = (1 + has_seg) * 4 * (block_k + stages * _WG_ROWS) + stages * 2 * 4 * _WG_ROWS
-  return tiles + ints + _SMEM_RESERVED
+  return tiles + ints + partials * block_k * d * 4 + _SMEM_RESERVED
 
 
-def default_config(q, layout) -> BwdConfig:
+def default_config(q, layout, num_kv_heads: int | None = None) -> BwdConfig:
   """The deepest rings (dQ: up to 6 sub-blocks of 64 keys, dK/dV: up to 6 half units) that fit
-  shared memory, segment ids included."""
+  shared memory, segment ids included (and the split's staging tiles when `list_chunk` splits the
+  lists of this call: pass num_kv_heads, q's batch is the batch)."""
   d, size, bk = q.shape[-1], jnp.dtype(q.dtype).itemsize, layout.block_k
-  deepest = lambda fn, slot: max(  # noqa: E731
-      s for s in range(2, 7) if s == 2 or fn(d, slot, s, size, True) <= SMEM_LIMIT)
-  return BwdConfig(dq_stages=deepest(dq_smem_bytes, _WG_ROWS), dkv_stages=deepest(dkv_smem_bytes, bk))
+  splits = num_kv_heads is not None and list_chunk(layout, num_kv_heads, q.shape[0], BwdConfig()) > 0
+  deepest = lambda fn, slot, *extra: max(  # noqa: E731
+      s for s in range(2, 7) if s == 2 or fn(d, slot, s, size, True, *extra) <= SMEM_LIMIT)
+  return BwdConfig(dq_stages=deepest(dq_smem_bytes, _WG_ROWS),
+                   dkv_stages=deepest(dkv_smem_bytes, bk, splits))
 
 
-def long_lists(layout) -> bool:
-  """Whether one KV block's inverse list can be much longer than the mean (the static test of
-  `pallas_gpu._list_chunk`: nq > 4 * ceil(nq * K / nk)), where pallas_gpu splits the lists."""
+def list_chunk(layout, num_kv_heads: int, batch: int, config: BwdConfig) -> int:
+  """dK/dV list entries per program, 0 for one program per (KV block, KV head, batch).
+
+  `config.list_chunk` if set. Otherwise split when one KV block's list can be much longer than the
+  mean (nq > 4 * ceil(nq * K / nk), `pallas_gpu._list_chunk`'s test: e.g. NSA's always-selected
+  block 0), into chunks of twice the mean; or when there are fewer whole-list programs than
+  _SPLIT_BELOW_PROGRAMS (a causal layout over few KV blocks, e.g. NSA's compression attention:
+  32 blocks x 4 KV heads at 64k, block 0 listing every query unit), into chunks of at least
+  _MIN_CHUNK entries, about _SPLIT_PROGRAMS programs in all."""
+  if config.list_chunk is not None:
+    return config.list_chunk
   nq, cap = layout.kv_indices.shape[2:]
   mean = -(-nq * cap // layout.num_kv_blocks)
-  return nq > 4 * mean
+  if nq > 4 * mean:
+    return max(_MIN_CHUNK, 2 * mean)
+  if layout.num_kv_blocks * num_kv_heads * batch < _SPLIT_BELOW_PROGRAMS:
+    entries = nq * cap * layout.kv_indices.shape[1] * batch  # bound on the entries of all lists
+    chunk = max(_MIN_CHUNK, -(-entries // _SPLIT_PROGRAMS))
+    return chunk if nq > chunk else 0
+  return 0
 
 
-def check_supported(q, k, v, layout, config: BwdConfig | None = None, has_seg: bool = True) -> None:
-  """Raise ValueError naming the values this backward cannot run (the caller falls back to Triton)."""
-  _check_tiles("mosaic_gpu_bwd", q, k, v, layout, causal=None)
-  if long_lists(layout):
-    nq, cap = layout.kv_indices.shape[2:]
-    raise ValueError(f"mosaic_gpu_bwd does not split long KV-major lists: nq={nq} query units with "
-                     f"K={cap} entries over nk={layout.num_kv_blocks} KV blocks allow a list > 4x "
-                     "the mean (pallas_gpu splits them)")
-  cfg = config or default_config(q, layout)
+def check_supported(q, k, v, layout, config: BwdConfig | None = None, has_seg: bool = True,
+                    causal: bool = False) -> None:
+  """Raise ValueError naming the values this backward cannot run (the caller falls back to Triton).
+  Ragged ends are served only with causal masking, which hides the padding `backward` adds."""
+  _check_tiles("mosaic_gpu_bwd", q, k, v, layout, causal)
+  hkv = k.shape[2]
+  cfg = config or default_config(q, layout, hkv)
   if cfg.dq_sub_k is not None and cfg.dq_sub_k > layout.block_k:
     raise ValueError(f"mosaic_gpu_bwd: dq_sub_k={cfg.dq_sub_k} exceeds block_k={layout.block_k}")
   d, size = q.shape[-1], jnp.dtype(q.dtype).itemsize
-  for name, fn, slot, stages in (
-      ("dq_stages", dq_smem_bytes, cfg.dq_sub_k or layout.block_k, cfg.dq_stages),
-      ("dkv_stages", dkv_smem_bytes, layout.block_k, cfg.dkv_stages)):
-    _check_smem("mosaic_gpu_bwd", f"{name}={stages}", layout.block_k, d,
-                fn(d, slot, stages, size, has_seg))
+  splits = list_chunk(layout, hkv, q.shape[0], cfg) > 0
+  for name, fn, slot, stages, extra in (
+      ("dq_stages", dq_smem_bytes, cfg.dq_sub_k or layout.block_k, cfg.dq_stages, ()),
+      ("dkv_stages", dkv_smem_bytes, layout.block_k, cfg.dkv_stages, (splits,))):
+    _check_smem("mosaic_gpu_bwd", f"{name}={stages}" + (" with split lists" if extra and splits else ""),
+                layout.block_k, d, fn(d, slot, stages, size, has_seg, *extra))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +226,7 @@ class _Geometry:
   scale_log2: float
   sm_scale: float
   cfg: BwdConfig
+  split: bool = False   # the dK/dV kernel walks chunks of `split.chunk_table` (float32 partials)
 
   @property
   def mask_mode(self):
@@ -220,6 +254,7 @@ class _Geometry:
 
 
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+_SWIZZLED_F32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 _ROW = plgpu.Layout.WGMMA.reduce(1)
 _COL = plgpu.Layout.WGMMA.reduce(0)
 
@@ -514,8 +549,11 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
 # dK / dV
 
 
-def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_ref, *refs,
+def _dkv_kernel(list_ref, q_idx_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_ref, *refs,
                 g: _Geometry):
+  """list_ref: kv_offsets [Bl, Hl, nk+1] (one program per KV block) or, split, the chunk table
+  [Bl, Hkv, 4, P] of `split.chunk_table` (one program per chunk; dk_ref, dv_ref are then float32
+  partials [B, Hkv, P * block_k, D])."""
   if g.has_seg:
     q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
   else:
@@ -523,31 +561,44 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
   stages, nc = g.cfg.dkv_stages, g.dkv_consumers
   batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
-  block = lax.axis_index("k")
   lb = batch if g.bl > 1 else 0
+  if g.split:
+    # a chunk [start, end) of head unit u's list of one KV block, walked for each of u's r heads
+    seed = lax.axis_index("k")
+    block, u = list_ref[lb, kv_head, 0, seed], list_ref[lb, kv_head, 1, seed]
+    start, end = list_ref[lb, kv_head, 2, seed], list_ref[lb, kv_head, 3, seed]
+    walked_heads = g.r
 
-  def head_list(i):
-    """(query head, head unit, first CSR entry, entry count) of the group's i-th query head."""
-    head = kv_head * g.group + i
-    u = head // g.r
-    lo = kv_off_ref[lb, u, block]
-    return head, u, lo, kv_off_ref[lb, u, block + 1] - lo
+    def head_list(i):
+      """(query head, head unit, first CSR entry, entry count) of the chunk's i-th query head."""
+      return u * g.r + i, u, start, end - start
+  else:
+    # every list of the KV block, one per query head of the group (a head unit's list per head)
+    seed = block = lax.axis_index("k")
+    walked_heads = g.group
+
+    def head_list(i):
+      """(query head, head unit, first CSR entry, entry count) of the group's i-th query head."""
+      head = kv_head * g.group + i
+      u = head // g.r
+      lo = list_ref[lb, u, block]
+      return head, u, lo, list_ref[lb, u, block + 1] - lo
 
   def total_steps():
-    return lax.fori_loop(0, g.group, lambda i, t: t + head_list(i)[3], jnp.int32(0))
+    return lax.fori_loop(0, walked_heads, lambda i, t: t + head_list(i)[3], jnp.int32(0))
 
   def for_each_step(fn, carry):
     """fn(step, head, unit, carry) over the steps of the walk, in order (heads, then entries)."""
     def over_head(i, c):
       base, carry = c
       head, u, lo, count = head_list(i)
-      entry = _walk(g, block, count)
+      entry = _walk(g, seed, count)
 
       def over_entry(n, carry):
         unit = q_idx_ref[lb, u, lo + entry(n)]
         return fn(base + n, head, unit, carry)
       return base + count, lax.fori_loop(0, count, over_entry, carry)
-    return lax.fori_loop(0, g.group, over_head, (jnp.int32(0), carry))[1]
+    return lax.fori_loop(0, walked_heads, over_head, (jnp.int32(0), carry))[1]
 
   ints = lambda *shape: plgpu.SMEM(shape, jnp.int32)  # noqa: E731
   f32 = lambda *shape: plgpu.SMEM(shape, jnp.float32)  # noqa: E731
@@ -561,7 +612,8 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
       kpos=ints(nc, _WG_ROWS) if g.causal else None,
       kseg=ints(nc, _WG_ROWS) if g.has_seg else None,
       pos=ints(stages, _WG_ROWS) if g.causal else None,
-      seg=ints(stages, _WG_ROWS) if g.has_seg else None)
+      seg=ints(stages, _WG_ROWS) if g.has_seg else None,
+      part=plgpu.SMEM((nc, _WG_ROWS, g.d), jnp.float32, transforms=_SWIZZLED_F32) if g.split else None)
   barriers = dict(
       kv=plgpu.Barrier(num_arrivals=2 + g.side_copies, num_barriers=nc),
       q=plgpu.Barrier(num_arrivals=4 + g.side_copies, num_barriers=stages),
@@ -594,6 +646,29 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     def _drain(n):
       plgpu.barrier_wait(b["free"].at[lax.rem(n, stages)])
 
+  def store_outputs(s, keys, wg):
+    """store(dk, dv): this consumer's rows of dK (scaled by sm_scale) and dV to global memory, in
+    the input dtype, or as float32 partials of the program's chunk when split (through one staging
+    tile: dK, then dV)."""
+    def store(dk, dv):
+      if g.split:
+        rows = pl.ds(seed * g.block_k + wg * _WG_ROWS, _WG_ROWS)
+        part = s["part"].at[wg]
+        for x, ref, wait in ((dk * g.sm_scale, dk_ref, True), (dv, dv_ref, False)):
+          part[...] = x
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(part, ref.at[batch, kv_head, rows])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=wait)
+        return
+      k_tile, v_tile = s["k"].at[wg], s["v"].at[wg]
+      k_tile[...] = (dk * g.sm_scale).astype(g.dtype)
+      v_tile[...] = dv.astype(g.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[batch, keys, kv_head])
+      plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[batch, keys, kv_head])
+      plgpu.wait_smem_to_gmem(0)
+    return store
+
   def consumer(s, b, wg):
     keys = pl.ds(block * g.block_k + wg * _WG_ROWS, _WG_ROWS)
     k_tile, v_tile, bar = s["k"].at[wg], s["v"].at[wg], b["kv"].at[wg]
@@ -605,6 +680,7 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     kv_hi = kv_max_ref[batch, block * nc + wg] if g.mask_mode == "skip" else None
     shape = (_WG_ROWS, _WG_ROWS)   # Sᵀ, dPᵀ of one half unit (the wgmma K of dV += Pᵀ dO: 64)
     turns = _Turns(b["turn"])
+    store = store_outputs(s, keys, wg)
 
     def needs_masks(unit):
       if g.mask_mode != "skip":
@@ -684,23 +760,16 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
         dv_, dk_ = _matmuls(((_WG_ROWS, g.d), pt, s["do"].at[last], dv),
                             ((_WG_ROWS, g.d), dst, s["q"].at[last], dk))
         plgpu.barrier_arrive(b["free"].at[last])
-        k_tile[...] = (dk_ * g.sm_scale).astype(g.dtype)
-        v_tile[...] = dv_.astype(g.dtype)
+        store(dk_, dv_)
 
       @pl.when(total == 0)
       def _none():
-        k_tile[...] = (dk * g.sm_scale).astype(g.dtype)
-        v_tile[...] = dv.astype(g.dtype)
+        store(dk, dv)
     else:
       turns.start(wg)
       dk, dv = for_each_step(step, (zeros, zeros))
       turns.finish(wg)
-      k_tile[...] = (dk * g.sm_scale).astype(g.dtype)
-      v_tile[...] = dv.astype(g.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[batch, keys, kv_head])
-    plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[batch, keys, kv_head])
-    plgpu.wait_smem_to_gmem(0)
+      store(dk, dv)
 
   _specialize(g, nc, scratch, barriers, consumer, producer)
 
@@ -709,12 +778,12 @@ def _dkv_kernel(q_idx_ref, kv_off_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
 # Wrappers
 
 
-def _geometry(q, k, layout, sm_scale, causal, has_seg, cfg) -> _Geometry:
+def _geometry(q, k, layout, sm_scale, causal, has_seg, cfg, split_lists=False) -> _Geometry:
   return _Geometry(nq=q.shape[1] // _BLOCK_Q, nk=k.shape[1] // layout.block_k, hq=q.shape[2],
                    hkv=k.shape[2], hl=layout.kv_indices.shape[1], bl=layout.kv_indices.shape[0],
                    block_k=layout.block_k, d=q.shape[-1], dtype=jnp.dtype(q.dtype),
                    causal=bool(causal), has_seg=has_seg, scale_log2=float(sm_scale) * _LOG2E,
-                   sm_scale=float(sm_scale), cfg=cfg)
+                   sm_scale=float(sm_scale), cfg=cfg, split=split_lists)
 
 
 def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale,
@@ -726,19 +795,27 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   del out  # probabilities are recomputed from lse; delta carries rowsum(dO * O) - dlse
   _check_call("mosaic_gpu_bwd", interpret, window, sm_scale)
   has_seg = q_seg is not None
-  cfg = config or default_config(q, layout)
-  check_supported(q, k, v, layout, cfg, has_seg)
-  g = _geometry(q, k, layout, sm_scale, causal, has_seg, cfg)
   b, tq, hq, d = q.shape
   tk, hkv = k.shape[1], k.shape[2]
+  cfg = config or default_config(q, layout, hkv)
+  check_supported(q, k, v, layout, cfg, has_seg, causal)
+  chunk = list_chunk(layout, hkv, b, cfg)
+  # ragged ends (causal only) padded as the forward pads them; padded query rows see nothing
+  pad_q = -tq % _BLOCK_Q
+  q, k, v, q_pos, kv_pos, q_seg, kv_seg = _pad_ragged(q, k, v, q_pos, kv_pos, q_seg, kv_seg,
+                                                      layout.block_k)
+  d_out = jnp.pad(d_out.astype(q.dtype), ((0, 0), (0, pad_q), (0, 0), (0, 0)))
+  lse = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, pad_q)), constant_values=-jnp.inf)
+  delta = jnp.pad(delta.astype(jnp.float32), ((0, 0), (0, 0), (0, pad_q)))
+  g = _geometry(q, k, layout, sm_scale, causal, has_seg, cfg, split_lists=chunk > 0)
   q_pos, kv_pos = q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
-  q_min = q_pos.reshape(b, tq // _WG_ROWS, _WG_ROWS).min(-1)                   # [B, Tq/64]
-  kv_max_dq = kv_pos.reshape(b, g.nk, g.block_k).max(-1)                # [B, nk]
-  kv_max_dkv = kv_pos.reshape(b, tk // _WG_ROWS, _WG_ROWS).max(-1)            # [B, Tk/64]
+  q_min = q_pos.reshape(b, -1, _WG_ROWS).min(-1)                      # [B, Tq/64]
+  kv_max_dq = kv_pos.reshape(b, g.nk, g.block_k).max(-1)              # [B, nk]
+  kv_max_dkv = kv_pos.reshape(b, -1, _WG_ROWS).max(-1)                # [B, Tk/64]
   aux = [q_pos, kv_pos]
   if has_seg:
     aux += [q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)]
-  acts = [q, k, v, d_out.astype(q.dtype), lse.astype(jnp.float32), delta.astype(jnp.float32)]
+  acts = [q, k, v, d_out, lse, delta]
   params = dict(compiler_params=plgpu.CompilerParams(approx_math=True), thread_name="wg",
                 interpret=interpret or None)
 
@@ -749,16 +826,45 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
         grid=(g.nq, hq, b), grid_names=("q", "heads", "batch"), num_threads=3,
         kernel_name="block_sparse_dq_mosaic", **params,
     )(layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), q_min, kv_max_dq,
-      *aux, *acts)
+      *aux, *acts)[:, :tq]
   if "dkv" in kernels:
-    dk, dv = plgpu.kernel(
-        functools.partial(_dkv_kernel, g=g),
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        grid=(g.nk, hkv, b), grid_names=("k", "heads", "batch"), num_threads=g.dkv_consumers + 1,
-        kernel_name="block_sparse_dkv_mosaic", **params,
-    )(layout.q_indices.astype(jnp.int32), layout.kv_offsets.astype(jnp.int32), q_min, kv_max_dkv,
-      *aux, *acts)
+    dkv = functools.partial(plgpu.kernel, functools.partial(_dkv_kernel, g=g),
+                            grid_names=("k", "heads", "batch"), num_threads=g.dkv_consumers + 1,
+                            **params)
+    ins = (layout.q_indices.astype(jnp.int32), q_min, kv_max_dkv, *aux, *acts)
+    if chunk:
+      programs = split.num_programs(layout, hkv, chunk)
+      table, first = split.chunk_table(layout, hkv, chunk, programs)
+      part = jax.ShapeDtypeStruct((b, hkv, programs * g.block_k, d), jnp.float32)
+      dk, dv = dkv(out_type=(part, part), grid=(programs, hkv, b),
+                   kernel_name="block_sparse_dkv_partial_mosaic")(table, *ins)
+      dk, dv = (_sum_partials(x, first, g.block_k, y.dtype) for x, y in ((dk, k), (dv, v)))
+    else:
+      dk, dv = dkv(out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+                   grid=(g.nk, hkv, b), kernel_name="block_sparse_dkv_mosaic",
+                   )(layout.kv_offsets.astype(jnp.int32), *ins)
+    dk, dv = dk[:, :tk], dv[:, :tk]
   return dq, dk, dv
+
+
+def _sum_partials(part, first, block_k: int, dtype):
+  """dK (or dV) [B, nk * block_k, Hkv, D] in `dtype` from the split kernel's float32 partials
+  part [B, Hkv, P * block_k, D]: block j's programs first[j] .. first[j+1]-1 (first [Bl, Hkv, nk+1])
+  summed one at a time in program order (deterministic)."""
+  b, hkv, rows, d = part.shape
+  programs = rows // block_k
+  part = part.reshape(b, hkv, programs, block_k, d)
+  first = jnp.broadcast_to(first, (b,) + first.shape[1:])
+  lo, hi = first[..., :-1], first[..., 1:]                            # [B, Hkv, nk]
+  nk = lo.shape[-1]
+
+  def add(m, acc):
+    at = lo + m
+    x = jnp.take_along_axis(part, jnp.minimum(at, programs - 1)[..., None, None], axis=2)
+    return acc + jnp.where((at < hi)[..., None, None], x, 0.0)
+
+  acc = lax.fori_loop(0, jnp.max(hi - lo), add, jnp.zeros((b, hkv, nk, block_k, d), jnp.float32))
+  return acc.astype(dtype).transpose(0, 2, 3, 1, 4).reshape(b, nk * block_k, hkv, d)
 
 
 def with_vjp(fwd, bwd):

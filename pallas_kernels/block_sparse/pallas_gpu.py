@@ -37,8 +37,8 @@ Hopper. On a GPU of compute capability 9.x the forward runs the Mosaic GPU kerne
 (wgmma, TMA; 568 against 334 TFLOP/s dense causal at 32k on an H200) wherever that kernel supports
 the call (block_q 128, block_k 64 or 128, Dqk = Dv in {64, 128}, bf16/f16, ragged ends only when
 causal, no window), and the backward the dQ and dK/dV kernels of `mosaic_gpu_bwd` wherever they do
-(the same, without ragged ends and without KV-major lists that would need splitting; forward +
-backward 458 against 303 TFLOP/s); `KernelConfig.mosaic`. Either side's out and lse feed the other's
+(the same; they split long KV-major lists too; forward + backward 458 against 303 TFLOP/s);
+`KernelConfig.mosaic`. Either side's out and lse feed the other's
 backward unchanged.
 
 Launch parameters come from `default_configs` (tuned on an H200: benchmarks/notes_kernels.md);
@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd
+from pallas_kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd, split
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -644,18 +644,15 @@ def on_hopper() -> bool:
 
 def _mosaic_bwd_config(q, k, v, layout, cfgs, has_seg, sm_scale, causal, interpret, window):
   """The `mosaic_gpu_bwd.BwdConfig` to run this backward with, or None for the Triton kernels
-  (both "dq" and "dkv" configs must allow Mosaic, and the Triton dK/dV kernel must not be one that
-  splits its lists: the Mosaic one does not, and was measured only on shapes that need no split)."""
+  (both "dq" and "dkv" configs must allow Mosaic)."""
   if not (cfgs["dq"].mosaic and cfgs["dkv"].mosaic) or interpret or window is not None:
     return None
   if not sm_scale > 0 or not on_hopper():
     return None
-  g = _geometry(q, k, v, layout, cfgs["dkv"], sm_scale, causal, has_seg, window)
-  if _list_chunk(g, layout, cfgs["dkv"], q.shape[0]):
-    return None
-  bcfg = dataclasses.replace(mosaic_gpu_bwd.default_config(q, layout), stagger=cfgs["dq"].stagger)
+  bcfg = dataclasses.replace(mosaic_gpu_bwd.default_config(q, layout, k.shape[2]),
+                             stagger=cfgs["dq"].stagger)
   try:
-    mosaic_gpu_bwd.check_supported(q, k, v, layout, bcfg, has_seg)
+    mosaic_gpu_bwd.check_supported(q, k, v, layout, bcfg, has_seg, causal)
   except ValueError:
     return None
   return bcfg
@@ -747,41 +744,11 @@ def _list_chunk(g: _Geometry, layout, cfg: KernelConfig, batch: int) -> int:
   return 0
 
 
-def _chunk_table(layout, hkv: int, chunk: int, num_programs: int):
-  """Programs of the split dK/dV pass, per (layout batch, KV head).
-
-  Returns table int32 [Bl, Hkv, 4, P] (KV block, head unit, first entry, end entry of each
-  program; unused programs get an empty range) and first int32 [Bl, Hkv, nk+1] (the programs of
-  KV block j are first[j] .. first[j+1]-1: ordered by block, then head unit, then chunk)."""
-  off = layout.kv_offsets                                        # [Bl, Hl, nk+1]
-  bl, hl, nk = off.shape[0], off.shape[1], off.shape[2] - 1
-  upg = hl // hkv
-  n_chunks = (off[..., 1:] - off[..., :-1] + chunk - 1) // chunk  # [Bl, Hl, nk]
-  n_chunks = n_chunks.reshape(bl, hkv, upg, nk).transpose(0, 1, 3, 2).reshape(bl, hkv, nk * upg)
-  ends = jnp.cumsum(n_chunks, axis=-1)
-  prog = jnp.arange(num_programs, dtype=jnp.int32)
-  owner = jax.vmap(jax.vmap(lambda e: jnp.searchsorted(e, prog, side="right")))(ends)
-  live = owner < nk * upg
-  owner = jnp.minimum(owner, nk * upg - 1)
-  nth = prog - jnp.take_along_axis(ends - n_chunks, owner, axis=-1)
-  block = owner // upg
-  unit = jnp.arange(hkv, dtype=jnp.int32)[None, :, None] * upg + owner % upg
-  flat_off = off.reshape(bl, 1, hl * (nk + 1))
-  lo = jnp.take_along_axis(flat_off, unit * (nk + 1) + block, axis=-1)
-  hi = jnp.take_along_axis(flat_off, unit * (nk + 1) + block + 1, axis=-1)
-  start = jnp.where(live, lo + nth * chunk, 0)
-  end = jnp.where(live, jnp.minimum(lo + (nth + 1) * chunk, hi), 0)
-  table = jnp.stack([block, unit, start, end], axis=2).astype(jnp.int32)
-  first = jnp.concatenate([jnp.zeros((bl, hkv, 1), ends.dtype), ends[..., upg - 1::upg]], axis=-1)
-  return table, first.astype(jnp.int32)
-
-
 def _dkv_split(g, layout, aux, acts, b, cfg, interpret, chunk):
   """dK/dV with long CSR lists split into chunks: partial tiles, then an ordered sum per block."""
-  nq, cap = layout.kv_indices.shape[2:]
-  nk, upg = layout.num_kv_blocks, g.hl // g.hkv
-  num_programs = nk * upg + -(-upg * nq * cap // chunk)
-  table, first = _chunk_table(layout, g.hkv, chunk, num_programs)
+  nk = layout.num_kv_blocks
+  num_programs = split.num_programs(layout, g.hkv, chunk)
+  table, first = split.chunk_table(layout, g.hkv, chunk, num_programs)
   n_t = table.shape[0]
   ins = [table, layout.q_indices, *aux, *acts]
   specs = [pl.BlockSpec((None, None, 4, num_programs), lambda p, h, b_: (_pick(n_t, b_), h, 0, 0))]

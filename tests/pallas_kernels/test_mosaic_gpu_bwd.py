@@ -78,6 +78,20 @@ CASES = {
                                                  layout_kind="random", batch=2, layout_batch=1,
                                                  dqk=64, dv=64, dtype="float16", causal=False),
                                             Cfg(dq_stages=4, stagger=0)),
+    # split dK/dV lists (chunks of 1 entry: every block's partials summed in order) with ragged
+    # ends, the shape of NSA's compression attention: queries in a partial last unit, keys in a
+    # partial last block (padded inside the wrapper), a list per KV head shared by its 2 heads,
+    # packed documents
+    "split_ragged_kv_head_lists_segments": (dict(seq_len_q=200, seq_len_k=168, block_k=64,
+                                                 layout_kind="causal", group=2, head_unit="kv",
+                                                 segments=True, dqk=64, dv=64),
+                                            Cfg(list_chunk=1)),
+    # split lists of query-head units (2 per KV head) over random causal blocks with empty rows,
+    # software-pipelined consumers, chunks of 2 entries, batch 2 over a layout of batch 1
+    "split_query_head_lists_overlap": (dict(seq_len_q=384, seq_len_k=384, block_k=128,
+                                            layout_kind="random", group=2, batch=2, layout_batch=1,
+                                            dqk=64, dv=64),
+                                       Cfg(list_chunk=2, overlap=True)),
 }
 
 
@@ -146,16 +160,32 @@ def _long_list_layout():
     (_shapes(), (128, 128), Cfg(dq_stages=5), "dq_stages=5"),
     (_shapes(), (128, 128), Cfg(dkv_stages=5), "dkv_stages=5"),
     (_shapes(), (128, 64), Cfg(dq_sub_k=128), "dq_sub_k=128"),
-    (_shapes(tq=64 * 128, tk=64 * 128), "long", None, "long KV-major lists"),
+    (_shapes(), (128, 128), Cfg(dkv_stages=4, list_chunk=4), "dkv_stages=4 with split lists"),
 ])
 def test_check_supported_names_the_value(shapes, layout, config, message):
   q, k, v = shapes
-  if layout == "long":
-    lay = _long_list_layout()
-  else:
-    lay = BlockLayout.causal(q.shape[1], k.shape[1], block_q=layout[0], block_k=layout[1])
+  lay = BlockLayout.causal(q.shape[1], k.shape[1], block_q=layout[0], block_k=layout[1])
   with pytest.raises(ValueError, match=message):
     mosaic_gpu_bwd.check_supported(q, k, v, lay, config)
+
+
+def test_list_chunk_by_shape():
+  """Splits where one program per (KV block, KV head, batch) would serialise the backward: lists
+  of one block far longer than the mean (NSA-like), or too few programs (NSA's compression
+  attention at 64k: 32 KV blocks x 4 heads); not for a dense causal layout with enough programs."""
+  cfg = Cfg()
+  chunk = mosaic_gpu_bwd.list_chunk(_long_list_layout(), 1, 1, cfg)
+  assert chunk == 8                                       # twice the mean list (2 entries), >= 8
+  cmp = BlockLayout.causal(65536, 4096, block_q=128, block_k=128, num_head_units=4)
+  chunk = mosaic_gpu_bwd.list_chunk(cmp, 4, 1, cfg)
+  assert chunk == -(-512 * 32 * 4 // 2048)                # ~2048 programs over the entries' bound
+  dense = BlockLayout.causal(8192, 8192, block_q=128, block_k=128, num_head_units=16)
+  assert mosaic_gpu_bwd.list_chunk(dense, 16, 1, cfg) == 0
+  assert mosaic_gpu_bwd.list_chunk(dense, 16, 1, Cfg(list_chunk=3)) == 3
+  assert mosaic_gpu_bwd.list_chunk(cmp, 4, 1, Cfg(list_chunk=0)) == 0
+  # the split's staging tiles take shared memory: one ring slot fewer than unsplit (4 -> 3)
+  q = jax.ShapeDtypeStruct((1, 65536, 16, 128), jnp.bfloat16)
+  assert mosaic_gpu_bwd.default_config(q, cmp, 4).dkv_stages < mosaic_gpu_bwd.default_config(q, cmp).dkv_stages
 
 
 def test_default_config_fits_shared_memory():
@@ -176,3 +206,5 @@ def test_config_validation():
     Cfg(registers=(256, 24))
   with pytest.raises(ValueError, match="stagger=-1"):
     dataclasses.replace(Cfg(), stagger=-1)
+  with pytest.raises(ValueError, match="list_chunk=-1"):
+    Cfg(list_chunk=-1)

@@ -10,8 +10,9 @@ Sections (select with --sections, default check,dense,variants):
             random causal GQA 4 with one list per KV head (Hl = Hkv), segment ids with causal
             masking, float16 with D = 64 and segments, a layout of batch 1 broadcast over batch 2;
             then a few of them under the launch variants (overlap, pingpong, dq_sub_k=None), with
-            split dK/dV lists (`list_chunk`), and with ragged ends (NSA's compression shape:
-            Tk = Tq/16 - 1, split; and Tq = Tk = L - 40).
+            split dK/dV lists (`list_chunk`), with ragged ends (NSA's compression shape:
+            Tk = Tq/16 - 1, split; and Tq = Tk = L - 40), and with sliding windows; the
+            forward's out too. --check-only picks cases by name.
   dense     dense causal layout, bf16, B=1, H=16 q heads, 16 KV heads, D=128, L in --lengths:
             forward+backward time (jax.grad of sum(out * dO) in q, k, v) and TFLOP/s (FLOPs
             3.5 * 4*B*H*L^2*D/2) of: mosaic fwd + mosaic bwd, mosaic fwd + pallas_gpu bwd,
@@ -90,7 +91,7 @@ def random_layout(seed, t, heads, block_k, density, causal, empty_rows=0.0):
   return BlockLayout.from_block_mask(mask, block_q=128, block_k=block_k, max_kv_blocks=cap)
 
 
-def attention_fn(impl, layout, causal=True, bwd_config=None):
+def attention_fn(impl, layout, causal=True, bwd_config=None, window=None):
   """(q, k, v, q_seg, kv_seg) -> (out, lse), default positions, differentiable: impl is
   "mosaic" (mosaic fwd + mosaic bwd), "mosaic+pallas_gpu" (mosaic fwd + pallas_gpu bwd),
   "pallas_gpu" or "reference" (block_sparse_attention)."""
@@ -100,10 +101,10 @@ def attention_fn(impl, layout, causal=True, bwd_config=None):
     if impl in ("pallas_gpu", "reference"):
       return block_sparse_attention(q, k, v, layout, causal=causal, return_lse=True,
                                     implementation=impl, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                                    interpret=INTERPRET and impl == "pallas_gpu")
+                                    interpret=INTERPRET and impl == "pallas_gpu", window=window)
     if impl == "mosaic":
       return mosaic_gpu_bwd.attention(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, sm_scale=scale,
-                                      causal=causal, bwd_config=bwd_config)
+                                      causal=causal, window=window, bwd_config=bwd_config)
     assert impl == "mosaic+pallas_gpu", impl
     fwd = lambda *a: mosaic_gpu.forward(*a, sm_scale=scale, causal=causal)  # noqa: E731
     bwd = lambda *a: pallas_gpu.backward(*a, sm_scale=scale, causal=causal, interpret=INTERPRET)  # noqa: E731
@@ -201,7 +202,17 @@ def section_check(args):
        True, True, dict(list_chunk=1, dkv_stages=3)),
       ("ragged Tq=Tk=L-40 [by shape]", dict(hq=4, hkv=4, d=128, tq=t - 40, tk=t - 40),
        lambda: causal_layout(t - 40, 128, 4), True, False, dict()),
+      # sliding windows (NSA's window branch: w = 512 over 128-blocks): without segments (the
+      # block-level mask skip, far edge included) and with segments and GQA
+      ("window 300 causal bk64", dict(hq=4, hkv=4, d=128, window=300),
+       lambda: BlockLayout.sliding_window(t, t, 300, block_q=128, block_k=64, num_head_units=4),
+       True, False, None),
+      ("window 512 bk128 GQA4 Hl=Hkv segments", dict(hq=8, hkv=2, d=128, window=512),
+       lambda: BlockLayout.sliding_window(t, t, 512, block_q=128, block_k=128, num_head_units=2),
+       True, True, None),
   ]
+  if args.check_only:
+    cases = [c for c in cases if any(part in c[0] for part in args.check_only.split(","))]
   out = RESULTS["check"] = {}
   for name, sh, make_layout, causal, segments, changes in cases:
     def check(sh=sh, make_layout=make_layout, causal=causal, segments=segments, changes=changes):
@@ -217,18 +228,25 @@ def section_check(args):
       cfg = None
       if changes is not None:
         cfg = dataclasses.replace(mosaic_gpu_bwd.default_config(q, layout, k.shape[2]), **changes)
-      got = run(grad_fn(attention_fn("mosaic", layout, causal, cfg)), q, k, v, d_out, d_lse, *seg)
+      w = sh.get("window")
+      got = run(grad_fn(attention_fn("mosaic", layout, causal, cfg, w)), q, k, v, d_out, d_lse, *seg)
       if got is None:
         return dict(lowered=True)
-      want = grad_fn(attention_fn("reference", layout, causal))(q, k, v, d_out, d_lse, *seg)
+      want = grad_fn(attention_fn("reference", layout, causal, window=w))(q, k, v, d_out, d_lse, *seg)
       row = grad_errors(got, want)
+      # the forward's out too (lse enters the gradients through d_lse)
+      out = jax.jit(attention_fn("mosaic", layout, causal, cfg, w))(q, k, v, *seg)[0]
+      out_ref = jax.jit(attention_fn("reference", layout, causal, window=w))(q, k, v, *seg)[0]
+      row["out_err"] = float(jnp.abs(out.astype(jnp.float32) - out_ref.astype(jnp.float32)).max())
       tol = 2e-2
       row["ok"] = all(row[f"{g}_rel"] < tol and not row[f"{g}_nan"] for g in ("dq", "dk", "dv"))
+      row["ok"] = row["ok"] and row["out_err"] < 3e-2
       return row
     r = guarded(f"check/{name}", check)
     out[name] = r
     if r and "ok" in r:
-      errs = "  ".join(f"{g} {r[f'{g}_err']:.1e} ({r[f'{g}_rel']:.1e})" for g in ("dq", "dk", "dv"))
+      errs = f"out {r['out_err']:.1e}  " + "  ".join(
+          f"{g} {r[f'{g}_err']:.1e} ({r[f'{g}_rel']:.1e})" for g in ("dq", "dk", "dv"))
       print(f"  {name:48s} {errs}  {'OK' if r['ok'] else 'FAIL'}", flush=True)
     elif r:
       print(f"  {name:48s} lowered for CUDA", flush=True)
@@ -364,6 +382,8 @@ def main():
   p.add_argument("--lengths", type=timing.int_list, default=[8192, 32768])
   p.add_argument("--block-k", type=int, default=128, help="dense section's block_k")
   p.add_argument("--check-length", type=int, default=1024)
+  p.add_argument("--check-only", default="",
+                 help="check only the cases whose name contains one of these comma-separated parts")
   p.add_argument("--variant-length", type=int, default=32768)
   p.add_argument("--interpret", action="store_true",
                  help="CPU smoke test of the script: tiny sizes, Mosaic kernels lowered, pallas_gpu interpreted")

@@ -101,13 +101,16 @@ def fwd_bwd(fn, argnums):
     return jax.jit(jax.grad(loss, argnums=argnums))
 
 
-# query block of the compression attention timed besides the spec's (A/B; see RESULTS, NSA)
+# query block of the compression attention, and block of the window branch, timed besides the
+# spec's (A/B; see RESULTS, NSA)
 CMP_BLOCK_Q_AB = 64
+WIN_BLOCK_AB = 64
 
 
 def triton_backward(fn):
-    """fn, traced with `pallas_gpu.backward` on its Triton kernels even where the Mosaic GPU backward
-    would run (the A/B of the Mosaic backward; the forward is unchanged)."""
+    """fn (jitted), traced with `pallas_gpu.backward` on its Triton kernels even where the Mosaic GPU
+    backward would run (the A/B of the Mosaic backward; the forward is unchanged). The first call
+    traces, so the whole call, backward pass included, runs under the switch."""
     def traced(*args):
         saved = pallas_gpu._mosaic_bwd_config
         pallas_gpu._mosaic_bwd_config = lambda *a, **k: None
@@ -122,7 +125,8 @@ def breakdown(args, spec, t, dtype):
     """Forward time of each NSA piece at length t and, as `<piece>_fwd_bwd`, its forward + backward
     (compression MLP, compression / selection / window attention, the compression attention with
     its backward on the Triton kernels as `cmp_attention_fwd_bwd_triton_bwd` and with query blocks
-    of `CMP_BLOCK_Q_AB` as `cmp_attention_bq<n>`); the importance pass + top-n on each
+    of `CMP_BLOCK_Q_AB` as `cmp_attention_bq<n>`, the window branch in blocks of `WIN_BLOCK_AB` as
+    `win_attention_b<n>`); the importance pass + top-n on each
     implementation (A/B), the Pallas kernel's scores alone for a few launch configurations, and top-n
     alone."""
     x = make_inputs(args, t, dtype)
@@ -143,7 +147,7 @@ def breakdown(args, spec, t, dtype):
     pieces["cmp_attention"] = bench(cmp_attention, x["q"], kc, vc, x["segment_ids"])[0]
     pieces["cmp_attention_fwd_bwd"] = bench(fwd_bwd(cmp_fn, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
     pieces["cmp_attention_fwd_bwd_triton_bwd"] = bench(
-        fwd_bwd(triton_backward(cmp_fn), (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
+        triton_backward(fwd_bwd(cmp_fn, (0, 1, 2))), x["q"], kc, vc, x["segment_ids"])[0]
     if CMP_BLOCK_Q_AB != spec.compress_kernel_block_q:
         ab = functools.partial(cmp_fn, block_q=CMP_BLOCK_Q_AB)
         pieces[f"cmp_attention_bq{CMP_BLOCK_Q_AB}"] = bench(jax.jit(ab), x["q"], kc, vc, x["segment_ids"])[0]
@@ -174,6 +178,11 @@ def breakdown(args, spec, t, dtype):
     win_args = (x["q"], x["k_win"], x["v_win"], x["segment_ids"])
     pieces["win_attention"] = bench(jax.jit(win_fn), *win_args)[0]
     pieces["win_attention_fwd_bwd"] = bench(fwd_bwd(win_fn, (0, 1, 2)), *win_args)[0]
+    if WIN_BLOCK_AB != spec.window_block:
+        ab = lambda q, k, v, seg: window_attention(q, k, v, seg, window=spec.window, block=WIN_BLOCK_AB,  # noqa: E731
+                                                   implementation=impl)
+        pieces[f"win_attention_b{WIN_BLOCK_AB}"] = bench(jax.jit(ab), *win_args)[0]
+        pieces[f"win_attention_b{WIN_BLOCK_AB}_fwd_bwd"] = bench(fwd_bwd(ab, (0, 1, 2)), *win_args)[0]
     return pieces
 
 
@@ -258,7 +267,7 @@ def main():
     p.add_argument("--lp", type=int, default=64)
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--w", type=int, default=512)
-    p.add_argument("--wb", type=int, default=64, help="window kernel block")
+    p.add_argument("--wb", type=int, default=NSASpec.window_block, help="window kernel block")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--implementation", default="auto", help="block_sparse_attention implementation")
     p.add_argument("--dense", default="cudnn", help="jax.nn.dot_product_attention implementation")

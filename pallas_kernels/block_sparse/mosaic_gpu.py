@@ -22,16 +22,17 @@ mod min(stagger, count)), wrapping around, as `pallas_gpu` does (`KernelConfig.s
 units run last first (the last units of a causal layout have the longest lists) and vary fastest
 in the grid, so the programs running together read one head's K/V (L2 reuse).
 
-Masking. Keys are visible iff kv_pos <= q_pos (causal) and the segment ids are equal. Without
-segment ids, a block whose largest key position is <= the smallest query position of a
-consumer's 64 rows skips the element mask (a block-level test on two scalars: the per-block maxima
-of kv_pos and the per-tile minima of q_pos, reduced by XLA before the launch). Rows that see
-nothing give out 0 and lse -inf.
+Masking. Keys are visible iff kv_pos <= q_pos (causal), q_pos - kv_pos < window (a sliding window,
+causal calls only) and the segment ids are equal. Without segment ids, a block whose largest key
+position is <= the smallest query position of a consumer's 64 rows, and (window) whose smallest
+key position is > the largest query position - window, skips the element mask (a block-level test
+on scalars: per-block key position ranges and per-tile query ranges, reduced by XLA before the
+launch, `position_ranges`). Rows that see nothing give out 0 and lse -inf.
 
 Supported (`check_supported`): bfloat16 or float16; Dqk = Dv in {64, 128}; layout.block_q = 128;
 layout.block_k in {64, 128}; Tq a multiple of 128 and Tk of block_k, or any lengths with causal
-masking (`forward` pads them: padded keys after every query, padded queries before every key); no
-sliding window; sm_scale > 0. Launch parameters: `MosaicConfig`.
+masking (`forward` pads them: padded keys after every query, padded queries before every key); a
+sliding window with causal masking; sm_scale > 0. Launch parameters: `MosaicConfig`.
 
 It uses only API spelled the same in jax 0.10.2 (CPU) and 0.11.2 (the GPU): `ref.transpose` rather
 than `plgpu.transpose_ref`, and loads followed by `plgpu.layout_cast` rather than `plgpu.load`.
@@ -140,16 +141,18 @@ def _check_tiles(kernel: str, q, k, v, layout, causal: bool | None) -> None:
                      f"{layout.block_k} (no ragged ends){unless}; got Tq={tq}, Tk={tk}{got}")
 
 
-def _check_call(kernel: str, interpret, window, sm_scale) -> None:
-  """Refuse interpret=True, a sliding window and sm_scale <= 0 (the call's arguments that this
-  forward and mosaic_gpu_bwd check alike)."""
+def _check_call(kernel: str, interpret, window, sm_scale, causal) -> None:
+  """Refuse interpret=True, a sliding window that is not a positive int of a causal call, and
+  sm_scale <= 0 (the call's arguments that this forward and mosaic_gpu_bwd check alike)."""
   if interpret is True:
     raise ValueError(f"{kernel} cannot run with interpret=True: jax's Mosaic GPU interpreter does not "
                      "run wgmma with a register or transposed operand; pass interpret=False or "
                      "InterpretGPUParams for an interpreter that does (tests/pallas_kernels/"
                      "test_mosaic_gpu.py extends jax's)")
-  if window is not None:
-    raise ValueError(f"{kernel} does not support a sliding window; got window={window}")
+  if window is not None and not (isinstance(window, int) and not isinstance(window, bool)
+                                 and window >= 1 and causal):
+    raise ValueError(f"{kernel} takes window=None or a positive int with causal=True; got "
+                     f"window={window!r}, causal={causal}")
   if not float(sm_scale) > 0:
     raise ValueError(f"{kernel} needs sm_scale > 0; got sm_scale={sm_scale}")
 
@@ -176,6 +179,7 @@ class _Geometry:
   has_seg: bool
   scale_log2: float  # sm_scale * log2(e)
   cfg: MosaicConfig
+  window: int | None = None  # sliding window (causal only): also q_pos - kv_pos < window
 
   @property
   def stages(self):
@@ -183,8 +187,8 @@ class _Geometry:
 
   @property
   def mask_mode(self):
-    """"always" (segment ids), "skip" (causal: blocks inside every row's past skip the mask) or
-    "never" (neither: every listed key is visible)."""
+    """"always" (segment ids), "skip" (causal: blocks inside every row's past, and inside its
+    window, skip the mask) or "never" (neither: every listed key is visible)."""
     return "always" if self.has_seg else "skip" if self.causal else "never"
 
   @property
@@ -211,6 +215,40 @@ def _walk(g, seed, count):
     return lambda n: n
   start = lax.rem(seed, jnp.clip(count, 1, g.cfg.stagger))
   return lambda n: jnp.where(n + start >= count, n + start - count, n + start)
+
+
+def _visible(g, kv_pos, q_pos):
+  """The causal test kv_pos <= q_pos (arrays of one shape) and, with a window, kv_pos > q_pos -
+  window (no overflow for padded keys at the largest int32; padded queries at the smallest see
+  nothing through the causal test)."""
+  ok = kv_pos <= q_pos
+  if g.window:
+    ok = ok & (kv_pos > q_pos - g.window)
+  return ok
+
+
+def _needs_mask(g, kv_range_ref, at, q_lo, q_far):
+  """Whether the keys of `kv_range_ref[at]` = (largest, smallest position) need the element mask
+  for query rows whose smallest position is q_lo (causal edge) and, with a window, whose largest
+  position minus the window is q_far (far edge): a traced bool from two or four scalars."""
+  need = kv_range_ref[(*at, 0)] > q_lo
+  if g.window:
+    need = need | (kv_range_ref[(*at, 1)] <= q_far)
+  return need
+
+
+def position_ranges(pos, rows: int, window: int | None, *, keys: bool):
+  """Per tile of `rows` positions (pos [B, T], T a multiple of rows): int32 [B, T/rows, 2] of
+  (smallest, largest - window) for queries (clamped above the smallest int32; the second is unused
+  without a window) and of (largest, smallest) for keys: what `_needs_mask` compares."""
+  b = pos.shape[0]
+  tiles = pos.astype(jnp.int32).reshape(b, -1, rows)
+  lo, hi = tiles.min(-1), tiles.max(-1)
+  if keys:
+    return jnp.stack([hi, lo], axis=-1)
+  small = jnp.iinfo(jnp.int32).min + 1
+  far = jnp.maximum(hi, small + (window or 0)) - (window or 0)
+  return jnp.stack([lo, far], axis=-1)
 
 
 def _row_bcast(x, shape):
@@ -285,7 +323,7 @@ def _producer(g: _Geometry, p: _Program, refs, bufs, bars):
     plgpu.barrier_wait(v_free.at[slot])
 
 
-def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_min_ref, kv_max_ref):
+def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_range_ref, kv_range_ref):
   """Attention of 64 query rows over the listed blocks; writes their out rows and lse."""
   q_ref, q_pos_ref, q_seg_ref, o_ref, lse_ref = refs
   q_smem, qpos_smem, qseg_smem, lse_smem, k_smem, v_smem, pos_smem, seg_smem = bufs
@@ -305,7 +343,9 @@ def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_min_ref, kv_max
   shape = (_WG_ROWS, g.block_k)
   q_pos = _load_vector(qpos_smem.at[wg], row_layout) if g.causal else None
   q_seg = _load_vector(qseg_smem.at[wg], row_layout) if g.has_seg else None
-  q_lo = q_min_ref[p.batch, p.unit * _CONSUMERS + wg] if g.mask_mode == "skip" else None
+  tile = p.unit * _CONSUMERS + wg
+  q_lo = q_range_ref[p.batch, tile, 0] if g.mask_mode == "skip" else None
+  q_far = q_range_ref[p.batch, tile, 1] if g.mask_mode == "skip" and g.window else None
 
   def take_turn():
     if g.cfg.pingpong:
@@ -314,13 +354,13 @@ def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_min_ref, kv_max
 
   def needs_mask(block):
     """Whether a causal block (without segment ids) needs the element mask: a traced bool."""
-    return kv_max_ref[p.batch, block] > q_lo
+    return _needs_mask(g, kv_range_ref, (p.batch, block), q_lo, q_far)
 
   def mask(s, slot):
     ok = None
     if g.causal:
       kv_pos = _load_vector(pos_smem.at[slot], col_layout)
-      ok = _col_bcast(kv_pos, shape) <= _row_bcast(q_pos, shape)
+      ok = _visible(g, _col_bcast(kv_pos, shape), _row_bcast(q_pos, shape))
     if g.has_seg:
       same = _col_bcast(_load_vector(seg_smem.at[slot], col_layout), shape) == _row_bcast(q_seg, shape)
       ok = same if ok is None else ok & same
@@ -393,7 +433,7 @@ def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_min_ref, kv_max
   plgpu.wait_smem_to_gmem(0)
 
 
-def _kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_ref, *refs,
+def _kernel(kv_idx_ref, kv_cnt_ref, q_range_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs,
             g: _Geometry):
   if g.has_seg:
     q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
@@ -429,7 +469,7 @@ def _kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_ref
       _consumer(g, p, wg, (q_ref, q_pos_ref, q_seg_ref, o_ref, lse_ref),
                 (s["q"], s["qpos"], s["qseg"], s["lse"], s["k"], s["v"], s["pos"], s["seg"]),
                 (b["q"], b["k"], b["v"], b["k_free"], b["v_free"], b["turn"]),
-                q_min_ref, kv_max_ref)
+                q_range_ref, kv_range_ref)
 
     @pl.when(wg == _CONSUMERS)
     def _produce():
@@ -453,7 +493,7 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
   Mosaic GPU interpreter's parameters (`InterpretGPUParams`), passed to `plgpu.kernel`; True is
   refused: jax's own interpreter (0.10, 0.11) cannot run a wgmma with a register or transposed
   operand (tests/pallas_kernels/test_mosaic_gpu.py extends it)."""
-  _check_call("mosaic_gpu", interpret, window, sm_scale)
+  _check_call("mosaic_gpu", interpret, window, sm_scale, causal)
   has_seg = q_seg is not None
   cfg = config or default_config(q, layout)
   check_supported(q, k, v, layout, cfg, has_seg, bool(causal))
@@ -466,11 +506,11 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
   g = _Geometry(nq=nq, hq=hq, hkv=hkv, hl=layout.kv_indices.shape[1],
                 bl=layout.kv_indices.shape[0], block_k=layout.block_k, d=d,
                 dtype=jnp.dtype(q.dtype), causal=bool(causal), has_seg=has_seg,
-                scale_log2=float(sm_scale) * _LOG2E, cfg=cfg)
+                scale_log2=float(sm_scale) * _LOG2E, cfg=cfg, window=window)
   q_pos, kv_pos = q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
-  q_min = q_pos.reshape(b, tq_padded // _WG_ROWS, _WG_ROWS).min(-1)        # [B, Tq/64]
-  kv_max = kv_pos.reshape(b, tk // layout.block_k, layout.block_k).max(-1)  # [B, nk]
-  ins = [layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), q_min, kv_max,
+  q_range = position_ranges(q_pos, _WG_ROWS, window, keys=False)            # [B, Tq/64, 2]
+  kv_range = position_ranges(kv_pos, layout.block_k, window, keys=True)     # [B, nk, 2]
+  ins = [layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), q_range, kv_range,
          q_pos, kv_pos]
   if has_seg:
     ins += [q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)]

@@ -42,9 +42,10 @@ so the backward runs 7 matmuls of a block pair (dQ: S, dP, dQ; dK/dV: Sᵀ, dP�
 FlashAttention-3 runs 5 and the FLOP count credits 5 (2.5x the forward). Forward + backward thus
 executes 4.5 forward-equivalents of tensor-core work for the 3.5 counted.
 
-Masking is the forward's: key visible iff kv_pos <= q_pos (causal) and equal segment ids; without
-segment ids, causal tiles whose largest key position is <= the smallest query position (per 64
-rows, reduced by XLA before the launch) skip the element mask. Rows with lse = -inf give P = 0
+Masking is the forward's: key visible iff kv_pos <= q_pos (causal), q_pos - kv_pos < window (with
+a window) and equal segment ids; without segment ids, causal tiles inside every row's past and
+window skip the element mask (`mosaic_gpu.position_ranges`: per 64 query rows and per key tile,
+reduced by XLA before the launch). Rows with lse = -inf give P = 0
 (lse·log2e is replaced by +inf), so they contribute nothing and never NaN.
 
 Split lists. One dK/dV program per KV block serialises the backward when one block's list is far
@@ -58,7 +59,8 @@ dK, dV tiles through a staging tile; XLA sums each block's partials one at a tim
 Supported (`check_supported`): bfloat16 or float16; Dqk = Dv in {64, 128}; block_q = 128; block_k
 in {64, 128}; Tq a multiple of 128 and Tk of block_k, or any lengths with causal masking
 (`backward` pads them as `mosaic_gpu.forward` does: padded keys after every query, padded query
-rows with lse -inf); no sliding window; sm_scale > 0. Launch parameters: `BwdConfig`.
+rows with lse -inf); a sliding window with causal masking; sm_scale > 0. Launch parameters:
+`BwdConfig`.
 
 `attention(...)`: mosaic_gpu.forward + this backward under one custom_vjp (`with_vjp`, which
 benchmarks also use; the library's dispatch lives in api.py).
@@ -81,7 +83,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.block_sparse import mosaic_gpu, split
 from pallas_kernels.block_sparse.mosaic_gpu import (
     _BLOCK_Q, _LOG2E, _SMEM_RESERVED, _WG_ROWS, SMEM_LIMIT, STAGGER, _check_call, _check_smem,
-    _check_tiles, _load_vector, _pad_ragged, _walk)
+    _check_tiles, _load_vector, _needs_mask, _pad_ragged, _visible, _walk, position_ranges)
 
 _HALVES = _BLOCK_Q // _WG_ROWS  # dK/dV ring slots (of 64 query rows) per query unit
 # dK/dV list split (`list_chunk`): below this many whole-list programs (two waves of an H200's 132
@@ -227,6 +229,7 @@ class _Geometry:
   sm_scale: float
   cfg: BwdConfig
   split: bool = False   # the dK/dV kernel walks chunks of `split.chunk_table` (float32 partials)
+  window: int | None = None  # sliding window (causal only), as mosaic_gpu's
 
   @property
   def mask_mode(self):
@@ -274,7 +277,7 @@ def _mask(g, x, q_pos, kv_pos, q_seg, kv_seg, q_dim):
   k_dim = 1 - q_dim
   ok = None
   if g.causal:
-    ok = _bcast(kv_pos, shape, k_dim) <= _bcast(q_pos, shape, q_dim)
+    ok = _visible(g, _bcast(kv_pos, shape, k_dim), _bcast(q_pos, shape, q_dim))
   if g.has_seg:
     same = _bcast(kv_seg, shape, k_dim) == _bcast(q_seg, shape, q_dim)
     ok = same if ok is None else ok & same
@@ -393,7 +396,7 @@ def _specialize(g, consumers, scratch, barriers, consumer, producer):
 # dQ
 
 
-def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_ref, *refs,
+def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_range_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs,
                g: _Geometry):
   if g.has_seg:
     q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
@@ -449,14 +452,17 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
     lse2 = _lse2(_load_vector(s["lse"].at[wg], _ROW))
     delta = _load_vector(s["delta"].at[wg], _ROW)
     q_pos, q_seg = _load_sides(g, s["qpos"], s["qseg"], wg, _ROW)
-    q_lo = q_min_ref[batch, unit * 2 + wg] if g.mask_mode == "skip" else None
+    tile = unit * 2 + wg
+    q_lo = q_range_ref[batch, tile, 0] if g.mask_mode == "skip" else None
+    q_far = q_range_ref[batch, tile, 1] if g.mask_mode == "skip" and g.window else None
     shape = (_WG_ROWS, sub)
     turns = _Turns(b["turn"])
 
     def needs_mask(n):
       """Whether step n's block needs the element mask (skip mode): two scalar loads from global
       memory, issued a step ahead so that their latency hides behind the matmuls."""
-      return kv_max_ref[batch, block_at(jnp.clip(n, 0, jnp.maximum(count - 1, 0)))] > q_lo
+      block = block_at(jnp.clip(n, 0, jnp.maximum(count - 1, 0)))
+      return _needs_mask(g, kv_range_ref, (batch, block), q_lo, q_far)
 
     def needs(n, carried):
       """(step n's flag, taken from the carry, and step n+1's, to carry on) in skip mode."""
@@ -549,7 +555,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_
 # dK / dV
 
 
-def _dkv_kernel(list_ref, q_idx_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_ref, *refs,
+def _dkv_kernel(list_ref, q_idx_ref, q_range_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs,
                 g: _Geometry):
   """list_ref: kv_offsets [Bl, Hl, nk+1] (one program per KV block) or, split, the chunk table
   [Bl, Hkv, 4, P] of `split.chunk_table` (one program per chunk; dk_ref, dv_ref are then float32
@@ -677,7 +683,7 @@ def _dkv_kernel(list_ref, q_idx_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_re
     _copy_sides(g, (kv_pos_ref, kv_seg_ref), (s["kpos"], s["kseg"]), (batch, keys), wg, bar)
     plgpu.barrier_wait(bar)
     kv_pos, kv_seg = _load_sides(g, s["kpos"], s["kseg"], wg, _ROW)
-    kv_hi = kv_max_ref[batch, block * nc + wg] if g.mask_mode == "skip" else None
+    key_tile = (batch, block * nc + wg)
     shape = (_WG_ROWS, _WG_ROWS)   # Sᵀ, dPᵀ of one half unit (the wgmma K of dV += Pᵀ dO: 64)
     turns = _Turns(b["turn"])
     store = store_outputs(s, keys, wg)
@@ -686,7 +692,9 @@ def _dkv_kernel(list_ref, q_idx_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_re
       if g.mask_mode != "skip":
         return [None] * _HALVES
       # scalar loads issued before the slot's wait, used after the matmuls
-      return [kv_hi > q_min_ref[batch, unit * _HALVES + half] for half in range(_HALVES)]
+      tiles = [(batch, unit * _HALVES + half) for half in range(_HALVES)]
+      return [_needs_mask(g, kv_range_ref, key_tile, q_range_ref[(*t, 0)],
+                          q_range_ref[(*t, 1)] if g.window else None) for t in tiles]
 
     def probs(slot, st, dpt, need):
       """(Pᵀ, dSᵀ) in the input dtype from Sᵀ, dPᵀ of the half unit in `slot`."""
@@ -778,12 +786,12 @@ def _dkv_kernel(list_ref, q_idx_ref, q_min_ref, kv_max_ref, q_pos_ref, kv_pos_re
 # Wrappers
 
 
-def _geometry(q, k, layout, sm_scale, causal, has_seg, cfg, split_lists=False) -> _Geometry:
+def _geometry(q, k, layout, sm_scale, causal, has_seg, cfg, split_lists=False, window=None) -> _Geometry:
   return _Geometry(nq=q.shape[1] // _BLOCK_Q, nk=k.shape[1] // layout.block_k, hq=q.shape[2],
                    hkv=k.shape[2], hl=layout.kv_indices.shape[1], bl=layout.kv_indices.shape[0],
                    block_k=layout.block_k, d=q.shape[-1], dtype=jnp.dtype(q.dtype),
                    causal=bool(causal), has_seg=has_seg, scale_log2=float(sm_scale) * _LOG2E,
-                   sm_scale=float(sm_scale), cfg=cfg, split=split_lists)
+                   sm_scale=float(sm_scale), cfg=cfg, split=split_lists, window=window)
 
 
 def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale,
@@ -793,7 +801,7 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   Mosaic GPU interpreter's parameters (`InterpretGPUParams`) passed to `plgpu.kernel`.
   kernels: which kernels to launch (benchmarks time them apart); a skipped one's outputs are None."""
   del out  # probabilities are recomputed from lse; delta carries rowsum(dO * O) - dlse
-  _check_call("mosaic_gpu_bwd", interpret, window, sm_scale)
+  _check_call("mosaic_gpu_bwd", interpret, window, sm_scale, causal)
   has_seg = q_seg is not None
   b, tq, hq, d = q.shape
   tk, hkv = k.shape[1], k.shape[2]
@@ -807,11 +815,11 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   d_out = jnp.pad(d_out.astype(q.dtype), ((0, 0), (0, pad_q), (0, 0), (0, 0)))
   lse = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, pad_q)), constant_values=-jnp.inf)
   delta = jnp.pad(delta.astype(jnp.float32), ((0, 0), (0, 0), (0, pad_q)))
-  g = _geometry(q, k, layout, sm_scale, causal, has_seg, cfg, split_lists=chunk > 0)
+  g = _geometry(q, k, layout, sm_scale, causal, has_seg, cfg, split_lists=chunk > 0, window=window)
   q_pos, kv_pos = q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
-  q_min = q_pos.reshape(b, -1, _WG_ROWS).min(-1)                      # [B, Tq/64]
-  kv_max_dq = kv_pos.reshape(b, g.nk, g.block_k).max(-1)              # [B, nk]
-  kv_max_dkv = kv_pos.reshape(b, -1, _WG_ROWS).max(-1)                # [B, Tk/64]
+  q_range = position_ranges(q_pos, _WG_ROWS, window, keys=False)            # [B, Tq/64, 2]
+  kv_range_dq = position_ranges(kv_pos, g.block_k, window, keys=True)       # [B, nk, 2]
+  kv_range_dkv = position_ranges(kv_pos, _WG_ROWS, window, keys=True)       # [B, Tk/64, 2]
   aux = [q_pos, kv_pos]
   if has_seg:
     aux += [q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)]
@@ -825,13 +833,13 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
         functools.partial(_dq_kernel, g=g), out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(g.nq, hq, b), grid_names=("q", "heads", "batch"), num_threads=3,
         kernel_name="block_sparse_dq_mosaic", **params,
-    )(layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), q_min, kv_max_dq,
+    )(layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), q_range, kv_range_dq,
       *aux, *acts)[:, :tq]
   if "dkv" in kernels:
     dkv = functools.partial(plgpu.kernel, functools.partial(_dkv_kernel, g=g),
                             grid_names=("k", "heads", "batch"), num_threads=g.dkv_consumers + 1,
                             **params)
-    ins = (layout.q_indices.astype(jnp.int32), q_min, kv_max_dkv, *aux, *acts)
+    ins = (layout.q_indices.astype(jnp.int32), q_range, kv_range_dkv, *aux, *acts)
     if chunk:
       programs = split.num_programs(layout, hkv, chunk)
       table, first = split.chunk_table(layout, hkv, chunk, programs)
@@ -893,10 +901,10 @@ def with_vjp(fwd, bwd):
 
 
 def attention(q, k, v, layout, q_pos, kv_pos, q_seg=None, kv_seg=None, *, sm_scale, causal,
-              fwd_config=None, bwd_config: BwdConfig | None = None, interpret=False):
+              window=None, fwd_config=None, bwd_config: BwdConfig | None = None, interpret=False):
   """(out, lse) of `mosaic_gpu.forward`, differentiable in q, k, v through this backward."""
   fwd = functools.partial(mosaic_gpu.forward, sm_scale=sm_scale, causal=causal, interpret=interpret,
-                          config=fwd_config)
+                          window=window, config=fwd_config)
   bwd = functools.partial(backward, sm_scale=sm_scale, causal=causal, interpret=interpret,
-                          config=bwd_config)
+                          window=window, config=bwd_config)
   return with_vjp(fwd, bwd)(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)

@@ -36,10 +36,9 @@ block_k <= 64); any `block_q >= 1`; any head unit allowed by the layout. float32
 Hopper. On a GPU of compute capability 9.x the forward runs the Mosaic GPU kernel of `mosaic_gpu`
 (wgmma, TMA; 568 against 334 TFLOP/s dense causal at 32k on an H200) wherever that kernel supports
 the call (block_q 128, block_k 64 or 128, Dqk = Dv in {64, 128}, bf16/f16, ragged ends only when
-causal, no window), and the backward the dQ and dK/dV kernels of `mosaic_gpu_bwd` wherever they do
-(the same; they split long KV-major lists too; forward + backward 458 against 303 TFLOP/s);
-`KernelConfig.mosaic`. Either side's out and lse feed the other's
-backward unchanged.
+causal, sliding windows), and the backward the dQ and dK/dV kernels of `mosaic_gpu_bwd` wherever
+they do (the same; they split long KV-major lists too; forward + backward 458 against 303 TFLOP/s);
+`KernelConfig.mosaic`. Either side's out and lse feed the other's backward unchanged.
 
 Launch parameters come from `default_configs` (tuned on an H200: benchmarks/notes_kernels.md);
 `forward(config=...)` / `backward(configs=...)` override them. `plgpu.CompilerParams` is spelled the
@@ -615,10 +614,10 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
             config: KernelConfig | None = None):
   """out [B, Tq, Hq, Dv] (q's dtype), lse [B, Hq, Tq] float32 (natural log; -inf for empty rows)."""
   cfg = config or default_configs(q, k, v, layout)["fwd"]
-  mosaic = _mosaic_config(q, k, v, layout, cfg, q_seg is not None, sm_scale, causal, interpret, window)
+  mosaic = _mosaic_config(q, k, v, layout, cfg, q_seg is not None, sm_scale, causal, interpret)
   if mosaic is not None:
     return mosaic_gpu.forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, sm_scale=sm_scale,
-                              causal=causal, config=mosaic)
+                              causal=causal, window=window, config=mosaic)
   b, tq, hq, _ = q.shape
   g = _geometry(q, k, v, layout, cfg, sm_scale, causal, q_seg is not None, window)
   nq = layout.kv_indices.shape[2]
@@ -642,10 +641,10 @@ def on_hopper() -> bool:
   return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
-def _mosaic_bwd_config(q, k, v, layout, cfgs, has_seg, sm_scale, causal, interpret, window):
+def _mosaic_bwd_config(q, k, v, layout, cfgs, has_seg, sm_scale, causal, interpret):
   """The `mosaic_gpu_bwd.BwdConfig` to run this backward with, or None for the Triton kernels
   (both "dq" and "dkv" configs must allow Mosaic)."""
-  if not (cfgs["dq"].mosaic and cfgs["dkv"].mosaic) or interpret or window is not None:
+  if not (cfgs["dq"].mosaic and cfgs["dkv"].mosaic) or interpret:
     return None
   if not sm_scale > 0 or not on_hopper():
     return None
@@ -658,9 +657,9 @@ def _mosaic_bwd_config(q, k, v, layout, cfgs, has_seg, sm_scale, causal, interpr
   return bcfg
 
 
-def _mosaic_config(q, k, v, layout, cfg, has_seg, sm_scale, causal, interpret, window):
+def _mosaic_config(q, k, v, layout, cfg, has_seg, sm_scale, causal, interpret):
   """The `mosaic_gpu.MosaicConfig` to run this forward with, or None for the Triton kernel."""
-  if not cfg.mosaic or interpret or window is not None or not sm_scale > 0 or not on_hopper():
+  if not cfg.mosaic or interpret or not sm_scale > 0 or not on_hopper():
     return None
   mcfg = dataclasses.replace(mosaic_gpu.default_config(q, layout), stagger=cfg.stagger)
   try:
@@ -674,11 +673,11 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
              causal, interpret, window=None, configs: dict[str, KernelConfig] | None = None):
   """(dq, dk, dv) in the dtypes of (q, k, v). `delta [B, Hq, Tq]` = rowsum(dO * O) - dlse."""
   cfgs = dict(default_configs(q, k, v, layout), **(configs or {}))
-  mosaic = _mosaic_bwd_config(q, k, v, layout, cfgs, q_seg is not None, sm_scale, causal, interpret,
-                              window)
+  mosaic = _mosaic_bwd_config(q, k, v, layout, cfgs, q_seg is not None, sm_scale, causal, interpret)
   if mosaic is not None:
     return mosaic_gpu_bwd.backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg,
-                                   kv_seg, sm_scale=sm_scale, causal=causal, config=mosaic)
+                                   kv_seg, sm_scale=sm_scale, causal=causal, window=window,
+                                   config=mosaic)
   del out  # the probabilities are recomputed from lse; delta already carries rowsum(dO * O)
   b, tq, hq, dqk = q.shape
   has_seg = q_seg is not None

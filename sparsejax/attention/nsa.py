@@ -64,7 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
         "num_initial": 1,            # forced: the first block(s) of the query's document
         "num_local": 2,              # forced: the blocks ending at the query's own block
         "window": 512,               # w: sliding window, t - w < j <= t
-        "window_block": 64,          # kernel block of the window branch (must divide w)
+        "window_block": 128,         # kernel block of the window branch (must divide w; 128: the
+                                     # Mosaic GPU kernels on Hopper, benchmarks/RESULTS.md, NSA)
         "compress_hidden": 256,      # F: hidden width of the compression MLP φ
         "compress_activation": "silu",
         "gate_hidden": 0,            # 0: gate = sigmoid(Linear(x)); > 0: a hidden layer of this width
@@ -89,7 +90,7 @@ class NSASpec:
     num_initial: int = 1
     num_local: int = 2
     window: int = 512
-    window_block: int = 64
+    window_block: int = 128
     compress_activation: str = "silu"
     compress_kernel_block_q: int = 128
     compress_kernel_block_k: int = 64

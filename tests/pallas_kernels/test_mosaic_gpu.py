@@ -129,7 +129,8 @@ def _inputs(case):
 def _run(impl, case, **extra):
   q_pos, kv_pos, q_seg, kv_seg, scale, causal = _inputs(case)
   return impl.forward(case.q, case.k, case.v, case.layout, q_pos, kv_pos, q_seg, kv_seg,
-                      **{"sm_scale": scale, "causal": causal, **extra})
+                      **{"sm_scale": scale, "causal": causal, "window": case.kwargs.get("window"),
+                         **extra})
 
 
 def _mosaic(case, config):
@@ -163,6 +164,15 @@ CASES = {
     "ragged_causal": (dict(seq_len_q=200, seq_len_k=300, block_k=64, layout_kind="random",
                            segments=True, density=0.8),
                       mosaic_gpu.MosaicConfig(num_stages=2)),
+    # a sliding window of 150 over causal 64-key blocks: blocks inside every row's window skip the
+    # element mask, blocks across its far edge (or wholly past it) are masked
+    "window_causal_skip": (dict(seq_len_q=384, seq_len_k=384, block_k=64, layout_kind="causal",
+                                window=150),
+                           mosaic_gpu.MosaicConfig(num_stages=3)),
+    # a window with ragged ends and segment ids (every block masked element-wise)
+    "window_ragged_segments": (dict(seq_len_q=200, seq_len_k=300, block_k=128, layout_kind="causal",
+                                    window=77, segments=True),
+                               mosaic_gpu.MosaicConfig(num_stages=2)),
     # float16, D = 64, batch 2 with a list per batch row, segments without causal masking
     "f16_d64_batch2": (dict(seq_len_q=128, seq_len_k=256, block_k=64, layout_kind="top_k", batch=2,
                             layout_batch=2, dqk=64, dv=64, dtype="float16", segments=True,
@@ -265,7 +275,8 @@ def test_default_config_fits_shared_memory():
 
 @pytest.mark.parametrize("change, message", [
     (dict(interpret=True), "interpret=True"),
-    (dict(window=64), "sliding window"),
+    (dict(window=64, causal=False), "positive int with causal=True"),
+    (dict(window=0), "window=0"),
     (dict(sm_scale=-1.0), "sm_scale > 0"),
 ])
 def test_forward_refuses(change, message):

@@ -32,7 +32,8 @@ def _reference(case):
   """(out, lse, (dq, dk, dv)) of the float32 reference with the case's cotangents."""
   q_pos, kv_pos, q_seg, kv_seg, scale, causal = _inputs(case)
   f = lambda q, k, v: reference.forward(q, k, v, case.layout, q_pos, kv_pos, q_seg, kv_seg,  # noqa: E731
-                                        sm_scale=scale, causal=causal, interpret=False)
+                                        sm_scale=scale, causal=causal, interpret=False,
+                                        window=case.kwargs.get("window"))
   (out, lse), vjp = jax.vjp(f, case.q, case.k, case.v)
   return out, lse, vjp((case.d_out, case.d_lse))
 
@@ -45,7 +46,8 @@ def _mosaic_grads(case, out, lse, config):
   with extended_interpreter():
     return jax.block_until_ready(mosaic_gpu_bwd.backward(
         case.q, case.k, case.v, out, lse, delta, case.d_out, case.layout, q_pos, kv_pos, q_seg,
-        kv_seg, sm_scale=scale, causal=causal, interpret=InterpretGPUParams(), config=config))
+        kv_seg, sm_scale=scale, causal=causal, interpret=InterpretGPUParams(), config=config,
+        window=case.kwargs.get("window")))
 
 
 _BASE = dict(block_q=128, dqk=128, dv=128, dtype="bfloat16", num_kv_heads=1, group=1)
@@ -86,6 +88,14 @@ CASES = {
                                                  layout_kind="causal", group=2, head_unit="kv",
                                                  segments=True, dqk=64, dv=64),
                                             Cfg(list_chunk=1)),
+    # a sliding window of 150 over causal 64-key blocks without segments (the block-level mask
+    # skip, far edge included) and split lists
+    "window_skip_split": (dict(seq_len_q=384, seq_len_k=384, block_k=64, layout_kind="causal",
+                               window=150, dqk=64, dv=64), Cfg(list_chunk=2)),
+    # a window with segment ids, a list per KV head shared by its 2 heads, overlapped consumers
+    "window_segments_gqa_overlap": (dict(seq_len_q=256, seq_len_k=256, block_k=128,
+                                         layout_kind="causal", window=37, group=2, head_unit="kv",
+                                         segments=True, dqk=64, dv=64), Cfg(overlap=True)),
     # split lists of query-head units (2 per KV head) over random causal blocks with empty rows,
     # software-pipelined consumers, chunks of 2 entries, batch 2 over a layout of batch 1
     "split_query_head_lists_overlap": (dict(seq_len_q=384, seq_len_k=384, block_k=128,

@@ -247,7 +247,7 @@ def test_never_nan_with_padding_rows_and_extreme_logits():
     (dict(select_block=40), "must divide select_block"),
     (dict(compress_block=128), "must be <= select_block"),
     (dict(num_selected=2), "num_initial \\+ num_local = 3"),
-    (dict(window=500), "window_block = 64 must divide window = 500"),
+    (dict(window=500), "window_block = 128 must divide window = 500"),
     (dict(num_local=0), "num_local = 0"),
     (dict(window=0), "window = 0"),
     (dict(implementation="cuda"), "valid choices"),

@@ -40,6 +40,7 @@ import timing
 
 from pallas_kernels import BlockLayout, block_sparse_attention
 from pallas_kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd, pallas_gpu
+from sparsejax.attention import compressed as cmp_lib
 
 RESULTS: dict = {}
 INTERPRET = False
@@ -67,7 +68,12 @@ def qkv(seed, b, t, hq, hkv, d, dtype=jnp.bfloat16, tk=None):
   return q, k, v, d_out
 
 
-def positions(b, tq, tk):
+def positions(b, tq, tk, stride=None):
+  """Bottom-right aligned query and key positions; with `stride`, NSA's compression branch's: query
+  i at i, compressed key j at its block's last token j·stride + 2·stride − 1 (l = 2d)."""
+  if stride:
+    return (jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (b, tq)),
+            jnp.broadcast_to(cmp_lib.compressed_positions(tk, 2 * stride, stride), (b, tk)))
   return (jnp.broadcast_to(tk - tq + jnp.arange(tq, dtype=jnp.int32), (b, tq)),
           jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (b, tk)))
 
@@ -91,15 +97,16 @@ def random_layout(seed, t, heads, block_k, density, causal, empty_rows=0.0):
   return BlockLayout.from_block_mask(mask, block_q=128, block_k=block_k, max_kv_blocks=cap)
 
 
-def attention_fn(impl, layout, causal=True, bwd_config=None, window=None):
+def attention_fn(impl, layout, causal=True, bwd_config=None, window=None, stride=None):
   """(q, k, v, q_seg, kv_seg) -> (out, lse), default positions, differentiable: impl is
   "mosaic" (mosaic fwd + mosaic bwd), "mosaic+pallas_gpu" (mosaic fwd + pallas_gpu bwd),
   "pallas_gpu" or "reference" (block_sparse_attention)."""
   def f(q, k, v, q_seg=None, kv_seg=None):
-    q_pos, kv_pos = positions(q.shape[0], q.shape[1], k.shape[1])
+    q_pos, kv_pos = positions(q.shape[0], q.shape[1], k.shape[1], stride)
     scale = q.shape[-1] ** -0.5
     if impl in ("pallas_gpu", "reference"):
       return block_sparse_attention(q, k, v, layout, causal=causal, return_lse=True,
+                                    q_positions=q_pos, kv_positions=kv_pos,
                                     implementation=impl, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                                     interpret=INTERPRET and impl == "pallas_gpu", window=window)
     if impl == "mosaic":
@@ -191,14 +198,17 @@ def section_check(args):
        lambda: random_layout(2, t, 2, 128, 0.4, causal=True), True, False,
        dict(overlap=True, dq_sub_k=None, dq_stages=2)),
       # split dK/dV lists (float32 partials summed in order) and ragged ends: NSA's compression
-      # attention's shape (Tk = Tq / 16 - 1 keys, GQA 4 with a list per KV head, segment ids)
+      # attention (Tk = Tq / 16 - 1 compressed keys at stride 16, its layout and positions, GQA 4
+      # with a list per KV head, segment ids)
       ("dense causal bk128 [split 2]", dict(hq=4, hkv=4, d=128), lambda: causal_layout(t, 128, 4),
        True, False, dict(list_chunk=2, dkv_stages=2)),
       ("random causal GQA4 Hl=Hkv [split 1, overlap]", dict(hq=8, hkv=2, d=128),
        lambda: random_layout(2, t, 2, 128, 0.4, causal=True), True, False,
        dict(list_chunk=1, dkv_stages=2, overlap=True)),
-      ("ragged Tk=Tq/16-1 GQA4 Hl=Hkv segments [split 1]", dict(hq=8, hkv=2, d=128, tk=t // 16 - 1),
-       lambda: BlockLayout.causal(t, t // 16 - 1, block_q=128, block_k=64, num_head_units=2),
+      ("NSA compression Tk=Tq/16-1 GQA4 segments [split 1]",
+       dict(hq=8, hkv=2, d=128, tk=t // 16 - 1, stride=16),
+       lambda: cmp_lib.compressed_layout(t, t // 16 - 1, block=32, stride=16, num_kv_heads=2,
+                                         block_q=128, block_k=64),
        True, True, dict(list_chunk=1, dkv_stages=3)),
       ("ragged Tq=Tk=L-40 [by shape]", dict(hq=4, hkv=4, d=128, tq=t - 40, tk=t - 40),
        lambda: causal_layout(t - 40, 128, 4), True, False, dict()),
@@ -221,31 +231,37 @@ def section_check(args):
       q, k, v, d_out = qkv(7, b, tq, sh["hq"], sh["hkv"], sh["d"], sh.get("dtype", jnp.bfloat16), tk)
       d_lse = jax.random.normal(jax.random.key(8), (b, sh["hq"], tq), jnp.float32)
       seg = ()
-      if segments:  # three segments of random lengths over the longer side, per batch row
+      stride = sh.get("stride")
+      if segments:  # three segments of random lengths (positions), per batch row
+        q_pos, kv_pos = positions(b, tq, tk, stride)
         cuts = jax.random.randint(jax.random.key(5), (b, 2), 1, max(tq, tk))
-        ids = lambda n: (jnp.arange(n)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(jnp.int32)  # noqa: E731
-        seg = (ids(tq), ids(tk))
+        ids = lambda pos: (pos[:, :, None] >= cuts[:, None, :]).sum(-1).astype(jnp.int32)  # noqa: E731
+        seg = (ids(q_pos), ids(kv_pos))
       cfg = None
       if changes is not None:
         cfg = dataclasses.replace(mosaic_gpu_bwd.default_config(q, layout, k.shape[2]), **changes)
       w = sh.get("window")
-      got = run(grad_fn(attention_fn("mosaic", layout, causal, cfg, w)), q, k, v, d_out, d_lse, *seg)
+      mosaic = attention_fn("mosaic", layout, causal, cfg, w, stride)
+      reference = attention_fn("reference", layout, causal, window=w, stride=stride)
+      got = run(grad_fn(mosaic), q, k, v, d_out, d_lse, *seg)
       if got is None:
         return dict(lowered=True)
-      want = grad_fn(attention_fn("reference", layout, causal, window=w))(q, k, v, d_out, d_lse, *seg)
+      want = grad_fn(reference)(q, k, v, d_out, d_lse, *seg)
       row = grad_errors(got, want)
-      # the forward's out too (lse enters the gradients through d_lse)
-      out = jax.jit(attention_fn("mosaic", layout, causal, cfg, w))(q, k, v, *seg)[0]
-      out_ref = jax.jit(attention_fn("reference", layout, causal, window=w))(q, k, v, *seg)[0]
+      # the forward's out too (lse enters the gradients through d_lse), and how much of the reference
+      # is nonzero (a case whose rows all see nothing would check nothing)
+      out = jax.jit(mosaic)(q, k, v, *seg)[0]
+      out_ref = jax.jit(reference)(q, k, v, *seg)[0]
+      row["nonzero_rows"] = float(jnp.mean(jnp.any(out_ref != 0, axis=-1)))
       row["out_err"] = float(jnp.abs(out.astype(jnp.float32) - out_ref.astype(jnp.float32)).max())
       tol = 2e-2
       row["ok"] = all(row[f"{g}_rel"] < tol and not row[f"{g}_nan"] for g in ("dq", "dk", "dv"))
-      row["ok"] = row["ok"] and row["out_err"] < 3e-2
+      row["ok"] = row["ok"] and row["out_err"] < 3e-2 and row["nonzero_rows"] > 0.5
       return row
     r = guarded(f"check/{name}", check)
     out[name] = r
     if r and "ok" in r:
-      errs = f"out {r['out_err']:.1e}  " + "  ".join(
+      errs = f"rows {r['nonzero_rows']:.2f} out {r['out_err']:.1e}  " + "  ".join(
           f"{g} {r[f'{g}_err']:.1e} ({r[f'{g}_rel']:.1e})" for g in ("dq", "dk", "dv"))
       print(f"  {name:48s} {errs}  {'OK' if r['ok'] else 'FAIL'}", flush=True)
     elif r:

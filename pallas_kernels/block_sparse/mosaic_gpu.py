@@ -23,11 +23,12 @@ units run last first (the last units of a causal layout have the longest lists) 
 in the grid, so the programs running together read one head's K/V (L2 reuse).
 
 Masking. Keys are visible iff kv_pos <= q_pos (causal), q_pos - kv_pos < window (a sliding window,
-causal calls only) and the segment ids are equal. Without segment ids, a block whose largest key
-position is <= the smallest query position of a consumer's 64 rows, and (window) whose smallest
-key position is > the largest query position - window, skips the element mask (a block-level test
-on scalars: per-block key position ranges and per-tile query ranges, reduced by XLA before the
-launch, `position_ranges`). Rows that see nothing give out 0 and lse -inf.
+causal calls only) and the segment ids are equal. A block whose largest key position is <= the
+smallest query position of a consumer's 64 rows, whose smallest key position is > their largest
+position - window (with a window), and whose keys and queries all share one segment id (with
+segment ids) skips the element mask: a block-level test on scalars, the per-block key ranges and
+per-tile query ranges of positions and segment ids that XLA reduces before the launch
+(`tile_ranges`). Rows that see nothing give out 0 and lse -inf.
 
 Supported (`check_supported`): bfloat16 or float16; Dqk = Dv in {64, 128}; layout.block_q = 128;
 layout.block_k in {64, 128}; Tq a multiple of 128 and Tk of block_k, or any lengths with causal
@@ -187,9 +188,9 @@ class _Geometry:
 
   @property
   def mask_mode(self):
-    """"always" (segment ids), "skip" (causal: blocks inside every row's past, and inside its
-    window, skip the mask) or "never" (neither: every listed key is visible)."""
-    return "always" if self.has_seg else "skip" if self.causal else "never"
+    """"skip" (causal or segment ids: blocks inside every row's past, inside its window and in its
+    one segment skip the element mask) or "never" (neither: every listed key is visible)."""
+    return "skip" if self.causal or self.has_seg else "never"
 
   @property
   def key_copies(self):
@@ -227,28 +228,53 @@ def _visible(g, kv_pos, q_pos):
   return ok
 
 
-def _needs_mask(g, kv_range_ref, at, q_lo, q_far):
-  """Whether the keys of `kv_range_ref[at]` = (largest, smallest position) need the element mask
-  for query rows whose smallest position is q_lo (causal edge) and, with a window, whose largest
-  position minus the window is q_far (far edge): a traced bool from two or four scalars."""
-  need = kv_range_ref[(*at, 0)] > q_lo
+def _query_tile(g, q_range_ref, at):
+  """The scalars of a query tile (`tile_ranges` row `at`) that `_needs_mask` compares, loaded once
+  per tile: (smallest position, largest position - window, smallest and largest segment id), None
+  where the launch has no such test."""
+  cols = (g.causal, bool(g.window), g.has_seg, g.has_seg)
+  return tuple(q_range_ref[(*at, c)] if on else None for c, on in enumerate(cols))
+
+
+def _needs_mask(g, kv_range_ref, at, q_tile):
+  """Whether the keys of `kv_range_ref[at]` (a `tile_ranges` row of keys) need the element mask for
+  the query tile `q_tile` (`_query_tile`): some key after some query (causal), some key at or past
+  the window's far edge of some query, or the tiles not all in one segment. A traced bool."""
+  q_lo, q_far, q_seg_lo, q_seg_hi = q_tile
+  tests = []
+  if g.causal:
+    tests.append(kv_range_ref[(*at, 0)] > q_lo)
   if g.window:
-    need = need | (kv_range_ref[(*at, 1)] <= q_far)
+    tests.append(kv_range_ref[(*at, 1)] <= q_far)
+  if g.has_seg:
+    k_seg_lo, k_seg_hi = kv_range_ref[(*at, 2)], kv_range_ref[(*at, 3)]
+    one = (q_seg_lo == q_seg_hi) & (k_seg_lo == k_seg_hi) & (q_seg_lo == k_seg_lo)
+    tests.append(jnp.logical_not(one))
+  need = tests[0]
+  for t in tests[1:]:
+    need = need | t
   return need
 
 
-def position_ranges(pos, rows: int, window: int | None, *, keys: bool):
-  """Per tile of `rows` positions (pos [B, T], T a multiple of rows): int32 [B, T/rows, 2] of
-  (smallest, largest - window) for queries (clamped above the smallest int32; the second is unused
-  without a window) and of (largest, smallest) for keys: what `_needs_mask` compares."""
+def tile_ranges(pos, seg, rows: int, window: int | None, *, keys: bool):
+  """Per tile of `rows` positions (pos [B, T], T a multiple of rows; seg [B, T] or None): int32
+  [B, T/rows, 4] of, for queries, (smallest position, largest position - window (clamped above
+  the smallest int32; unused without a window), smallest segment id, largest segment id) and, for
+  keys, (largest position, smallest position, smallest segment id, largest segment id): what
+  `_needs_mask` compares. Segment columns are 0 without segment ids."""
   b = pos.shape[0]
   tiles = pos.astype(jnp.int32).reshape(b, -1, rows)
   lo, hi = tiles.min(-1), tiles.max(-1)
+  if seg is None:
+    seg_lo = seg_hi = jnp.zeros_like(lo)
+  else:
+    seg_tiles = seg.astype(jnp.int32).reshape(b, -1, rows)
+    seg_lo, seg_hi = seg_tiles.min(-1), seg_tiles.max(-1)
   if keys:
-    return jnp.stack([hi, lo], axis=-1)
+    return jnp.stack([hi, lo, seg_lo, seg_hi], axis=-1)
   small = jnp.iinfo(jnp.int32).min + 1
   far = jnp.maximum(hi, small + (window or 0)) - (window or 0)
-  return jnp.stack([lo, far], axis=-1)
+  return jnp.stack([lo, far, seg_lo, seg_hi], axis=-1)
 
 
 def _row_bcast(x, shape):
@@ -343,9 +369,7 @@ def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_range_ref, kv_r
   shape = (_WG_ROWS, g.block_k)
   q_pos = _load_vector(qpos_smem.at[wg], row_layout) if g.causal else None
   q_seg = _load_vector(qseg_smem.at[wg], row_layout) if g.has_seg else None
-  tile = p.unit * _CONSUMERS + wg
-  q_lo = q_range_ref[p.batch, tile, 0] if g.mask_mode == "skip" else None
-  q_far = q_range_ref[p.batch, tile, 1] if g.mask_mode == "skip" and g.window else None
+  q_tile_ranges = _query_tile(g, q_range_ref, (p.batch, p.unit * _CONSUMERS + wg))
 
   def take_turn():
     if g.cfg.pingpong:
@@ -353,8 +377,8 @@ def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_range_ref, kv_r
       plgpu.barrier_wait(turn)
 
   def needs_mask(block):
-    """Whether a causal block (without segment ids) needs the element mask: a traced bool."""
-    return _needs_mask(g, kv_range_ref, (p.batch, block), q_lo, q_far)
+    """Whether a block needs the element mask (`_needs_mask`): a traced bool."""
+    return _needs_mask(g, kv_range_ref, (p.batch, block), q_tile_ranges)
 
   def mask(s, slot):
     ok = None
@@ -373,9 +397,7 @@ def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_range_ref, kv_r
       take_turn()
       return acc_ref[...]
     s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
-    if g.mask_mode == "always":
-      s = mask(s, slot)
-    elif g.mask_mode == "skip":
+    if g.mask_mode == "skip":
       s = lax.cond(need, lambda s: mask(s, slot), lambda s: s, s)
     plgpu.barrier_arrive(k_free.at[slot])
     return s
@@ -508,8 +530,8 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
                 dtype=jnp.dtype(q.dtype), causal=bool(causal), has_seg=has_seg,
                 scale_log2=float(sm_scale) * _LOG2E, cfg=cfg, window=window)
   q_pos, kv_pos = q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
-  q_range = position_ranges(q_pos, _WG_ROWS, window, keys=False)            # [B, Tq/64, 2]
-  kv_range = position_ranges(kv_pos, layout.block_k, window, keys=True)     # [B, nk, 2]
+  q_range = tile_ranges(q_pos, q_seg, _WG_ROWS, window, keys=False)          # [B, Tq/64, 4]
+  kv_range = tile_ranges(kv_pos, kv_seg, layout.block_k, window, keys=True)  # [B, nk, 4]
   ins = [layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), q_range, kv_range,
          q_pos, kv_pos]
   if has_seg:

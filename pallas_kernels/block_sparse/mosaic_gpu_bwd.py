@@ -43,9 +43,9 @@ FlashAttention-3 runs 5 and the FLOP count credits 5 (2.5x the forward). Forward
 executes 4.5 forward-equivalents of tensor-core work for the 3.5 counted.
 
 Masking is the forward's: key visible iff kv_pos <= q_pos (causal), q_pos - kv_pos < window (with
-a window) and equal segment ids; without segment ids, causal tiles inside every row's past and
-window skip the element mask (`mosaic_gpu.position_ranges`: per 64 query rows and per key tile,
-reduced by XLA before the launch). Rows with lse = -inf give P = 0
+a window) and equal segment ids; tiles inside every row's past and window, and in one segment,
+skip the element mask (`mosaic_gpu.tile_ranges`: per 64 query rows and per key tile, reduced by
+XLA before the launch). Rows with lse = -inf give P = 0
 (lse·log2e is replaced by +inf), so they contribute nothing and never NaN.
 
 Split lists. One dK/dV program per KV block serialises the backward when one block's list is far
@@ -83,7 +83,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.block_sparse import mosaic_gpu, split
 from pallas_kernels.block_sparse.mosaic_gpu import (
     _BLOCK_Q, _LOG2E, _SMEM_RESERVED, _WG_ROWS, SMEM_LIMIT, STAGGER, _check_call, _check_smem,
-    _check_tiles, _load_vector, _needs_mask, _pad_ragged, _visible, _walk, position_ranges)
+    _check_tiles, _load_vector, _needs_mask, _pad_ragged, _query_tile, _visible, _walk, tile_ranges)
 
 _HALVES = _BLOCK_Q // _WG_ROWS  # dK/dV ring slots (of 64 query rows) per query unit
 # dK/dV list split (`list_chunk`): below this many whole-list programs (two waves of an H200's 132
@@ -232,8 +232,8 @@ class _Geometry:
   window: int | None = None  # sliding window (causal only), as mosaic_gpu's
 
   @property
-  def mask_mode(self):
-    return "always" if self.has_seg else "skip" if self.causal else "never"
+  def mask_mode(self):  # as mosaic_gpu's
+    return "skip" if self.causal or self.has_seg else "never"
 
   @property
   def group(self):      # query heads per KV head
@@ -285,9 +285,7 @@ def _mask(g, x, q_pos, kv_pos, q_seg, kv_seg, q_dim):
 
 
 def _apply_mask(g, x, masked, need):
-  """masked(x) as `g.mask_mode` asks: always, only where `need` (skip: a traced bool), or never."""
-  if g.mask_mode == "always":
-    return masked(x)
+  """masked(x) as `g.mask_mode` asks: only where `need` (skip: a traced bool), or never."""
   if g.mask_mode == "skip":
     return lax.cond(need, masked, lambda x: x, x)
   return x
@@ -452,9 +450,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_range_ref, kv_range_ref, q_pos_ref, kv_
     lse2 = _lse2(_load_vector(s["lse"].at[wg], _ROW))
     delta = _load_vector(s["delta"].at[wg], _ROW)
     q_pos, q_seg = _load_sides(g, s["qpos"], s["qseg"], wg, _ROW)
-    tile = unit * 2 + wg
-    q_lo = q_range_ref[batch, tile, 0] if g.mask_mode == "skip" else None
-    q_far = q_range_ref[batch, tile, 1] if g.mask_mode == "skip" and g.window else None
+    q_tile_ranges = _query_tile(g, q_range_ref, (batch, unit * 2 + wg))
     shape = (_WG_ROWS, sub)
     turns = _Turns(b["turn"])
 
@@ -462,7 +458,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_range_ref, kv_range_ref, q_pos_ref, kv_
       """Whether step n's block needs the element mask (skip mode): two scalar loads from global
       memory, issued a step ahead so that their latency hides behind the matmuls."""
       block = block_at(jnp.clip(n, 0, jnp.maximum(count - 1, 0)))
-      return _needs_mask(g, kv_range_ref, (batch, block), q_lo, q_far)
+      return _needs_mask(g, kv_range_ref, (batch, block), q_tile_ranges)
 
     def needs(n, carried):
       """(step n's flag, taken from the carry, and step n+1's, to carry on) in skip mode."""
@@ -692,9 +688,9 @@ def _dkv_kernel(list_ref, q_idx_ref, q_range_ref, kv_range_ref, q_pos_ref, kv_po
       if g.mask_mode != "skip":
         return [None] * _HALVES
       # scalar loads issued before the slot's wait, used after the matmuls
-      tiles = [(batch, unit * _HALVES + half) for half in range(_HALVES)]
-      return [_needs_mask(g, kv_range_ref, key_tile, q_range_ref[(*t, 0)],
-                          q_range_ref[(*t, 1)] if g.window else None) for t in tiles]
+      return [_needs_mask(g, kv_range_ref, key_tile,
+                          _query_tile(g, q_range_ref, (batch, unit * _HALVES + half)))
+              for half in range(_HALVES)]
 
     def probs(slot, st, dpt, need):
       """(Pᵀ, dSᵀ) in the input dtype from Sᵀ, dPᵀ of the half unit in `slot`."""
@@ -817,9 +813,9 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
   delta = jnp.pad(delta.astype(jnp.float32), ((0, 0), (0, 0), (0, pad_q)))
   g = _geometry(q, k, layout, sm_scale, causal, has_seg, cfg, split_lists=chunk > 0, window=window)
   q_pos, kv_pos = q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
-  q_range = position_ranges(q_pos, _WG_ROWS, window, keys=False)            # [B, Tq/64, 2]
-  kv_range_dq = position_ranges(kv_pos, g.block_k, window, keys=True)       # [B, nk, 2]
-  kv_range_dkv = position_ranges(kv_pos, _WG_ROWS, window, keys=True)       # [B, Tk/64, 2]
+  q_range = tile_ranges(q_pos, q_seg, _WG_ROWS, window, keys=False)          # [B, Tq/64, 4]
+  kv_range_dq = tile_ranges(kv_pos, kv_seg, g.block_k, window, keys=True)    # [B, nk, 4]
+  kv_range_dkv = tile_ranges(kv_pos, kv_seg, _WG_ROWS, window, keys=True)    # [B, Tk/64, 4]
   aux = [q_pos, kv_pos]
   if has_seg:
     aux += [q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)]

@@ -101,9 +101,10 @@ def fwd_bwd(fn, argnums):
     return jax.jit(jax.grad(loss, argnums=argnums))
 
 
-# query block of the compression attention, and block of the window branch, timed besides the
-# spec's (A/B; see RESULTS, NSA)
+# query and key blocks of the compression attention, and block of the window branch, timed besides
+# the spec's (A/B; see RESULTS, NSA)
 CMP_BLOCK_Q_AB = 64
+CMP_BLOCK_K_AB = 64
 WIN_BLOCK_AB = 64
 
 
@@ -125,8 +126,8 @@ def breakdown(args, spec, t, dtype):
     """Forward time of each NSA piece at length t and, as `<piece>_fwd_bwd`, its forward + backward
     (compression MLP, compression / selection / window attention, the compression attention with
     its backward on the Triton kernels as `cmp_attention_fwd_bwd_triton_bwd` and with query blocks
-    of `CMP_BLOCK_Q_AB` as `cmp_attention_bq<n>`, the window branch in blocks of `WIN_BLOCK_AB` as
-    `win_attention_b<n>`); the importance pass + top-n on each
+    of `CMP_BLOCK_Q_AB` as `cmp_attention_bq<n>` and compressed blocks of `CMP_BLOCK_K_AB` as
+    `cmp_attention_bk<n>`, the window branch in blocks of `WIN_BLOCK_AB` as `win_attention_b<n>`); the importance pass + top-n on each
     implementation (A/B), the Pallas kernel's scores alone for a few launch configurations, and top-n
     alone."""
     x = make_inputs(args, t, dtype)
@@ -140,14 +141,19 @@ def breakdown(args, spec, t, dtype):
                                                      (0, 1)), x["k_cmp"], x["compress_k"])[0]
     kc = comp(x)
     vc = jax.jit(lambda x: cmp_lib.compress(x["v_cmp"], x["compress_v"], block=l, stride=s))(x)
-    def cmp_fn(q, kc, vc, seg, block_q=spec.compress_kernel_block_q):
+    def cmp_fn(q, kc, vc, seg, block_q=spec.compress_kernel_block_q, block_k=spec.compress_kernel_block_k):
         return cmp_lib.compressed_attention(q, kc, vc, seg, block=l, stride=s, block_q=block_q,
-                                            block_k=spec.compress_kernel_block_k, implementation=impl)
+                                            block_k=block_k, implementation=impl)
     cmp_attention = jax.jit(cmp_fn)
     pieces["cmp_attention"] = bench(cmp_attention, x["q"], kc, vc, x["segment_ids"])[0]
     pieces["cmp_attention_fwd_bwd"] = bench(fwd_bwd(cmp_fn, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
     pieces["cmp_attention_fwd_bwd_triton_bwd"] = bench(
         triton_backward(fwd_bwd(cmp_fn, (0, 1, 2))), x["q"], kc, vc, x["segment_ids"])[0]
+    if CMP_BLOCK_K_AB != spec.compress_kernel_block_k:
+        ab = functools.partial(cmp_fn, block_k=CMP_BLOCK_K_AB)
+        pieces[f"cmp_attention_bk{CMP_BLOCK_K_AB}"] = bench(jax.jit(ab), x["q"], kc, vc, x["segment_ids"])[0]
+        pieces[f"cmp_attention_bk{CMP_BLOCK_K_AB}_fwd_bwd"] = bench(
+            fwd_bwd(ab, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
     if CMP_BLOCK_Q_AB != spec.compress_kernel_block_q:
         ab = functools.partial(cmp_fn, block_q=CMP_BLOCK_Q_AB)
         pieces[f"cmp_attention_bq{CMP_BLOCK_Q_AB}"] = bench(jax.jit(ab), x["q"], kc, vc, x["segment_ids"])[0]

@@ -12,7 +12,8 @@ Three branches with independent keys and values, each its own softmax, combined 
 
 Kernels. Every branch goes through `pallas_kernels.block_sparse_attention`; no [T, T] array exists.
 - cmp: one call, queries in blocks of `compress_kernel_block_q` over compressed blocks of
-  `compress_kernel_block_k` (128 and 64, so that on a Hopper GPU its forward runs `mosaic_gpu`),
+  `compress_kernel_block_k` (128 and 128, so that on a Hopper GPU it runs the Mosaic GPU kernels
+  with two consumer warpgroups each; benchmarks/RESULTS.md, NSA),
   block-causal through positions (query t at t, compressed token i at i·d + l − 1); its
   log-sum-exp feeds the importance pass (`compressed.select_blocks`: on GPU the Pallas kernel
   `pallas_kernels.nsa_importance`, which writes only the [T, K, S] block scores; `implementation`
@@ -72,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
         "gate_activation": "silu",
         "gate_bias_init": (0.0, 0.0, 0.0),   # initial gate logits of (cmp, slc, win)
         "compress_kernel_block_q": 128,
-        "compress_kernel_block_k": 64,
+        "compress_kernel_block_k": 128,
         "score_chunk_elements": 1 << 26,     # bound on the importance pass's per-chunk float32 scores
         "implementation": "auto",    # block_sparse_attention implementation; auto = best for the backend
         "fused_topn": True,          # GPU: importance scores, masking and top-n in one Pallas kernel
@@ -93,7 +94,7 @@ class NSASpec:
     window_block: int = 128
     compress_activation: str = "silu"
     compress_kernel_block_q: int = 128
-    compress_kernel_block_k: int = 64
+    compress_kernel_block_k: int = 128
     score_chunk_elements: int = 1 << 26
     implementation: str = "auto"
     fused_topn: bool = True

@@ -455,7 +455,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_range_ref, kv_range_ref, q_pos_ref, kv_
     turns = _Turns(b["turn"])
 
     def needs_mask(n):
-      """Whether step n's block needs the element mask (skip mode): two scalar loads from global
+      """Whether step n's block needs the element mask (skip mode): scalar loads from global
       memory, issued a step ahead so that their latency hides behind the matmuls."""
       block = block_at(jnp.clip(n, 0, jnp.maximum(count - 1, 0)))
       return _needs_mask(g, kv_range_ref, (batch, block), q_tile_ranges)

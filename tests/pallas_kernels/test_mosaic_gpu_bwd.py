@@ -97,10 +97,10 @@ CASES = {
                                          layout_kind="causal", window=37, group=2, head_unit="kv",
                                          segments=True, dqk=64, dv=64), Cfg(overlap=True)),
     # split lists of query-head units (2 per KV head) over random causal blocks with empty rows,
-    # software-pipelined consumers, chunks of 2 entries, batch 2 over a layout of batch 1
-    "split_query_head_lists_overlap": (dict(seq_len_q=384, seq_len_k=384, block_k=128,
-                                            layout_kind="random", group=2, batch=2, layout_batch=1,
-                                            dqk=64, dv=64),
+    # software-pipelined consumers, chunks of 2 entries (batch broadcast of the split's table and
+    # sum: test_sum_partials_in_program_order)
+    "split_query_head_lists_overlap": (dict(seq_len_q=256, seq_len_k=256, block_k=128,
+                                            layout_kind="random", group=2, dqk=64, dv=64),
                                        Cfg(list_chunk=2, overlap=True)),
 }
 
@@ -177,6 +177,24 @@ def test_check_supported_names_the_value(shapes, layout, config, message):
   lay = BlockLayout.causal(q.shape[1], k.shape[1], block_q=layout[0], block_k=layout[1])
   with pytest.raises(ValueError, match=message):
     mosaic_gpu_bwd.check_supported(q, k, v, lay, config)
+
+
+def test_sum_partials_in_program_order():
+  """The split's reduction: block j of every (batch, KV head) gets the sum of partial tiles
+  first[j] .. first[j+1]-1, the table shared by a batch of 2 (layout batch 1), as [B, nk*bk, Hkv, D];
+  a block without programs gets zeros."""
+  rng = np.random.default_rng(0)
+  b, hkv, programs, bk, d = 2, 2, 7, 4, 3
+  part = rng.normal(size=(b, hkv, programs * bk, d)).astype(np.float32)
+  first = np.array([[[0, 2, 2, 5, 7], [0, 1, 4, 4, 6]]], np.int32)          # [1, Hkv, nk+1]
+  got = np.asarray(mosaic_gpu_bwd._sum_partials(jnp.asarray(part), jnp.asarray(first), bk, jnp.float32))
+  tiles = part.reshape(b, hkv, programs, bk, d)
+  for bi in range(b):
+    for h in range(hkv):
+      for j in range(4):
+        want = tiles[bi, h, first[0, h, j]:first[0, h, j + 1]].sum(0) if first[0, h, j + 1] > first[0, h, j] \
+            else np.zeros((bk, d), np.float32)
+        np.testing.assert_allclose(got[bi, j * bk:(j + 1) * bk, h], want, rtol=1e-6, atol=1e-6)
 
 
 def test_list_chunk_by_shape():

@@ -11,7 +11,10 @@ Sections (select with --sections, default check,a,b,c):
   b      time against block density (1, .5, .25, .1, .05; random causal 64-blocks per head with the
          diagonal kept) at --density-lengths, relative to the dense causal layout.
   c      NSA-shaped selection: 64 query heads, 4 KV heads, D=128, KV block 64, 16 blocks per token
-         (block 0 and the token's own block always, the rest random causal), T in --nsa-lengths.
+         (block 0 and the token's own block always, the rest random causal), T in --nsa-lengths;
+         and the same kernels on the community NSA benchmark's selections (`anchor_layout`: top-16
+         of random scores over all blocks, block 0 put in, future blocks dropped), the pattern
+         behind gpu-anchors.md's figures for its Triton kernel.
   tune   launch-parameter sweep of the three kernels at the dense 32k shape.
   tune_nsa  the same at the NSA shape (--tune-nsa-length).
   tune_density  launch-parameter variants at section b's layouts (L = --tune-length), each timed at
@@ -148,6 +151,20 @@ def nsa_layout(seed, t, hkv, block_k=64, top=16):
   return BlockLayout.top_k(scores, min(top, nk), block_q=1, block_k=block_k)
 
 
+def anchor_layout(seed, t, hkv, block_k=64, top=16):
+  """The selections of the community NSA kernel's own benchmark (`generate_topk_idx_example` in
+  XunhaoLai/native-sparse-attention-triton), the pattern its timings in gpu-anchors.md ran on: per
+  token and KV head, the `top` largest of random normal scores over *all* T/block_k blocks, sorted,
+  the smallest replaced by block 0, then every block after the token's own dropped. A token at
+  fraction f of the sequence keeps about 1 + (top − 1)·f blocks (~8.5 on average, not 16)."""
+  nk = t // block_k
+  scores = jax.random.normal(jax.random.key(seed), (1, hkv, t, nk), jnp.float32)
+  idx = jnp.sort(jax.lax.top_k(scores, min(top, nk))[1], axis=-1).at[..., 0].set(0)
+  own = (jnp.arange(t) // block_k)[None, None, :, None]
+  counts = (idx <= own).sum(-1).astype(jnp.int32)     # sorted: the kept blocks are a prefix
+  return BlockLayout.from_indices(idx, counts, block_q=1, block_k=block_k, num_kv_blocks=nk)
+
+
 # ----------------------------------------------------------------------------------------- sections
 def section_check(args):
   print("\n== check: pallas_gpu vs xla and reference (relative Frobenius error) ==")
@@ -249,29 +266,24 @@ def section_density(args):
 def section_nsa(args):
   print("\n== c: NSA selection, 64 q heads, 4 KV heads, D=128, block_k 64, top-16 per token ==")
   rows = []
+  patterns = {"causal16": nsa_layout, "anchor": anchor_layout}
   for t in args.nsa_lengths:
     q, k, v, do = qkv(t + 2, 1, t, 64, 4, 128, 128)
-    def run(t=t):
-      layout = nsa_layout(4, t, 4)
-      fwd, fwd_bwd = sparse_fns(layout)
-      visited = float(layout.kv_counts.sum())
-      flops = 4 * visited * 16 * 64 * 128        # useful work: kept blocks x 16 heads x 64 keys
-      t_f, t_fb = median_ms(fwd, q, k, v, do), median_ms(fwd_bwd, q, k, v, do)
-      # A/B of the dK/dV list split: the same backward with one program per KV block.
-      base = pallas_gpu.default_configs(q, k, v, layout)
-      whole = dict(base, dkv=dataclasses.replace(base["dkv"], list_chunk=0))
-      t_whole = guarded(f"c/{t}/unsplit", lambda: median_ms(sparse_fns(layout, configs=whole)[1],
-                                                          q, k, v, do))
-      return dict(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=flops / t_f / 1e9,
-                  fwd_bwd_tflops=3.5 * flops / t_fb / 1e9, blocks_per_token=visited / (4 * t),
-                  fwd_bwd_unsplit_ms=t_whole)
-    r = guarded(f"c/{t}", run)
-    if r:
-      rows.append(dict(T=t, **r))
-      print(f"  T={t:6d}  fwd {r['fwd_ms']:8.2f} ms ({r['fwd_tflops']:.0f} TF/s useful)   "
-            f"fwd+bwd {r['fwd_bwd_ms']:8.2f} ms ({r['fwd_bwd_tflops']:.0f} TF/s)  "
-            f"blocks/token {r['blocks_per_token']:.2f}  (fwd+bwd without the dK/dV list split: "
-            f"{r['fwd_bwd_unsplit_ms'] or float('nan'):.2f} ms)", flush=True)
+    for pattern, make in patterns.items():
+      def run(t=t, make=make):
+        layout = make(4, t, 4)
+        fwd, fwd_bwd = sparse_fns(layout)
+        visited = float(layout.kv_counts.sum())
+        flops = 4 * visited * 16 * 64 * 128        # useful work: kept blocks x 16 heads x 64 keys
+        t_f, t_fb = median_ms(fwd, q, k, v, do), median_ms(fwd_bwd, q, k, v, do)
+        return dict(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=flops / t_f / 1e9,
+                    fwd_bwd_tflops=3.5 * flops / t_fb / 1e9, blocks_per_token=visited / (4 * t))
+      r = guarded(f"c/{pattern}/{t}", run)
+      if r:
+        rows.append(dict(T=t, pattern=pattern, **r))
+        print(f"  T={t:6d} {pattern:9s} fwd {r['fwd_ms']:8.2f} ms ({r['fwd_tflops']:.0f} TF/s useful)   "
+              f"fwd+bwd {r['fwd_bwd_ms']:8.2f} ms ({r['fwd_bwd_tflops']:.0f} TF/s)  "
+              f"blocks/token {r['blocks_per_token']:.2f}", flush=True)
   RESULTS["nsa"] = rows
 
 

@@ -278,6 +278,8 @@ def main():
     p.add_argument("--implementation", default="auto", help="block_sparse_attention implementation")
     p.add_argument("--dense", default="cudnn", help="jax.nn.dot_product_attention implementation")
     p.add_argument("--breakdown", action="store_true", help="time each NSA piece at the longest length")
+    p.add_argument("--profile", action="store_true",
+                   help="GPU time per kernel of the whole NSA forward and forward+backward at the longest length")
     p.add_argument("--fused-topn", action=argparse.BooleanOptionalAction, default=True,
                    help="whole-attention rows with the fused importance + top-n kernel "
                         "(config.attention.nsa.fused_topn, the default) or without it")
@@ -316,6 +318,17 @@ def main():
         ratio = lambda a, b: f"{row[b] / row[a]:.2f}×" if a in row and b in row else "—"
         print(f"| {t:,} | {fmt('nsa_fwd')} | {fmt('nsa_fwd_bwd')} | {fmt('dense_fwd')} | {fmt('dense_fwd_bwd')} | "
               f"{ratio('nsa_fwd', 'dense_fwd')} | {ratio('nsa_fwd_bwd', 'dense_fwd_bwd')} |", flush=True)
+        del x, cot
+        save()
+    if args.profile:
+        t = max(args.lengths)
+        x = make_inputs(args, t, dtype)
+        cot = jax.random.normal(jax.random.key(1), x["q"].shape, jnp.float32)
+        for name, fn, fargs in (("nsa_fwd", nsa_fwd, (x,)), ("nsa_fwd_bwd", nsa_fb, (x, cot))):
+            prof = guarded(f"profile/{name}@{t}", lambda: timing.kernel_profile(fn, *fargs))
+            if prof:
+                RESULTS.setdefault("profile", {"T": t})[name] = prof
+                timing.print_profile(prof, f"{name} at T={t}")
         del x, cot
         save()
     if args.breakdown:

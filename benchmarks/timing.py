@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -59,6 +60,67 @@ def bench_or_lower(fn, *args, lower_only: bool = False, reps: int = 10) -> tuple
 def median_ms(fn, *args, **kwargs) -> float:
     """The median of `bench` alone."""
     return bench(fn, *args, **kwargs)[0]
+
+
+# lines of a GPU plane that repeat kernels already on a stream line (summaries derived from them)
+_DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Source code", "Steps", "Launch Stats",
+                  "Framework Ops", "Framework Name Scope")
+
+
+def kernel_profile(fn, *args, calls: int = 2, top: int = 30) -> dict:
+    """Where the GPU time of the jitted `fn(*args)` goes: a `jax.profiler` trace of `calls` warm calls,
+    its first GPU's kernels summed by name (without a GPU: the XLA CPU client's events). Returns {"calls", "gpu_ms" (kernel time per call, all
+    streams added), "kernels": [{"name", "ms", "launches"} per call, the `top` largest], "other_ms"
+    (the rest), "lines" (the trace lines read)}. Overlapping streams add up, so gpu_ms can exceed
+    the wall time."""
+    import collections
+    import glob
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError(f"the profiler wrote no .xplane.pb under {tmp}")
+        data = ProfileData.from_file(paths[0])
+    planes = sorted((p for p in data.planes if p.name.startswith("/device:GPU")), key=lambda p: p.name)
+    if planes:
+        plane = planes[0]
+        lines = [line for line in plane.lines if line.name not in _DERIVED_LINES]
+    else:  # CPU (a smoke test of the scripts): the XLA CPU client's threads
+        plane = next((p for p in data.planes if p.name == "/host:CPU"), None)
+        if plane is None:
+            raise RuntimeError(f"no GPU or host CPU plane in the trace; planes: {[p.name for p in data.planes]}")
+        lines = [line for line in plane.lines if line.name.startswith("tf_XLA")]
+    ms, launches = collections.defaultdict(float), collections.defaultdict(int)
+    for line in lines:
+        for event in line.events:
+            ms[event.name] += event.duration_ns / 1e6 / calls
+            launches[event.name] += 1
+    ranked = sorted(ms, key=ms.get, reverse=True)
+    families = collections.defaultdict(float)   # XLA's numbered fusions ("loop_fusion.12") by kind
+    for n in ms:
+        families[re.sub(r"[._]\d+$", "", n)] += ms[n]
+    return {"calls": calls, "gpu_ms": sum(ms.values()),
+            "kernels": [{"name": n, "ms": ms[n], "launches": launches[n] / calls} for n in ranked[:top]],
+            "families": dict(sorted(families.items(), key=lambda kv: -kv[1])[:top]),
+            "other_ms": sum(ms[n] for n in ranked[top:]), "lines": [line.name for line in lines],
+            "plane": plane.name}
+
+
+def print_profile(profile: dict, title: str) -> None:
+    """The table of `kernel_profile`'s result."""
+    print(f"# GPU kernels of {title}: {profile['gpu_ms']:.2f} ms per call ({profile['plane']})", flush=True)
+    for k in profile["kernels"]:
+        print(f"  {k['ms']:9.3f} ms  {k['launches']:6.0f}x  {k['name'][:110]}")
+    print(f"  {profile['other_ms']:9.3f} ms  (the other kernels)")
+    print("  by family: " + ", ".join(f"{n} {v:.2f}" for n, v in list(profile["families"].items())[:12]),
+          flush=True)
 
 
 def guarded(name: str, fn, errors: dict):

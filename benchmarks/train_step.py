@@ -43,6 +43,8 @@ flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up).", lower_boun
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", lower_bound=0)
 flags.DEFINE_string("out", None, "Write the results as JSON to this path.")
 flags.DEFINE_string("label", None, "Name of this run in the JSON and the table (default: the overrides).")
+flags.DEFINE_bool("profile", False, "Also trace one more step and record its GPU time per kernel name "
+                  "(`timing.kernel_profile`).")
 flags.DEFINE_string("table", None, "Only print a table of the JSON files matching this glob, then exit.")
 FLAGS = flags.FLAGS
 
@@ -100,8 +102,9 @@ def progress(message: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def run(config, steps: int, warmup: int, label: str) -> dict:
-    """Builds state and step as `sparsejax.training.loop` does, times `steps` steps, returns the record."""
+def run(config, steps: int, warmup: int, label: str, profile: bool = False) -> dict:
+    """Builds state and step as `sparsejax.training.loop` does, times `steps` steps, returns the record
+    (with `profile`: and the GPU kernels of one more step, `timing.kernel_profile`)."""
     import jax
     import numpy as np
 
@@ -148,6 +151,16 @@ def run(config, steps: int, warmup: int, label: str) -> dict:
             losses.append(float(metrics["loss"]))
             progress(f"step {i + 1}/{warmup + steps} ({'timed' if i >= warmup else 'warm-up'}): "
                      f"{elapsed:.4f} s, loss {losses[-1]:.4f}")
+        kernels = None
+        if profile:
+            import timing
+            holder = [state]                 # the step donates its state: thread it through the calls
+
+            def one_step():
+                holder[0], step_metrics = compiled(holder[0], batches[0])
+                return holder[0], step_metrics
+            kernels = timing.kernel_profile(one_step, calls=1)
+            timing.print_profile(kernels, f"one {label} step")
     if not all(np.isfinite(losses)):
         raise FloatingPointError(f"non-finite loss in the benchmark steps: {losses}")
 
@@ -172,7 +185,7 @@ def run(config, steps: int, warmup: int, label: str) -> dict:
         "train_flops_per_token": flops_per_token,
         "tflops_per_device": tflops, "peak_flops_per_device": peak, "mfu": mfu,
         "peak_memory_bytes": peak_memory_bytes(), "compiled_memory": compiled_memory(compiled),
-        "first_loss": losses[0], "last_loss": losses[-1],
+        "first_loss": losses[0], "last_loss": losses[-1], "kernel_profile": kernels,
         "config": json.loads(config.to_json()),
     }
 
@@ -227,7 +240,7 @@ def main(argv):
         raise app.UsageError("--config is required (or --table to print saved results)")
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     label = FLAGS.label or (" ".join(a[len("--config."):] for a in overrides) or "default")
-    record = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, label)
+    record = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, label, FLAGS.profile)
     print(summary(record), flush=True)
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

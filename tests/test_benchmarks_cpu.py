@@ -72,7 +72,7 @@ def test_table_mode(record):
 @pytest.mark.parametrize("script, args", [
     ("nsa.py", ["--lengths", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--dense", "xla",
                 "--implementation", "xla", "--dtype", "float32", "--l", "8", "--d", "4", "--lp", "16", "--n", "4",
-                "--w", "32", "--wb", "16", "--breakdown"]),
+                "--w", "32", "--wb", "16", "--breakdown", "--profile"]),
     ("kernels.py", ["--interpret", "--no-tokamax", "--sections", "a,b", "--dense-lengths", "128",
                     "--density-lengths", "128"]),
     ("mosaic_fwd.py", ["--interpret"]),  # pallas_gpu interpreted, the Mosaic GPU kernel lowered for CUDA

@@ -18,7 +18,7 @@ Remat (`config.model.remat`): "none"; "full" (recompute the whole block in the b
 "dots" (save the outputs of matmuls without batch dimensions, i.e. the projections and the MLP,
 recompute the rest, `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`); "dots_attention"
 (as "dots", and also the outputs and softmax statistics of the attention kernels, cuDNN's and the
-Pallas block-sparse ones, plus NSA's block selection, so the backward pass does not run the attention
+Pallas block-sparse ones (Triton, TPU and Mosaic GPU), plus NSA's block selection, so the backward pass does not run the attention
 forward again; costs about [B, T, H, D] per layer).
 
 Initialisation (Llama / torchtitan conventions): truncated normal (±3 std) with `init_std` for the
@@ -31,6 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.extend.core import jaxprs_in_params
 
 from sparsejax.attention import get_attention
 from sparsejax.layers import Embed, RMSNorm, SwiGLU, dtype_from_name, make_param, output_std, truncated_normal
@@ -47,8 +48,18 @@ ATTENTION_PRIMITIVES = frozenset({
 SAVED_NAMES = frozenset({"nsa_selection"})
 
 
+# A Mosaic GPU kernel (`plgpu.kernel`, the Hopper block-sparse kernels) reaches the jaxpr as a
+# custom_vmap_call whose body holds the kernel call: its outputs are saved like a pallas_call's.
+KERNEL_BODIES = frozenset({"pallas_call", "mpmd_map"})
+
+
+def _is_mosaic_gpu_kernel(prim, params) -> bool:
+    return prim.name == "custom_vmap_call" and any(
+        eqn.primitive.name in KERNEL_BODIES for sub in jaxprs_in_params(params) for eqn in sub.eqns)
+
+
 def _dots_and_attention_saveable(prim, *args, **params) -> bool:
-    return (prim.name in ATTENTION_PRIMITIVES
+    return (prim.name in ATTENTION_PRIMITIVES or _is_mosaic_gpu_kernel(prim, params)
             or (prim.name == "name" and params.get("name") in SAVED_NAMES)
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 

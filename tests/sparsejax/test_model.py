@@ -332,3 +332,34 @@ def test_dots_attention_policy_saves_tagged_selection_only(capsys):
         saved = capsys.readouterr().out
         assert ("nsa_selection" in saved) == expect, (remat, saved)
         assert "something_else" not in saved
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _count_primitive(sub, name)
+    return n
+
+
+def test_dots_attention_policy_saves_the_mosaic_gpu_forward():
+    """The Hopper kernels (`plgpu.kernel`) appear as custom_vmap_call: `dots_attention` saves the
+    forward's (out, lse), so the gradient runs 3 kernels (forward, dQ, dK/dV) where `dots` recomputes
+    the forward (4). Traced only: no GPU needed."""
+    from pallas_kernels import BlockLayout
+    from pallas_kernels.block_sparse import mosaic_gpu_bwd
+    from sparsejax.model import REMAT_POLICIES
+
+    t = 256
+    layout = BlockLayout.causal(t, t, block_q=128, block_k=128, num_head_units=2)
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+
+    def loss(q):
+        out, _ = mosaic_gpu_bwd.attention(q, q, q, layout, pos, pos, sm_scale=0.1, causal=True)
+        return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+    q = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
+    for remat, kernels in (("dots", 4), ("dots_attention", 3)):
+        jaxpr = jax.make_jaxpr(jax.grad(jax.checkpoint(loss, policy=REMAT_POLICIES[remat])))(q)
+        assert _count_primitive(jaxpr.jaxpr, "custom_vmap_call") == kernels, remat

@@ -383,11 +383,12 @@ def selection_scores(y, blocks, own, first, *, num_initial: int, num_local: int)
   return jnp.where(forced, jnp.inf, jnp.where(valid, y, -jnp.inf))
 
 
-def _insert(y, base, vals, idx, thr, sel: _Selection):
+def _insert(y, to_block, vals, idx, thr, sel: _Selection):
   """Merge one step's blocks into each row's running top-n, exactly as `top_blocks` orders them (score
   descending, ties to the lower block index).
 
-  y [R, C] masked scores of blocks base + c (every one above the running blocks' indices); vals, idx
+  y [R, C] masked scores of blocks to_block(c) (increasing in c, every one above the running blocks'
+  indices; to_block maps a column index [R, 1] to its block index); vals, idx
   [R, width] the running set, unsorted (empty slots: −inf with index S + slot; columns >= n: +inf, never
   the worst); thr [R] its worst score. While some row's best new block beats its worst entry (strictly:
   on a tie the running block has the lower index, and a new block tied with one taken before it from
@@ -407,12 +408,35 @@ def _insert(y, base, vals, idx, thr, sel: _Selection):
     pick = jnp.min(jnp.where(y == best[:, None], c, y.shape[1]), axis=1)[:, None]
     slot = enter & (idx == worst[:, None])
     vals = jnp.where(slot, best[:, None], vals)
-    idx = jnp.where(slot, base + pick, idx)
+    idx = jnp.where(slot, to_block(pick), idx)
     y = jnp.where(enter & (c == pick), -jnp.inf, y)
     return y, vals, idx, jnp.min(vals, axis=1), jnp.max(y, axis=1)
 
   _, vals, idx, thr, _ = jax.lax.while_loop(go, round_, (y, vals, idx, thr, best))
   return vals, idx, thr
+
+
+def _topn_start(tok_rows: int, num_blocks: int, sel: _Selection):
+  """The empty running set of `_insert`: (vals, idx, thr) for tok_rows rows."""
+  slot = jnp.arange(sel.width)[None, :]
+  vals = jnp.broadcast_to(jnp.where(slot < sel.n, -jnp.inf, jnp.inf), (tok_rows, sel.width))
+  idx = jnp.broadcast_to(jnp.where(slot < sel.n, num_blocks + slot, -1), (tok_rows, sel.width))
+  return vals, idx, jnp.full((tok_rows,), -jnp.inf, jnp.float32)
+
+
+def _topn_store(vals, idx, out_rows, out_valid, idx_ref, cnt_ref, num_blocks: int, sel: _Selection):
+  """Write the running set: its taken blocks ascending (distinct indices: n rounds of min), S past the
+  count, to idx_ref rows out_rows [:, n]; the counts to cnt_ref."""
+  slot = jnp.arange(sel.width)[None, :]
+  taken = (slot < sel.n) & (vals > -jnp.inf)
+  keys = jnp.where(taken, idx, num_blocks)
+  out = jnp.full(vals.shape, num_blocks, jnp.int32)
+  for r in range(sel.n):
+    low = jnp.min(keys, axis=1)
+    out = jnp.where(slot == r, low[:, None], out)
+    keys = jnp.where(keys == low[:, None], num_blocks, keys)
+  plgpu.store(idx_ref.at[out_rows[:, None], slot], out, mask=out_valid[:, None] & (slot < sel.n))
+  plgpu.store(cnt_ref.at[out_rows], jnp.sum(taken.astype(jnp.int32), axis=1), mask=out_valid)
 
 
 def _topn_kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_ref, doc_ref, idx_ref, cnt_ref, *,
@@ -428,34 +452,69 @@ def _topn_kernel(start_ref, q_pos_ref, q_seg_ref, kv_seg_ref, lse_ref, q_ref, k_
   end_step = jnp.max(own) // g.nbt + 1                                   # through the latest own block
 
   c = jnp.arange(g.cols)
-  slot = jnp.arange(sel.width)[None, :]
-  vals = jnp.broadcast_to(jnp.where(slot < sel.n, -jnp.inf, jnp.inf), (g.tok_rows, sel.width))
-  idx = jnp.broadcast_to(jnp.where(slot < sel.n, g.num_blocks + slot, -1), (g.tok_rows, sel.width))
-  thr = jnp.full((g.tok_rows,), -jnp.inf, jnp.float32)
 
   def merge(j, y, carry):
     blocks = j * g.nbt + c
     y = selection_scores(y, blocks[None, :], own[:, None], first[:, None], num_initial=sel.num_initial,
                          num_local=sel.num_local)
     y = jnp.where((c < g.nbt)[None, :], y, -jnp.inf)                     # columns past the step's blocks
-    return _insert(y, j * g.nbt, *carry, sel)
+    return _insert(y, lambda pick: j * g.nbt + pick, *carry, sel)
 
   # steps with visible compressed tokens, then the valid blocks that none reaches (score 0)
-  carry = jax.lax.fori_loop(first_step, steps, lambda j, carry: merge(j, scores(j), carry), (vals, idx, thr))
+  carry = jax.lax.fori_loop(first_step, steps, lambda j, carry: merge(j, scores(j), carry),
+                            _topn_start(g.tok_rows, g.num_blocks, sel))
   zeros = jnp.zeros((g.tok_rows, g.cols), jnp.float32)
   vals, idx, _ = jax.lax.fori_loop(jnp.maximum(first_step, steps), end_step,
                                    lambda j, carry: merge(j, zeros, carry), carry)
+  _topn_store(vals, idx, out_rows, out_valid, idx_ref, cnt_ref, g.num_blocks, sel)
 
-  # taken blocks ascending (distinct indices: n rounds of min), S past the count
-  taken = (slot < sel.n) & (vals > -jnp.inf)
-  keys = jnp.where(taken, idx, g.num_blocks)
-  out = jnp.full((g.tok_rows, sel.width), g.num_blocks, jnp.int32)
-  for r in range(sel.n):
-    low = jnp.min(keys, axis=1)
-    out = jnp.where(slot == r, low[:, None], out)
-    keys = jnp.where(keys == low[:, None], g.num_blocks, keys)
-  plgpu.store(idx_ref.at[out_rows[:, None], slot], out, mask=out_valid[:, None] & (slot < sel.n))
-  plgpu.store(cnt_ref.at[out_rows], jnp.sum(taken.astype(jnp.int32), axis=1), mask=out_valid)
+
+@dataclasses.dataclass(frozen=True)
+class _ScoresGeometry:
+  """Static sizes of `topn_of_scores`: scores [B, K·T, steps·width], steps of nbt blocks."""
+  t: int
+  hkv: int
+  tokens: int        # rows (tokens) per program, a power of two
+  nbt: int           # blocks per step
+  width: int         # columns of a step's slot (>= nbt; columns >= nbt are not read)
+  steps: int
+  span: int          # steps merged per round of `_insert`
+  num_blocks: int    # S
+
+  @property
+  def programs(self):
+    return -(-self.t // self.tokens)
+
+
+def _topn_scores_kernel(pos_ref, doc_ref, s_ref, idx_ref, cnt_ref, *, g: _ScoresGeometry, sel: _Selection):
+  kv_head = pl.program_id(0) % g.hkv
+  prog = g.programs - 1 - pl.program_id(0) // g.hkv                    # latest tokens first: most steps
+  local = prog * g.tokens + jnp.arange(g.tokens)
+  valid = local < g.t
+  rows = kv_head * g.t + local
+  pos = plgpu.load(pos_ref.at[local], mask=valid, other=0)
+  doc = plgpu.load(doc_ref.at[local], mask=valid, other=0)
+  own = jnp.where(valid, pos // sel.select_block, -1)
+  first = jnp.where(valid, doc // sel.select_block, g.num_blocks)
+  first_step = jnp.min(first) // g.nbt
+  end_step = jnp.max(own) // g.nbt + 1
+  c = jnp.arange(g.span * g.width)
+  step_of, col = c // g.width, c % g.width
+
+  def merge(i, carry):
+    j0 = first_step + i * g.span
+    ok = (col < g.nbt) & (j0 + step_of < g.steps)
+    y = plgpu.load(s_ref.at[rows[:, None], (j0 * g.width + c)[None, :]], mask=valid[:, None] & ok[None, :],
+                   other=-jnp.inf)
+    blocks = (j0 + step_of) * g.nbt + col
+    y = selection_scores(y, blocks[None, :], own[:, None], first[:, None], num_initial=sel.num_initial,
+                         num_local=sel.num_local)
+    y = jnp.where(ok[None, :], y, -jnp.inf)
+    return _insert(y, lambda pick: (j0 + pick // g.width) * g.nbt + pick % g.width, *carry, sel)
+
+  rounds = (jnp.maximum(end_step - first_step, 0) + g.span - 1) // g.span
+  vals, idx, _ = jax.lax.fori_loop(0, rounds, merge, _topn_start(g.tokens, g.num_blocks, sel))
+  _topn_store(vals, idx, rows, valid, idx_ref, cnt_ref, g.num_blocks, sel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,4 +611,47 @@ def importance_topn(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, d
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret, name="nsa_importance_topn",
   )(jnp.zeros((1,), jnp.int32), *ins)
+  return idx.reshape(b, hkv, t, keep), cnt.reshape(b, hkv, t)
+
+
+def topn_of_scores(scores, q_positions, doc_starts, *, nbt: int, select_block: int, num_blocks: int,
+                   num_selected: int, num_initial: int, num_local: int, tokens: int = 16, span: int = 2,
+                   num_warps: int = 4, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """`compressed.top_blocks(compressed.block_scores(p_slc, ...))` of block scores already in HBM, in
+  the step-padded layout that `nsa_importance_mosaic.block_scores_padded` writes.
+
+  scores [B, K, T, steps, W] float32: slot (j, c) holds the score of block j·nbt + c for c < nbt
+  (columns nbt .. W−1 are not read; steps = ⌈S / nbt⌉); q_positions [B, T] int32 (each query's index in
+  its packed row: its own block is position // l'); doc_starts [B, T] int32 (row index of its document's
+  start). One program per (`tokens` queries, KV head, batch) walks the steps from its earliest
+  document's first block through its latest own block, `span` steps per `_insert` round (the fused
+  kernel's running top-n, fed from HBM instead of from its own dots).
+  Returns indices [B, K, T, n'] int32 (ascending, S past the count) and counts [B, K, T] int32,
+  n' = min(num_selected, S).
+  """
+  if scores.ndim != 5 or jnp.dtype(scores.dtype) != jnp.float32:
+    raise ValueError(f"topn_of_scores needs scores [B, K, T, steps, W] float32; got {scores.dtype} "
+                     f"{tuple(scores.shape)}")
+  b, hkv, t, steps, width = scores.shape
+  if not 1 <= nbt <= width or steps != -(-num_blocks // nbt):
+    raise ValueError(f"topn_of_scores: scores {tuple(scores.shape)} do not hold S={num_blocks} blocks in steps "
+                     f"of nbt={nbt} (need 1 <= nbt <= W and steps = ⌈S / nbt⌉ = {-(-num_blocks // nbt)})")
+  if width & (width - 1) or tokens & (tokens - 1) or span & (span - 1):
+    raise ValueError(f"topn_of_scores: W={width}, tokens={tokens} and span={span} must be powers of two")
+  check_selection(doc_starts, (b, t), num_selected=num_selected, num_initial=num_initial, num_local=num_local)
+  if tuple(q_positions.shape) != (b, t):
+    raise ValueError(f"topn_of_scores: q_positions has shape {tuple(q_positions.shape)}; expected {(b, t)}")
+  keep = min(num_selected, num_blocks)
+  sel = _Selection(n=keep, width=max(_MIN_DOT, _next_pow2(keep)), select_block=select_block,
+                   num_initial=num_initial, num_local=num_local)
+  g = _ScoresGeometry(t=t, hkv=hkv, tokens=tokens, nbt=nbt, width=width, steps=steps, span=span,
+                      num_blocks=num_blocks)
+  ins = [q_positions.astype(jnp.int32), doc_starts.astype(jnp.int32), scores.reshape(b, hkv * t, steps * width)]
+  out_shape = (jax.ShapeDtypeStruct((b, hkv * t, keep), jnp.int32), jax.ShapeDtypeStruct((b, hkv * t), jnp.int32))
+  idx, cnt = pl.pallas_call(
+      functools.partial(_topn_scores_kernel, g=g, sel=sel), grid=(g.programs * hkv, b),
+      in_specs=[_whole(x, 1) for x in ins], out_specs=[_whole(x, 1) for x in out_shape], out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret, name="nsa_topn_of_scores",
+  )(*ins)
   return idx.reshape(b, hkv, t, keep), cnt.reshape(b, hkv, t)

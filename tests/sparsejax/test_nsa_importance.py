@@ -301,6 +301,57 @@ def test_fused_topn_is_top_blocks_of_the_kernel_scores():
             np.testing.assert_array_equal(got[0], want[0])
 
 
+def _padded(p_slc, nbt, width, junk):
+    """p_slc [B, K, T, S] in the step layout [B, K, T, ⌈S/nbt⌉, width]; `junk` in every slot past a
+    step's nbt blocks and past S (what `topn_of_scores` must not read)."""
+    b, k, t, num_blocks = p_slc.shape
+    steps = -(-num_blocks // nbt)
+    x = jnp.pad(p_slc, ((0, 0),) * 3 + ((0, steps * nbt - num_blocks),), constant_values=junk)
+    x = x.reshape(b, k, t, steps, nbt)
+    return jnp.pad(x, ((0, 0),) * 4 + ((0, width - nbt),), constant_values=junk)
+
+
+@pytest.mark.parametrize("nbt, width, tokens, span", [(3, 4, 16, 1), (3, 4, 16, 2), (15, 16, 32, 2)])
+def test_topn_of_scores_is_top_blocks_of_block_scores(nbt, width, tokens, span):
+    """Exact, ties included: `topn_of_scores` on step-padded scores keeps what
+    `top_blocks(block_scores(.))` keeps: random scores with ties (two decimals) and zeros, packed
+    documents, queries in a random row order, junk (+inf) in the slots it must skip; S = 37 (T = 300,
+    l' = 8) so the last step is partial."""
+    rng = np.random.default_rng(nbt + span)
+    b, k, t, lp = 2, 3, 300, 8
+    num_blocks = -(-t // lp)
+    p_slc = np.round(rng.uniform(0, 1, (b, k, t, num_blocks)), 2) * (rng.uniform(size=(b, k, t, num_blocks)) > 0.2)
+    p_slc = jnp.asarray(p_slc, jnp.float32)
+    row_seg = np.repeat(np.array([[1] * 170 + [2] * 130, [1] * 40 + [2] * 200 + [3] * 60]), 1, axis=0)
+    positions = jnp.asarray(np.stack([rng.permutation(t), np.arange(t)]), jnp.int32)
+    doc = jnp.take_along_axis(document_starts(jnp.asarray(row_seg, jnp.int32)), positions, axis=1)
+    for sel in SELECTIONS:
+        scores = jnp.concatenate([block_scores(p_slc[i:i + 1], positions[i], doc[i:i + 1], select_block=lp,
+                                               num_initial=sel["num_initial"], num_local=sel["num_local"])
+                                  for i in range(b)])
+        want = top_blocks(scores, sel["num_selected"])
+        got = jax.jit(functools.partial(
+            nsa_importance.topn_of_scores, nbt=nbt, select_block=lp, num_blocks=num_blocks, tokens=tokens,
+            span=span, interpret=True, **sel))(_padded(p_slc, nbt, width, jnp.inf), positions, doc)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(nbt=5), r"do not hold S=10 blocks in steps of nbt=5"),
+    (dict(width=6, nbt=3), "must be powers of two"),
+    (dict(num_selected=40), "takes 1 .. 32"),
+])
+def test_topn_of_scores_clear_errors(change, message):
+    kw = dict(nbt=3, width=4, num_selected=4)
+    kw.update(change)
+    scores = jnp.zeros((1, 1, 20, 4, kw.pop("width")), jnp.float32)
+    ints = jnp.zeros((1, 20), jnp.int32)
+    with pytest.raises(ValueError, match=message):
+        nsa_importance.topn_of_scores(scores, ints, ints, select_block=2, num_blocks=10, num_initial=1,
+                                      num_local=1, **kw)
+
+
 @pytest.mark.parametrize("t", [6, 12])
 def test_fused_topn_before_any_compressed_token(t):
     """T < l' (one block): T = 6 < l has N = 0 (no key to read, lse None), T = 12 has compressed tokens

@@ -122,6 +122,9 @@ def triton_backward(fn):
     return traced
 
 
+BREAKDOWN_GROUPS = ("cmp", "importance", "slc", "win")
+
+
 def breakdown(args, spec, t, dtype):
     """Forward time of each NSA piece at length t and, as `<piece>_fwd_bwd`, its forward + backward
     (compression MLP, compression / selection / window attention, the compression attention with
@@ -129,8 +132,11 @@ def breakdown(args, spec, t, dtype):
     of `CMP_BLOCK_Q_AB` as `cmp_attention_bq<n>` and compressed blocks of `CMP_BLOCK_K_AB` as
     `cmp_attention_bk<n>`, the window branch in blocks of `WIN_BLOCK_AB` as `win_attention_b<n>`); the importance pass + top-n on each
     implementation (A/B), the Pallas kernel's scores alone for a few launch configurations, and top-n
-    alone."""
+    alone; on a Hopper GPU also the Mosaic GPU scores kernel and the top-n over its scores per launch
+    configuration (`mosaic_importance_pieces`). `args.pieces` picks groups of `BREAKDOWN_GROUPS` (the
+    compression attention always runs: the others need its lse)."""
     x = make_inputs(args, t, dtype)
+    groups = set(args.pieces.split(","))
     impl = spec.kernel_implementation
     interpret = jax.default_backend() == "cpu"           # the CPU smoke test runs the kernel interpreted
     l, s = spec.compress_block, spec.compress_stride
@@ -146,6 +152,28 @@ def breakdown(args, spec, t, dtype):
                                             block_k=block_k, implementation=impl)
     cmp_attention = jax.jit(cmp_fn)
     pieces["cmp_attention"] = bench(cmp_attention, x["q"], kc, vc, x["segment_ids"])[0]
+    lse = cmp_attention(x["q"], kc, vc, x["segment_ids"])[1]
+    if "cmp" in groups:
+        cmp_pieces(pieces, spec, x, kc, vc, cmp_fn)
+    sel = dict(block=l, stride=s, select_block=spec.select_block, num_selected=spec.num_selected,
+               num_initial=spec.num_initial, num_local=spec.num_local, chunk_elements=spec.score_chunk_elements)
+    selects = {"xla": jax.jit(functools.partial(cmp_lib.select_blocks, implementation="xla", **sel))}
+    idx, cnt = selects["xla"](x["q"], kc, lse, x["segment_ids"])
+    if "importance" in groups:
+        importance_paths(pieces, x, kc, lse, spec, t, interpret, sel, selects, (idx, cnt))
+    if "slc" in groups:
+        slc_fn = lambda q, k, v, seg, i, c: selected_attention(q, k, v, seg, i, c, select_block=spec.select_block,  # noqa: E731
+                                                               implementation=impl)
+        slc_args = (x["q"], x["k_slc"], x["v_slc"], x["segment_ids"], idx, cnt)
+        pieces["slc_attention"] = bench(jax.jit(slc_fn), *slc_args)[0]
+        pieces["slc_attention_fwd_bwd"] = bench(fwd_bwd(slc_fn, (0, 1, 2)), *slc_args)[0]
+    if "win" in groups:
+        win_pieces(pieces, spec, x)
+    return pieces
+
+
+def cmp_pieces(pieces, spec, x, kc, vc, cmp_fn):
+    """Compression attention forward + backward, with the A/B rows (see `breakdown`)."""
     pieces["cmp_attention_fwd_bwd"] = bench(fwd_bwd(cmp_fn, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
     pieces["cmp_attention_fwd_bwd_triton_bwd"] = bench(
         triton_backward(fwd_bwd(cmp_fn, (0, 1, 2))), x["q"], kc, vc, x["segment_ids"])[0]
@@ -159,27 +187,77 @@ def breakdown(args, spec, t, dtype):
         pieces[f"cmp_attention_bq{CMP_BLOCK_Q_AB}"] = bench(jax.jit(ab), x["q"], kc, vc, x["segment_ids"])[0]
         pieces[f"cmp_attention_bq{CMP_BLOCK_Q_AB}_fwd_bwd"] = bench(
             fwd_bwd(ab, (0, 1, 2)), x["q"], kc, vc, x["segment_ids"])[0]
-    lse = cmp_attention(x["q"], kc, vc, x["segment_ids"])[1]
-    sel = dict(block=l, stride=s, select_block=spec.select_block, num_selected=spec.num_selected,
-               num_initial=spec.num_initial, num_local=spec.num_local, chunk_elements=spec.score_chunk_elements)
-    paths = {"xla": dict(implementation="xla"), "pallas_gpu": dict(implementation="pallas_gpu"),
+
+
+def triton_importance(fn):
+    """fn (jitted), traced with `select_blocks` on the fused Triton kernel even where the Mosaic GPU scores
+    kernel would run (the A/B of `select_blocks_mosaic`)."""
+    def traced(*args):
+        saved = cmp_lib.mosaic_importance_supported
+        cmp_lib.mosaic_importance_supported = lambda *a, **k: False
+        try:
+            return fn(*args)
+        finally:
+            cmp_lib.mosaic_importance_supported = saved
+    return traced
+
+
+def importance_paths(pieces, x, kc, lse, spec, t, interpret, sel, selects, xla_selection):
+    """The importance pass + top-n on each path (`importance_topn_<path>`; `pallas_gpu_fused` is the
+    default: the Mosaic GPU scores + top-n on Hopper, `triton_fused` the fused Triton kernel there), the
+    kernels alone, and the on-device checks against XLA."""
+    paths = {"pallas_gpu": dict(implementation="pallas_gpu"),
              "pallas_gpu_fused": dict(implementation="pallas_gpu", fused_topn=True)}
-    selects = {name: jax.jit(functools.partial(cmp_lib.select_blocks, interpret=interpret, **path, **sel))
-               for name, path in paths.items()}
+    selects.update({name: jax.jit(functools.partial(cmp_lib.select_blocks, interpret=interpret, **path, **sel))
+                    for name, path in paths.items()})
+    if pallas_gpu.on_hopper():
+        selects["triton_fused"] = triton_importance(jax.jit(functools.partial(
+            cmp_lib.select_blocks, implementation="pallas_gpu", fused_topn=True, **sel)))
     for name, select in selects.items():
         res = guarded(f"importance_topn_{name}@{t}", lambda: bench(select, x["q"], kc, lse, x["segment_ids"]))
         if res:
             pieces[f"importance_topn_{name}"] = res[0]
     importance_pieces(pieces, x, kc, lse, spec, t, interpret)
-    idx, cnt = selects["xla"](x["q"], kc, lse, x["segment_ids"])
-    guarded(f"importance_check@{t}", lambda: importance_check(x, kc, lse, spec, t, interpret, (idx, cnt),
-                                                              selects["pallas_gpu_fused"]))
-    slc_fn = lambda q, k, v, seg, i, c: selected_attention(q, k, v, seg, i, c, select_block=spec.select_block,
-                                                           implementation=impl)
-    slc_args = (x["q"], x["k_slc"], x["v_slc"], x["segment_ids"], idx, cnt)
-    pieces["slc_attention"] = bench(jax.jit(slc_fn), *slc_args)[0]
-    pieces["slc_attention_fwd_bwd"] = bench(fwd_bwd(slc_fn, (0, 1, 2)), *slc_args)[0]
-    win_fn = lambda q, k, v, seg: window_attention(q, k, v, seg, window=spec.window, block=spec.window_block,
+    guarded(f"importance_check@{t}", lambda: importance_check(x, kc, lse, spec, t, interpret, xla_selection,
+                                                              selects))
+    if pallas_gpu.on_hopper():
+        guarded(f"mosaic_importance@{t}", lambda: mosaic_importance_pieces(pieces, x, kc, lse, spec, t))
+
+
+# (tokens, span) of `topn_of_scores` timed on the Mosaic kernel's scores
+TOPN_CONFIGS = ((16, 1), (16, 2), (16, 4), (32, 2), (8, 2))
+
+
+def mosaic_importance_pieces(pieces, x, kc, lse, spec, t):
+    """The Mosaic GPU scores kernel alone (all T in one call, step-padded [B, K, T, steps, W]) and
+    `topn_of_scores` on its output per launch configuration (`TOPN_CONFIGS`)."""
+    from pallas_kernels import nsa_importance, nsa_importance_mosaic
+    b = x["q"].shape[0]
+    l, s, ls = spec.compress_block, spec.compress_stride, spec.select_block
+    num_blocks = -(-t // ls)
+    seg = x["segment_ids"]
+    kv_seg = cmp_lib.compressed_segments(seg, kc.shape[1], l, s)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    scores_fn = jax.jit(functools.partial(nsa_importance_mosaic.block_scores_padded, block=l, stride=s,
+                                          select_block=ls, num_blocks=num_blocks))
+    pieces["importance_mosaic_scores"] = bench(scores_fn, x["q"], kc, lse, positions, seg, kv_seg)[0]
+    scores = scores_fn(x["q"], kc, lse, positions, seg, kv_seg)
+    doc = cmp_lib.document_starts(seg)
+    nbt = nsa_importance_mosaic.step_blocks(block=l, stride=s, select_block=ls)
+    for tokens, span in TOPN_CONFIGS:
+        fn = jax.jit(functools.partial(nsa_importance.topn_of_scores, nbt=nbt, select_block=ls,
+                                       num_blocks=num_blocks, num_selected=spec.num_selected,
+                                       num_initial=spec.num_initial, num_local=spec.num_local, tokens=tokens,
+                                       span=span))
+        res = guarded(f"topn_of_scores_t{tokens}_s{span}@{t}", lambda: bench(fn, scores, positions, doc))
+        if res:
+            pieces[f"topn_of_scores_t{tokens}_s{span}"] = res[0]
+
+
+def win_pieces(pieces, spec, x):
+    """Window attention forward + backward, with its A/B block size (see `breakdown`)."""
+    impl = spec.kernel_implementation
+    win_fn = lambda q, k, v, seg: window_attention(q, k, v, seg, window=spec.window, block=spec.window_block,  # noqa: E731
                                                    implementation=impl)
     win_args = (x["q"], x["k_win"], x["v_win"], x["segment_ids"])
     pieces["win_attention"] = bench(jax.jit(win_fn), *win_args)[0]
@@ -189,7 +267,6 @@ def breakdown(args, spec, t, dtype):
                                                    implementation=impl)
         pieces[f"win_attention_b{WIN_BLOCK_AB}"] = bench(jax.jit(ab), *win_args)[0]
         pieces[f"win_attention_b{WIN_BLOCK_AB}_fwd_bwd"] = bench(fwd_bwd(ab, (0, 1, 2)), *win_args)[0]
-    return pieces
 
 
 def importance_pieces(pieces, x, kc, lse, spec, t, interpret):
@@ -224,11 +301,11 @@ def importance_pieces(pieces, x, kc, lse, spec, t, interpret):
         pieces["block_scores_topn"] = res[0]
 
 
-def importance_check(x, kc, lse, spec, t, interpret, xla_selection, pallas_select, rows=256):
-    """On the device: the unfused kernel's p_slc of the last `rows` queries against the same scores in
-    XLA float32 (max error relative to the largest score), and the share of (token, KV group) rows whose
-    selected blocks agree between the two implementations (the fused kernel's; near ties may differ).
-    RESULTS["importance_check"]."""
+def importance_check(x, kc, lse, spec, t, interpret, xla_selection, selects, rows=256):
+    """On the device: the unfused kernel's p_slc of the last `rows` queries (and the Mosaic GPU kernel's,
+    on Hopper) against the same scores in XLA float32 (max error relative to the largest score), and for
+    each path of `selects` but xla the share of (token, KV group) rows whose selected blocks agree with
+    XLA's (near ties may differ) and whether the counts are equal. RESULTS["importance_check"]."""
     b, _, h, d = x["q"].shape
     l, s, ls = spec.compress_block, spec.compress_stride, spec.select_block
     n, kv = kc.shape[1], kc.shape[2]
@@ -252,11 +329,20 @@ def importance_check(x, kc, lse, spec, t, interpret, xla_selection, pallas_selec
         return cmp_lib.block_importance(p, num_blocks, select_block=ls, block=l, stride=s)
 
     ref = want(x["q"], kc, lse)
-    idx, cnt = pallas_select(x["q"], kc, lse, seg)
-    check = dict(T=t, rows=t - first,
-                 p_slc_max_rel_err=float(jnp.abs(got - ref).max() / jnp.maximum(jnp.abs(ref).max(), 1e-30)),
-                 selection_agreement=float(jnp.all(idx == xla_selection[0], axis=-1).mean()),
-                 counts_equal=bool(jnp.all(cnt == xla_selection[1])))
+    rel = lambda got: float(jnp.abs(got - ref).max() / jnp.maximum(jnp.abs(ref).max(), 1e-30))  # noqa: E731
+    check = dict(T=t, rows=t - first, p_slc_max_rel_err=rel(got))
+    if pallas_gpu.on_hopper():
+        from pallas_kernels import nsa_importance_mosaic
+        q_rows = slice(first, t)
+        mosaic = nsa_importance_mosaic.importance_scores(
+            x["q"][:, q_rows], kc, lse[:, :, q_rows], positions[:, q_rows], seg[:, q_rows], kv_seg, block=l,
+            stride=s, select_block=ls, num_blocks=num_blocks)
+        check["mosaic_p_slc_max_rel_err"] = rel(mosaic)
+    for name, select in selects.items():
+        if name != "xla":
+            idx, cnt = select(x["q"], kc, lse, seg)
+            check[f"{name}_selection_agreement"] = float(jnp.all(idx == xla_selection[0], axis=-1).mean())
+            check[f"{name}_counts_equal"] = bool(jnp.all(cnt == xla_selection[1]))
     RESULTS["importance_check"] = check
     print("# importance kernel vs XLA: " + ", ".join(f"{k} {v}" for k, v in check.items()), flush=True)
 
@@ -278,6 +364,8 @@ def main():
     p.add_argument("--implementation", default="auto", help="block_sparse_attention implementation")
     p.add_argument("--dense", default="cudnn", help="jax.nn.dot_product_attention implementation")
     p.add_argument("--breakdown", action="store_true", help="time each NSA piece at the longest length")
+    p.add_argument("--pieces", default=",".join(BREAKDOWN_GROUPS),
+                   help=f"comma list of the breakdown's groups among {BREAKDOWN_GROUPS}")
     p.add_argument("--profile", action="store_true",
                    help="GPU time per kernel of the whole NSA forward and forward+backward at the longest length")
     p.add_argument("--fused-topn", action=argparse.BooleanOptionalAction, default=True,

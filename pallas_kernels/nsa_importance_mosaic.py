@@ -406,7 +406,7 @@ def _consumer(g: _Geometry, batch, kv, prog, steps, wg, refs, bufs, bars):
 
   @pl.loop(steps + chunks * _ZERO_CHUNK, g.steps)
   def _zero_step(n):
-    plgpu.copy_smem_to_gmem(zero_one, o_ref.at[batch, kv, pl.ds(tok0, g.tw), pl.ds(n, 1)])
+    plgpu.copy_smem_to_gmem(zero_one.at[pl.ds(0, g.tw)], o_ref.at[batch, kv, pl.ds(tok0, g.tw), n])
 
   plgpu.wait_smem_to_gmem(0)
 
@@ -418,8 +418,9 @@ def _kernel(q_range_ref, k_range_ref, steps_ref, q_ref, lse_ref, pos_ref, seg_re
   prog = g.programs - 1 - lax.axis_index("q")          # latest query tiles first
   steps = steps_ref[batch, kv, prog]
 
-  def swizzled(rows, cols, dtype, *lead):
-    swizzle = min(128, cols * jnp.dtype(dtype).itemsize)
+  def swizzled(rows, cols, dtype, *lead, minor=None):
+    """Shared memory for wgmma: swizzled rows of `minor` (default cols) elements, up to 128 bytes."""
+    swizzle = min(128, (minor or cols) * jnp.dtype(dtype).itemsize)
     transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
                   plgpu.SwizzleTransform(swizzle))
     return plgpu.SMEM((*lead, rows, cols), dtype, transforms=transforms)
@@ -429,11 +430,11 @@ def _kernel(q_range_ref, k_range_ref, steps_ref, q_ref, lse_ref, pos_ref, seg_re
       q=swizzled(_WG_ROWS, g.d, g.dtype, _CONSUMERS),
       lse=wg_vec(jnp.float32), pos=wg_vec(jnp.int32), seg=wg_vec(jnp.int32),
       band=swizzled(_BLOCK_N, g.width, _SMALL, _CONSUMERS),
-      esum=swizzled(_WG_ROWS, _WG_ROWS, _SMALL, _CONSUMERS),
+      esum=swizzled(_WG_ROWS, _WG_ROWS, _SMALL, _CONSUMERS, minor=g.width),   # x's swizzle (wgmma: equal)
       x=swizzled(_WG_ROWS, g.width, _SMALL, _CONSUMERS, 2),
       y=plgpu.SMEM((_CONSUMERS, 2, _WG_ROWS, g.width), jnp.float32),
       zero=plgpu.SMEM((_CONSUMERS, g.tw, _ZERO_CHUNK, g.width), jnp.float32),
-      zero_one=plgpu.SMEM((_CONSUMERS, g.tw, 1, g.width), jnp.float32),
+      zero_one=plgpu.SMEM((_CONSUMERS, _WG_ROWS, g.width), jnp.float32),   # (stores of >= 128 values)
       k=swizzled(_BLOCK_N, g.d, g.dtype, _STAGES),
       kpos=plgpu.SMEM((_STAGES, _BLOCK_N), jnp.int32),
       kseg=plgpu.SMEM((_STAGES, _BLOCK_N), jnp.int32))

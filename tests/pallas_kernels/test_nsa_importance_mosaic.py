@@ -107,21 +107,16 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_oracle_interpreted(name):
-  """block_scores_padded against the float32 oracle (relative error <= 1e-3), fresh inputs."""
+def test_matches_oracle_interpreted(name, monkeypatch):
+  """block_scores_padded against the float32 oracle (relative error <= 1e-3), fresh inputs; and
+  importance_scores = its consumed columns (the padded result, computed once in the interpreter, handed
+  to importance_scores in place of the kernel)."""
   args, kw = make_case(np.random.SeedSequence().entropy % 2**31, **CASES[name])
-  check_padded(interpreted(nim.block_scores_padded, args, kw), args, kw)
-
-
-def test_importance_scores_is_the_padded_output_sliced(monkeypatch):
-  """importance_scores = block_scores_padded's consumed columns (the padded result computed once
-  in the interpreter, then handed to importance_scores)."""
-  args, kw = make_case(1, t=64, kv=1, g=16, d=64, select_block=8)
   padded = interpreted(nim.block_scores_padded, args, kw)
   consumed = check_padded(padded, args, kw)
   monkeypatch.setattr(nim, "block_scores_padded", lambda *a, **k: jnp.asarray(padded))
   got = np.asarray(nim.importance_scores(*args, **kw))
-  assert got.shape == (1, 1, 64, kw["num_blocks"])
+  assert got.shape == (*padded.shape[:3], kw["num_blocks"])
   np.testing.assert_array_equal(got, consumed)
 
 
@@ -135,18 +130,22 @@ def test_no_compressed_token():
   assert padded.shape == (1, 1, 20, 1, 16) and not padded.any()
 
 
-@pytest.mark.parametrize("g, d, dtype", [(16, 128, jnp.bfloat16), (8, 64, jnp.float16), (64, 128, jnp.bfloat16)])
-def test_lowers_for_cuda_without_gpu(g, d, dtype):
-  """The kernel lowers to one Mosaic GPU custom call for CUDA at the paper's l = 32, d = 16, l' = 64
-  (layouts, wgmma shapes and swizzles, TMA boxes, barriers; the PTX compile happens on the GPU)."""
-  b, t, kv = 1, 1000, 2
-  n = (t - 32) // 16 + 1
+@pytest.mark.parametrize("g, d, dtype, block, select_block", [
+    (16, 128, jnp.bfloat16, 32, 64), (8, 64, jnp.float16, 32, 64), (64, 128, jnp.bfloat16, 32, 64),
+    (16, 128, jnp.bfloat16, 32, 32), (32, 64, jnp.bfloat16, 16, 16)])
+def test_lowers_for_cuda_without_gpu(g, d, dtype, block, select_block):
+  """The kernel lowers to one Mosaic GPU custom call for CUDA (layouts, wgmma shapes and swizzles, TMA
+  boxes, barriers; the PTX compile happens on the GPU): at the paper's l = 32, d = 16, l' = 64 (slots of
+  16 columns), and at l' = 32 (nbt = 31: 32 columns) and l = l' = d (nbt = 64: 64 columns)."""
+  b, t, kv, stride = 1, 1000, 2, 16
+  n = (t - block) // stride + 1
   shapes = (jax.ShapeDtypeStruct((b, t, kv * g, d), dtype), jax.ShapeDtypeStruct((b, n, kv, d), dtype),
             jax.ShapeDtypeStruct((b, kv * g, t), jnp.float32), jax.ShapeDtypeStruct((b, t), jnp.int32),
             jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, n), jnp.int32))
 
   def f(*args):
-    return nim.importance_scores(*args, block=32, stride=16, select_block=64, num_blocks=-(-t // 64))
+    return nim.importance_scores(*args, block=block, stride=stride, select_block=select_block,
+                                 num_blocks=-(-t // select_block))
 
   text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 1

@@ -321,6 +321,13 @@ def select_blocks_pallas(q, k_cmp, lse, segment_ids, kv_segments, row_index, doc
     row_index = row_index.astype(jnp.int32)
     positions = jnp.broadcast_to(row_index, (b, t))
     if fused_topn and num_selected <= nsa_importance.MAX_SELECTED:
+        if k_cmp.shape[1] and not interpret and mosaic_importance_supported(
+                q, k_cmp, lse, positions, segment_ids, kv_segments, block=block, stride=stride,
+                select_block=select_block, num_blocks=num_blocks):
+            return select_blocks_mosaic(q, k_cmp, lse, segment_ids, kv_segments, positions, doc_start,
+                                        block=block, stride=stride, select_block=select_block,
+                                        num_blocks=num_blocks, num_selected=num_selected, num_initial=num_initial,
+                                        num_local=num_local, chunk_elements=chunk_elements, sm_scale=sm_scale)
         return nsa_importance.importance_topn(
             q, k_cmp, lse if k_cmp.shape[1] else None, positions, segment_ids, kv_segments, doc_start, block=block,
             stride=stride, select_block=select_block, num_blocks=num_blocks, num_selected=num_selected,
@@ -350,3 +357,50 @@ def select_blocks_pallas(q, k_cmp, lse, segment_ids, kv_segments, row_index, doc
     idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, kv_heads, num_chunks * chunk, -1)[:, :, :t]
     cnt = cnt.transpose(1, 2, 0, 3).reshape(b, kv_heads, num_chunks * chunk)[:, :, :t]
     return idx, cnt
+
+
+def mosaic_importance_supported(q, k_cmp, lse, positions, segment_ids, kv_segments, *, block: int, stride: int,
+                                select_block: int, num_blocks: int) -> bool:
+    """Whether `select_blocks_mosaic` serves these shapes here: a Hopper GPU and
+    `nsa_importance_mosaic.check_supported`."""
+    from pallas_kernels import nsa_importance_mosaic
+    from pallas_kernels.block_sparse import pallas_gpu
+
+    if not pallas_gpu.on_hopper():
+        return False
+    try:
+        nsa_importance_mosaic.check_supported(q, k_cmp, lse, positions, segment_ids, kv_segments, block=block,
+                                              stride=stride, select_block=select_block, num_blocks=num_blocks)
+    except ValueError:
+        return False
+    return True
+
+
+def select_blocks_mosaic(q, k_cmp, lse, segment_ids, kv_segments, positions, doc_start, *, block: int, stride: int,
+                         select_block: int, num_blocks: int, num_selected: int, num_initial: int, num_local: int,
+                         chunk_elements: int = 1 << 26, sm_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """The selection on a Hopper GPU: the Mosaic GPU (wgmma) kernel writes the block scores of a chunk of
+    queries to HBM in its step-padded layout, then `nsa_importance.topn_of_scores` keeps the top n of
+    each query's scores. Chunks of C queries keep the scores under `chunk_elements` float32s
+    (B·K·C·steps·W; C a multiple of 128, the kernel's query tile). Arguments as `select_blocks_pallas`,
+    positions [B, T] int32 (each query's index in its row). Returns indices [B, K, T, n'] and counts
+    [B, K, T] int32."""
+    from pallas_kernels import nsa_importance, nsa_importance_mosaic
+
+    b, t = q.shape[:2]
+    nbt = nsa_importance_mosaic.step_blocks(block=block, stride=stride, select_block=select_block)
+    steps = -(-num_blocks // nbt)
+    width = max(16, 1 << (nbt - 1).bit_length())
+    per_query = b * k_cmp.shape[2] * steps * width
+    chunk = t if per_query * t <= chunk_elements else max(128, chunk_elements // per_query // 128 * 128)
+    kw = dict(block=block, stride=stride, select_block=select_block, num_blocks=num_blocks)
+    picks = []
+    for first in range(0, t, chunk):
+        rows = slice(first, min(t, first + chunk))
+        scores = nsa_importance_mosaic.block_scores_padded(
+            q[:, rows], k_cmp, lse[:, :, rows], positions[:, rows], segment_ids[:, rows], kv_segments,
+            sm_scale=sm_scale, **kw)
+        picks.append(nsa_importance.topn_of_scores(
+            scores, positions[:, rows], doc_start[:, rows], nbt=nbt, select_block=select_block,
+            num_blocks=num_blocks, num_selected=num_selected, num_initial=num_initial, num_local=num_local))
+    return tuple(jnp.concatenate(parts, axis=2) for parts in zip(*picks))

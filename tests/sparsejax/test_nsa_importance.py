@@ -506,3 +506,33 @@ def test_lowers_for_cuda_without_gpu(hq, hkv, d, dtype, n, fused):
                            num_local=2, implementation="pallas_gpu", chunk_elements=1 << 18, fused_topn=fused)
     lowered = jax.jit(fn).trace(q, kc, lse, seg).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("t, chunks", [(4096, 1), (4000, 3)])
+def test_takes_the_mosaic_scores_on_hopper(monkeypatch, t, chunks):
+    """On a (faked) Hopper GPU the fused path runs the Mosaic GPU scores kernel and `topn_of_scores`,
+    once per chunk of queries (T = 4000 with a chunk budget of 1,500 queries' scores: chunks of 1,408
+    queries, the kernel's 128-query tiles, and a ragged last one); G = 4 (not served by the Mosaic
+    kernel) keeps the fused Triton kernel. Lowered for CUDA, no GPU."""
+    from pallas_kernels.block_sparse import pallas_gpu
+    monkeypatch.setattr(pallas_gpu, "on_hopper", lambda: True)
+    b, d = 1, 128
+
+    def lower(hq, hkv):
+        num_cmp = (t - 32) // 16 + 1
+        shapes = [((b, t, hq, d), jnp.bfloat16), ((b, num_cmp, hkv, d), jnp.bfloat16), ((b, hq, t), jnp.float32),
+                  ((b, t), jnp.int32)]
+        steps = -(-(-(-t // 64)) // 15)
+        fn = functools.partial(select_blocks, block=32, stride=16, select_block=64, num_selected=16, num_initial=1,
+                               num_local=2, implementation="pallas_gpu", fused_topn=True,
+                               chunk_elements=(1500 if chunks > 1 else t) * hkv * steps * 16)
+        return jax.jit(fn).trace(*(jax.ShapeDtypeStruct(*x) for x in shapes)).lower(
+            lowering_platforms=("cuda",)).as_text()
+
+    calls = lambda text, target: text.count(f"stablehlo.custom_call @{target}(")   # noqa: E731
+    text = lower(64, 4)
+    assert calls(text, "mosaic_gpu_v2") == chunks and calls(text, "__gpu$xla.gpu.triton") == chunks
+    assert "nsa_topn_of_scores" in text and "nsa_importance_topn" not in text
+    text = lower(16, 4)
+    assert calls(text, "mosaic_gpu_v2") == 0 and calls(text, "__gpu$xla.gpu.triton") == 1
+    assert "nsa_importance_topn" in text

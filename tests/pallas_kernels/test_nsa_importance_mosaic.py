@@ -42,15 +42,17 @@ def make_case(seed, *, b=1, t=64, kv=1, g=16, d=128, block=2, stride=1, select_b
               documents=0):
   """Kernel arguments and keywords: random q, k̃ (scaled so that the probabilities spread), the
   compression branch's lse (logsumexp over the visible tokens; −inf rows: those that see none, plus
-  ~10% set to −inf), positions 0 .. T−1, `documents` extra document cuts per row (segment ids from
-  1; the compressed tokens across a cut get −1, as `compressed_segments` gives)."""
+  ~10% set to −inf), positions 0 .. T−1, `documents` extra document cuts per row at random places, or
+  at the given tuple of places (segment ids from 1; the compressed tokens across a cut get −1, as
+  `compressed_segments` gives)."""
   rng = np.random.default_rng(seed)
   n = 0 if t < block else (t - block) // stride + 1
   q = jnp.asarray(rng.standard_normal((b, t, kv * g, d)) * 1.5, dtype)
   k_cmp = jnp.asarray(rng.standard_normal((b, n, kv, d)), dtype)
   seg = np.ones((b, t), np.int32)
   for row in range(b):
-    for cut in np.sort(rng.choice(np.arange(3, t - 3), documents, replace=False)):
+    cuts = documents if isinstance(documents, tuple) else rng.choice(np.arange(3, t - 3), documents, replace=False)
+    for cut in cuts:
       seg[row, cut:] += 1
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   seg = jnp.asarray(seg)
@@ -70,7 +72,7 @@ def interpreted(fn, args, kw):
     return np.asarray(jax.block_until_ready(fn(*args, **kw, interpret=InterpretGPUParams())))
 
 
-def assert_close(got, want, tol=1e-3):
+def assert_close(got, want, tol=1e-4):
   want = np.asarray(want)
   assert got.shape == want.shape, (got.shape, want.shape)
   assert np.isfinite(got).all()
@@ -98,9 +100,10 @@ CASES = {
     # documents (compressed tokens across a cut: segment −1)
     "g16_k2_d64_ragged_documents": dict(t=37, kv=2, g=16, d=64, block=4, stride=2, select_block=8,
                                         documents=2),
-    # G = 8, float16, l' / d = 32 (nbt = 1): 5 steps walk a ring of 4 slots; ragged T = 150 (16
-    # tokens per program); documents long enough that later steps skip the element mask
-    "g8_f16_ring_documents": dict(t=150, kv=1, g=8, d=64, select_block=32, dtype=jnp.float16, documents=1),
+    # G = 8, float16, r = 4, s = 2: 5 steps walk a ring of 4 slots; ragged T = 250 (16 tokens per
+    # program); a second document from token 20 on: step j (keys 60j − 1 .. 60j + 62, positions up to
+    # 60j + 63) skips the element mask for the 8-token tiles starting at or after that position
+    "g8_f16_ring_documents": dict(t=250, kv=1, g=8, d=64, dtype=jnp.float16, documents=(20,)),
     # G = 32, batch 2, r = 2, s = 2 (nbt = 31: a slot 32 columns wide)
     "g32_b2_wide_slot": dict(b=2, t=18, kv=1, g=32, d=64, select_block=2, documents=1),
 }
@@ -108,8 +111,8 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_oracle_interpreted(name, monkeypatch):
-  """block_scores_padded against the float32 oracle (relative error <= 1e-3), fresh inputs; and
-  importance_scores = its consumed columns (the padded result, computed once in the interpreter, handed
+  """block_scores_padded against the float32 oracle, fresh inputs: relative error <= 1e-4 of the
+  largest score (bfloat16 operands without the lo parts give ≈ 1e-3); and importance_scores = its consumed columns (the padded result, computed once in the interpreter, handed
   to importance_scores in place of the kernel)."""
   args, kw = make_case(np.random.SeedSequence().entropy % 2**31, **CASES[name])
   padded = interpreted(nim.block_scores_padded, args, kw)

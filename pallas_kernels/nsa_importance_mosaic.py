@@ -24,7 +24,7 @@ Kernel. One program (CTA) per (query tile, KV head, batch), three warpgroups:
   ≈ 2⁻¹⁶ relative resolution (what `nsa_importance._small_dot` does), so the scores that a top-n
   compares keep float32-like resolution. A step whose keys all exist, all precede every row of the
   warpgroup and share its rows' one document skips the element mask (scalars XLA reduces before the
-  launch: `_query_ranges`, `_key_ranges`);
+  launch: `_query_ranges`, `_keys`);
 * one producer warpgroup that TMA-loads the step's bn = 64 compressed keys (and their positions and
   segment ids) into a ring of `_STAGES` shared-memory slots; per slot one barrier says "loaded", one
   "consumed by both consumers".

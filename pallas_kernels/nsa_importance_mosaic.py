@@ -29,7 +29,8 @@ Kernel. One program (CTA) per (query tile, KV head, batch), three warpgroups:
   segment ids) into a ring of `_STAGES` shared-memory slots; per slot one barrier says "loaded", one
   "consumed by both consumers".
 
-Steps. Step j covers selection blocks j·nbt + c (c < nbt, nbt = ⌊(bn − s + 1)/r⌋: 15 at r = l'/d = 4,
+Steps. Step j covers selection blocks j·nbt + c (c < nbt, nbt = `step_blocks`: at most ⌊(bn − s + 1)/r⌋
+with r·nbt a multiple of 8, 14 at r = l'/d = 4,
 s = l/d = 2) and reads the bn compressed tokens from r·nbt·j − (s − 1) on; the wrapper pads k̃ with s − 1
 rows in front (and rows past N at the end) so that every TMA box lies inside the array; padded keys get
 the largest position (never visible). A program walks the steps up to the one holding the last
@@ -47,7 +48,7 @@ the development machine). Q·K̃ᵀ over the causal half is 2.2 TFLOP of wgmma a
 at ~660 TFLOP/s; the band and group-sum wgmmas add 2 × 2 × 64 × 64 × 16 per 64 × 64 × 128 of Q·K̃ᵀ, i.e.
 +50% flops but at N = 16 (lower efficiency), ≈ 1.5 ms more, overlapped with the other consumer's
 exp2 (8.6·10⁹ exp2 on the MUFU at ~4·10¹² /s: ≈ 2 ms, in parallel with the tensor cores across the
-two consumers); the output p_slc is 4.3 GB of float32 (+7% padding at Wd = 16 vs nbt = 15): ≈ 1 ms of
+two consumers); the output p_slc is 4.3 GB of float32 (+14% padding at Wd = 16 vs nbt = 14): ≈ 1 ms of
 HBM writes, overlapped by the TMA stores. Expected ≈ 5-6 ms against the Triton kernel's 17.4 ms,
 which runs the dots at 128 × 64 tiles without warp specialisation or asynchronous loads. The
 benchmark (benchmarks/nsa.py) has yet to confirm it.
@@ -134,7 +135,7 @@ def _geometry(q, k_cmp, num_blocks, *, block, stride, select_block, sm_scale) ->
   hkv = k_cmp.shape[2]
   group = hq // hkv
   r, s = select_block // stride, block // stride
-  nbt = (_BLOCK_N - s + 1) // r
+  nbt = step_blocks(block=block, stride=stride, select_block=select_block)
   tile = _CONSUMERS * (_WG_ROWS // group)
   return _Geometry(
       t=t, tp=-(-t // tile) * tile, hkv=hkv, group=group, d=d, n=k_cmp.shape[1], block=block,
@@ -182,6 +183,10 @@ def check_supported(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *
   if block > select_block:
     raise ValueError(f"nsa_importance_mosaic: block l={block} must be <= select_block l'={select_block} (Eq. 9)")
   r, s = select_block // stride, block // stride
+  if r + s - 1 <= _BLOCK_N and not step_blocks(block=block, stride=stride, select_block=select_block):
+    raise ValueError(f"nsa_importance_mosaic: no step of n <= {(_BLOCK_N - s + 1) // r} selection blocks has "
+                     f"l'/d · n = {r}·n a multiple of 8 (its key tiles must start on an 8-row tile); "
+                     f"use l'/d = {r} with a larger even part")
   if r + s - 1 > _BLOCK_N:
     raise ValueError(f"nsa_importance_mosaic: a selection block spans l'/d + l/d − 1 = {r + s - 1} compressed "
                      f"tokens, over the {_BLOCK_N} of a step; use l'/d + l/d <= {_BLOCK_N + 1}")
@@ -469,8 +474,12 @@ def _kernel(q_range_ref, k_range_ref, steps_ref, q_ref, lse_ref, pos_ref, seg_re
 
 
 def step_blocks(*, block: int, stride: int, select_block: int) -> int:
-  """nbt: selection blocks per step (⌊(64 − l/d + 1) / (l'/d)⌋; 15 at l = 32, d = 16, l' = 64)."""
-  return (_BLOCK_N - block // stride + 1) // (select_block // stride)
+  """nbt: selection blocks per step: the most that fit ⌊(64 − l/d + 1) / (l'/d)⌋ with r·nbt a multiple
+  of 8, so that every step's TMA box of keys starts on a row of the (8, ·)-tiled shared-memory layout
+  (jax 0.11's Mosaic GPU refuses a box whose start row it cannot prove a multiple of the tile's 8 rows);
+  14 at l = 32, d = 16, l' = 64 (r = 4). 0 when no such nbt fits (check_supported refuses those)."""
+  r, s = select_block // stride, block // stride
+  return next((n for n in range((_BLOCK_N - s + 1) // r, 0, -1) if (r * n) % 8 == 0), 0)
 
 
 def block_scores_padded(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *, block: int, stride: int,

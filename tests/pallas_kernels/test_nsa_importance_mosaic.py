@@ -94,17 +94,17 @@ def check_padded(padded, args, kw):
 
 CASES = {
     # G = 16 (4 tokens × 16 heads per warpgroup), K = 1, D = 128; r = 4, s = 2 (l = 2, d = 1, l' = 4:
-    # the paper's l = 32, d = 16, l' = 64 in units of d): nbt = 15, 2 steps; one document
+    # the paper's l = 32, d = 16, l' = 64 in units of d): nbt = 14, 2 steps; one document
     "g16_k1_d128": dict(t=64, kv=1, g=16, d=128),
     # K = 2 (each program one head group), D = 64, ragged T = 37 (rows past T masked), packed
     # documents (compressed tokens across a cut: segment −1)
     "g16_k2_d64_ragged_documents": dict(t=37, kv=2, g=16, d=64, block=4, stride=2, select_block=8,
                                         documents=2),
     # G = 8, float16, r = 4, s = 2: 5 steps walk a ring of 4 slots; ragged T = 250 (16 tokens per
-    # program); a second document from token 20 on: step j (keys 60j − 1 .. 60j + 62, positions up to
-    # 60j + 63) skips the element mask for the 8-token tiles starting at or after that position
+    # program); a second document from token 20 on: step j (keys 56j − 1 .. 56j + 62, positions up to
+    # 56j + 63) skips the element mask for the 8-token tiles starting at or after that position
     "g8_f16_ring_documents": dict(t=250, kv=1, g=8, d=64, dtype=jnp.float16, documents=(20,)),
-    # G = 32, batch 2, r = 2, s = 2 (nbt = 31: a slot 32 columns wide)
+    # G = 32, batch 2, r = 2, s = 2 (nbt = 28: a slot 32 columns wide)
     "g32_b2_wide_slot": dict(b=2, t=18, kv=1, g=32, d=64, select_block=2, documents=1),
 }
 
@@ -139,7 +139,7 @@ def test_no_compressed_token():
 def test_lowers_for_cuda_without_gpu(g, d, dtype, block, select_block):
   """The kernel lowers to one Mosaic GPU custom call for CUDA (layouts, wgmma shapes and swizzles, TMA
   boxes, barriers; the PTX compile happens on the GPU): at the paper's l = 32, d = 16, l' = 64 (slots of
-  16 columns), and at l' = 32 (nbt = 31: 32 columns) and l = l' = d (nbt = 64: 64 columns)."""
+  16 columns), and at l' = 32 (nbt = 28: 32 columns) and l = l' = d (nbt = 64: 64 columns)."""
   b, t, kv, stride = 1, 1000, 2, 16
   n = (t - block) // stride + 1
   shapes = (jax.ShapeDtypeStruct((b, t, kv * g, d), dtype), jax.ShapeDtypeStruct((b, n, kv, d), dtype),
@@ -174,6 +174,7 @@ _GOOD = dict(block=2, stride=1, select_block=4, num_blocks=16)
     (_shapes(), dict(block=8, select_block=4, stride=1), "block l=8"),
     (_shapes(), dict(select_block=128, block=2, stride=1), "= 129 compressed tokens"),
     (_shapes(), dict(num_blocks=0), "num_blocks=0"),
+    (_shapes(), dict(block=3, stride=1, select_block=9), r"9·n a multiple of 8"),
 ])
 def test_check_supported_names_the_value(shapes, change, message):
   with pytest.raises(ValueError, match=message):

@@ -53,9 +53,13 @@ SAVED_NAMES = frozenset({"nsa_selection"})
 KERNEL_BODIES = frozenset({"pallas_call", "mpmd_map"})
 
 
+def _holds_kernel(jaxpr) -> bool:
+    return any(eqn.primitive.name in KERNEL_BODIES or any(_holds_kernel(sub) for sub in jaxprs_in_params(eqn.params))
+               for eqn in jaxpr.eqns)
+
+
 def _is_mosaic_gpu_kernel(prim, params) -> bool:
-    return prim.name == "custom_vmap_call" and any(
-        eqn.primitive.name in KERNEL_BODIES for sub in jaxprs_in_params(params) for eqn in sub.eqns)
+    return prim.name == "custom_vmap_call" and any(_holds_kernel(sub) for sub in jaxprs_in_params(params))
 
 
 def _dots_and_attention_saveable(prim, *args, **params) -> bool:

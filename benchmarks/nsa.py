@@ -108,18 +108,23 @@ CMP_BLOCK_K_AB = 64
 WIN_BLOCK_AB = 64
 
 
-def triton_backward(fn):
-    """fn (jitted), traced with `pallas_gpu.backward` on its Triton kernels even where the Mosaic GPU
-    backward would run (the A/B of the Mosaic backward; the forward is unchanged). The first call
-    traces, so the whole call, backward pass included, runs under the switch."""
+def traced_with(module, name, value, fn):
+    """fn (jitted), traced with `module.name` replaced by `value`. The first call traces, so the whole
+    call, backward pass included, runs under the switch."""
     def traced(*args):
-        saved = pallas_gpu._mosaic_bwd_config
-        pallas_gpu._mosaic_bwd_config = lambda *a, **k: None
+        saved = getattr(module, name)
+        setattr(module, name, value)
         try:
             return fn(*args)
         finally:
-            pallas_gpu._mosaic_bwd_config = saved
+            setattr(module, name, saved)
     return traced
+
+
+def triton_backward(fn):
+    """fn with `pallas_gpu.backward` on its Triton kernels even where the Mosaic GPU backward would run
+    (the A/B of the Mosaic backward; the forward is unchanged)."""
+    return traced_with(pallas_gpu, "_mosaic_bwd_config", lambda *a, **k: None, fn)
 
 
 BREAKDOWN_GROUPS = ("cmp", "importance", "slc", "win")
@@ -190,16 +195,9 @@ def cmp_pieces(pieces, spec, x, kc, vc, cmp_fn):
 
 
 def triton_importance(fn):
-    """fn (jitted), traced with `select_blocks` on the fused Triton kernel even where the Mosaic GPU scores
-    kernel would run (the A/B of `select_blocks_mosaic`)."""
-    def traced(*args):
-        saved = cmp_lib.mosaic_importance_supported
-        cmp_lib.mosaic_importance_supported = lambda *a, **k: False
-        try:
-            return fn(*args)
-        finally:
-            cmp_lib.mosaic_importance_supported = saved
-    return traced
+    """fn with `select_blocks` on the fused Triton kernel even where the Mosaic GPU scores kernel would
+    run (the A/B of `select_blocks_mosaic`)."""
+    return traced_with(cmp_lib, "mosaic_importance_supported", lambda *a, **k: False, fn)
 
 
 def importance_paths(pieces, x, kc, lse, spec, t, interpret, sel, selects, xla_selection):
@@ -238,6 +236,15 @@ def mosaic_importance_pieces(pieces, x, kc, lse, spec, t):
     seg = x["segment_ids"]
     kv_seg = cmp_lib.compressed_segments(seg, kc.shape[1], l, s)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    default = nsa_importance_mosaic.default_block_n(block=l, stride=s, select_block=ls)
+    for block_n in (64, 128):
+        if block_n != default:                           # the A/B of the step width
+            fn = jax.jit(functools.partial(nsa_importance_mosaic.block_scores_padded, block=l, stride=s,
+                                           select_block=ls, num_blocks=num_blocks, block_n=block_n))
+            res = guarded(f"importance_mosaic_scores_bn{block_n}@{t}",
+                          lambda: bench(fn, x["q"], kc, lse, positions, seg, kv_seg))
+            if res:
+                pieces[f"importance_mosaic_scores_bn{block_n}"] = res[0]
     scores_fn = jax.jit(functools.partial(nsa_importance_mosaic.block_scores_padded, block=l, stride=s,
                                           select_block=ls, num_blocks=num_blocks))
     pieces["importance_mosaic_scores"] = bench(scores_fn, x["q"], kc, lse, positions, seg, kv_seg)[0]

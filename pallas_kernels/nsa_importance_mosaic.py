@@ -25,8 +25,8 @@ Kernel. One program (CTA) per (query tile, KV head, batch), three warpgroups:
   compares keep float32-like resolution. A step whose keys all exist, all precede every row of the
   warpgroup and share its rows' one document skips the element mask (scalars XLA reduces before the
   launch: `_query_ranges`, `_keys`);
-* one producer warpgroup that TMA-loads the step's bn = 64 compressed keys (and their positions and
-  segment ids) into a ring of `_STAGES` shared-memory slots; per slot one barrier says "loaded", one
+* one producer warpgroup that TMA-loads the step's bn compressed keys (`block_n`: 64 or 128), their
+  positions and segment ids into a ring of `_STAGES[bn]` shared-memory slots; per slot one barrier says "loaded", one
   "consumed by both consumers".
 
 Steps. Step j covers selection blocks j·nbt + c (c < nbt, nbt = `step_blocks`: at most ⌊(bn − s + 1)/r⌋
@@ -79,11 +79,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.block_sparse.mosaic_gpu_bwd import _ring_producer
+
 _LOG2E = math.log2(math.e)
 _WG_ROWS = 64             # rows of one consumer warpgroup (the wgmma M)
 _CONSUMERS = 2
-_BLOCK_N = 64             # compressed tokens per step (bn)
-_STAGES = 4               # key tiles in flight
+_BLOCK_NS = (64, 128)     # compressed tokens per step (bn); `default_block_n` picks
+_STAGES = {64: 4, 128: 2} # key tiles in flight per bn (shared memory: 2 x 32 KB tiles at bn = 128)
 _ZERO_CHUNK = 8           # steps per zero store
 _HEAD_DIMS = (64, 128)
 _GROUPS = (8, 16, 32, 64)
@@ -110,6 +112,7 @@ class _Geometry:
   stride: int        # d
   r: int             # l' / d
   s: int             # l / d
+  bn: int            # compressed tokens per step
   nbt: int           # selection blocks per step
   width: int         # Wd: next_pow2(nbt) >= 16
   steps: int         # ⌈S / nbt⌉
@@ -125,26 +128,31 @@ class _Geometry:
     return self.tp // (_CONSUMERS * self.tw)
 
   @property
+  def stages(self):    # key tiles in flight
+    return _STAGES[self.bn]
+
+  @property
   def np_keys(self):   # rows of the padded key arrays: every step's box inside, a multiple of 8
-    need = (self.steps - 1) * self.r * self.nbt + _BLOCK_N
+    need = (self.steps - 1) * self.r * self.nbt + self.bn
     return -(-need // 8) * 8
 
 
-def _geometry(q, k_cmp, num_blocks, *, block, stride, select_block, sm_scale) -> _Geometry:
+def _geometry(q, k_cmp, num_blocks, *, block, stride, select_block, sm_scale, block_n) -> _Geometry:
   _, t, hq, d = q.shape
   hkv = k_cmp.shape[2]
   group = hq // hkv
   r, s = select_block // stride, block // stride
-  nbt = step_blocks(block=block, stride=stride, select_block=select_block)
+  block_n = block_n or default_block_n(block=block, stride=stride, select_block=select_block)
+  nbt = step_blocks(block=block, stride=stride, select_block=select_block, block_n=block_n)
   tile = _CONSUMERS * (_WG_ROWS // group)
   return _Geometry(
       t=t, tp=-(-t // tile) * tile, hkv=hkv, group=group, d=d, n=k_cmp.shape[1], block=block,
-      stride=stride, r=r, s=s, nbt=nbt, width=max(16, _next_pow2(nbt)), steps=-(-num_blocks // nbt),
+      stride=stride, r=r, s=s, bn=block_n, nbt=nbt, width=max(16, _next_pow2(nbt)), steps=-(-num_blocks // nbt),
       dtype=jnp.dtype(q.dtype), scale_log2=float(sm_scale) * _LOG2E)
 
 
 def check_supported(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *, block: int, stride: int,
-                    select_block: int, num_blocks: int) -> None:
+                    select_block: int, num_blocks: int, block_n: int | None = None) -> None:
   """Raise ValueError naming the value this kernel cannot run and the valid choices."""
   if q.ndim != 4 or k_cmp.ndim != 4:
     raise ValueError(f"nsa_importance_mosaic needs q [B, T, H, D] and k_cmp [B, N, K, D]; got q {q.shape}, "
@@ -182,14 +190,18 @@ def check_supported(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *
                      f"{[x for x in range(1, block + 1) if block % x == 0 and select_block % x == 0]}")
   if block > select_block:
     raise ValueError(f"nsa_importance_mosaic: block l={block} must be <= select_block l'={select_block} (Eq. 9)")
+  block_n = block_n or default_block_n(block=block, stride=stride, select_block=select_block)
+  if block_n not in _BLOCK_NS:
+    raise ValueError(f"nsa_importance_mosaic: block_n={block_n!r} compressed tokens per step; valid: {_BLOCK_NS}")
   r, s = select_block // stride, block // stride
-  if r + s - 1 <= _BLOCK_N and not step_blocks(block=block, stride=stride, select_block=select_block):
-    raise ValueError(f"nsa_importance_mosaic: no step of n <= {(_BLOCK_N - s + 1) // r} selection blocks has "
+  kw = dict(block=block, stride=stride, select_block=select_block, block_n=block_n)
+  if r + s - 1 <= block_n and not step_blocks(**kw):
+    raise ValueError(f"nsa_importance_mosaic: no step of n <= {(block_n - s + 1) // r} selection blocks has "
                      f"l'/d · n = {r}·n a multiple of 8 (its key tiles must start on an 8-row tile); "
                      f"use l'/d = {r} with a larger even part")
-  if r + s - 1 > _BLOCK_N:
+  if r + s - 1 > block_n:
     raise ValueError(f"nsa_importance_mosaic: a selection block spans l'/d + l/d − 1 = {r + s - 1} compressed "
-                     f"tokens, over the {_BLOCK_N} of a step; use l'/d + l/d <= {_BLOCK_N + 1}")
+                     f"tokens, over the {block_n} of a step; use l'/d + l/d <= {block_n + 1}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +210,7 @@ def check_supported(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *
 
 def _eq9_band(g: _Geometry):
   """W [bn, Wd] bfloat16: weight of the step's u-th loaded token in its c-th block (0 for c >= nbt)."""
-  u = jnp.arange(_BLOCK_N)[:, None]
+  u = jnp.arange(g.bn)[:, None]
   c = jnp.arange(g.width)[None, :]
   k = g.r * c + (g.r + g.s - 2) - u
   w = jnp.minimum(jnp.minimum(k + 1, g.s), jnp.minimum(g.r, g.r + g.s - 1 - k))
@@ -257,7 +269,7 @@ def _keys(g: _Geometry, k_cmp, kv_segment_ids):
   valid = (i >= 0) & (i < g.n)
   pos = jnp.where(valid, i * g.stride + (g.block - 1), _BIG).astype(jnp.int32)
   seg = jnp.pad(kv_segment_ids.astype(jnp.int32), [(0, 0), (front, back)], constant_values=-1)[:, :np_]
-  box = jnp.arange(g.steps)[:, None] * (g.r * g.nbt) + jnp.arange(_BLOCK_N)[None, :]    # [steps, bn]
+  box = jnp.arange(g.steps)[:, None] * (g.r * g.nbt) + jnp.arange(g.bn)[None, :]    # [steps, bn]
   seg_box = seg[:, box]
   ranges = jnp.stack([jnp.broadcast_to(pos[box].max(-1), seg_box.shape[:2]), seg_box.min(-1),
                       seg_box.max(-1)], axis=-1)
@@ -295,24 +307,14 @@ def _producer(g: _Geometry, batch, kv, steps, refs, bufs, bars):
   k_bar, k_free = bars
 
   def load(n, slot):
-    rows = pl.ds(n * (g.r * g.nbt), _BLOCK_N)
+    rows = pl.ds(n * (g.r * g.nbt), g.bn)
     plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv], k_smem.at[slot], k_bar.at[slot])
     plgpu.copy_gmem_to_smem(kpos_ref.at[rows], kpos_smem.at[slot], k_bar.at[slot])
     plgpu.copy_gmem_to_smem(kseg_ref.at[batch, rows], kseg_smem.at[slot], k_bar.at[slot])
 
-  for n in range(min(_STAGES, g.steps)):
-    pl.when(n < steps)(functools.partial(load, n, n))
-
-  @pl.loop(_STAGES, jnp.maximum(steps, _STAGES))
-  def _refill(n):
-    slot = lax.rem(n, _STAGES)
-    plgpu.barrier_wait(k_free.at[slot])
-    load(n, slot)
-
-  @pl.loop(jnp.maximum(steps - _STAGES, 0), steps)
-  def _drain(n):
-    """Observe the consumers' last releases: no barrier phase is left unobserved at exit."""
-    plgpu.barrier_wait(k_free.at[lax.rem(n, _STAGES)])
+  # a ring no deeper than the steps: its first loads are traced for slots 0 .. depth − 1, whose static
+  # key boxes must lie inside the padded keys (same slots as the consumers' n mod stages, no wrap)
+  _ring_producer(g, min(g.stages, g.steps), steps, load, k_free)
 
 
 def _consumer(g: _Geometry, batch, kv, prog, steps, wg, refs, bufs, bars):
@@ -343,7 +345,7 @@ def _consumer(g: _Geometry, batch, kv, prog, steps, wg, refs, bufs, bars):
 
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   col_layout = plgpu.Layout.WGMMA.reduce(0)
-  shape = (_WG_ROWS, _BLOCK_N)
+  shape = (_WG_ROWS, g.bn)
   lse2 = _load_vector(lse_smem.at[wg], row_layout)
   q_pos = _load_vector(pos_smem.at[wg], row_layout)
   q_seg = _load_vector(seg_smem.at[wg], row_layout)
@@ -374,7 +376,7 @@ def _consumer(g: _Geometry, batch, kv, prog, steps, wg, refs, bufs, bars):
     return p
 
   def step(n, carry):
-    slot = lax.rem(n, _STAGES)
+    slot = lax.rem(n, g.stages)
     plgpu.barrier_wait(k_bar.at[slot])
     p_hi, p_lo = _split(probabilities(n, slot))
 
@@ -434,19 +436,19 @@ def _kernel(q_range_ref, k_range_ref, steps_ref, q_ref, lse_ref, pos_ref, seg_re
   scratch = dict(
       q=swizzled(_WG_ROWS, g.d, g.dtype, _CONSUMERS),
       lse=wg_vec(jnp.float32), pos=wg_vec(jnp.int32), seg=wg_vec(jnp.int32),
-      band=swizzled(_BLOCK_N, g.width, _SMALL, _CONSUMERS),
+      band=swizzled(g.bn, g.width, _SMALL, _CONSUMERS),
       esum=swizzled(_WG_ROWS, _WG_ROWS, _SMALL, _CONSUMERS, minor=g.width),   # x's swizzle (wgmma: equal)
       x=swizzled(_WG_ROWS, g.width, _SMALL, _CONSUMERS, 2),
       y=plgpu.SMEM((_CONSUMERS, 2, _WG_ROWS, g.width), jnp.float32),
       zero=plgpu.SMEM((_CONSUMERS, g.tw, _ZERO_CHUNK, g.width), jnp.float32),
       zero_one=plgpu.SMEM((_CONSUMERS, _WG_ROWS, g.width), jnp.float32),   # (stores of >= 128 values)
-      k=swizzled(_BLOCK_N, g.d, g.dtype, _STAGES),
-      kpos=plgpu.SMEM((_STAGES, _BLOCK_N), jnp.int32),
-      kseg=plgpu.SMEM((_STAGES, _BLOCK_N), jnp.int32))
+      k=swizzled(g.bn, g.d, g.dtype, g.stages),
+      kpos=plgpu.SMEM((g.stages, g.bn), jnp.int32),
+      kseg=plgpu.SMEM((g.stages, g.bn), jnp.int32))
   barriers = dict(
       q=plgpu.Barrier(num_arrivals=g.tw + 5, num_barriers=_CONSUMERS),
-      k=plgpu.Barrier(num_arrivals=3, num_barriers=_STAGES),
-      k_free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES))
+      k=plgpu.Barrier(num_arrivals=3, num_barriers=g.stages),
+      k_free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=g.stages))
 
   def body(s, b):
     wg = lax.axis_index("wg")
@@ -473,18 +475,28 @@ def _kernel(q_range_ref, k_range_ref, steps_ref, q_ref, lse_ref, pos_ref, seg_re
 # Wrapper
 
 
-def step_blocks(*, block: int, stride: int, select_block: int) -> int:
-  """nbt: selection blocks per step: the most that fit ⌊(64 − l/d + 1) / (l'/d)⌋ with r·nbt a multiple
-  of 8, so that every step's TMA box of keys starts on a row of the (8, ·)-tiled shared-memory layout
-  (jax 0.11's Mosaic GPU refuses a box whose start row it cannot prove a multiple of the tile's 8 rows);
-  14 at l = 32, d = 16, l' = 64 (r = 4). 0 when no such nbt fits (check_supported refuses those)."""
+def default_block_n(*, block: int, stride: int, select_block: int) -> int:
+  """bn: 128 compressed tokens per step where a step's slot stays within 32 columns (the shared memory
+  of 128-key tiles fits then: ~212 KB at D = 128), else 64. 128 measured 12.80 against 15.52 ms at
+  T = 65,536, H = 64, K = 4, D = 128 on an H200 (benchmarks/RESULTS.md, NSA run N)."""
+  nbt = step_blocks(block=block, stride=stride, select_block=select_block, block_n=128)
+  return 128 if nbt and _next_pow2(nbt) <= 32 else 64
+
+
+def step_blocks(*, block: int, stride: int, select_block: int, block_n: int | None = None) -> int:
+  """nbt: selection blocks per step of bn = block_n compressed tokens (None: `default_block_n`): the
+  most that fit ⌊(bn − l/d + 1) / (l'/d)⌋ with r·nbt a multiple of 8, so that every step's TMA box of
+  keys starts on a row of the (8, ·)-tiled shared-memory layout (jax 0.11's Mosaic GPU refuses a box
+  whose start row it cannot prove a multiple of the tile's 8 rows); at l = 32, d = 16, l' = 64 (r = 4)
+  14 for bn = 64 and 30 for bn = 128. 0 when no such nbt fits (check_supported refuses those)."""
+  block_n = block_n or default_block_n(block=block, stride=stride, select_block=select_block)
   r, s = select_block // stride, block // stride
-  return next((n for n in range((_BLOCK_N - s + 1) // r, 0, -1) if (r * n) % 8 == 0), 0)
+  return next((n for n in range((block_n - s + 1) // r, 0, -1) if (r * n) % 8 == 0), 0)
 
 
 def block_scores_padded(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *, block: int, stride: int,
                         select_block: int, num_blocks: int, sm_scale: float | None = None,
-                        interpret=None) -> jax.Array:
+                        block_n: int | None = None, interpret=None) -> jax.Array:
   """Eq. 9 block importance per step: [B, K, T, steps, Wd] float32.
 
   q [B, T, H, D] (rotated), k_cmp [B, N, K, D] (rotated, q's dtype; N may be 0), lse [B, H, T]
@@ -492,7 +504,7 @@ def block_scores_padded(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_id
   int32 (compressed token i is visible iff i·d + l − 1 <= position), q_segment_ids [B, T],
   kv_segment_ids [B, N] int32 (`compressed_segments`: −1 for blocks across documents); block l,
   stride d, select_block l' (d | l, d | l', l <= l'); num_blocks S = ⌈T_row / l'⌉; sm_scale default
-  1/√D. interpret: None (compile for the GPU) or the Mosaic GPU interpreter's parameters
+  1/√D; block_n: compressed tokens per step, 64 or 128 (None: `default_block_n`). interpret: None (compile for the GPU) or the Mosaic GPU interpreter's parameters
   (`InterpretGPUParams`; its wgmma forms need tests/pallas_kernels/test_mosaic_gpu.py's extension).
 
   Slot [b, k, t, j, c] is p_slc of block j·nbt + c for c < nbt (`step_blocks`), steps = ⌈S / nbt⌉;
@@ -500,7 +512,7 @@ def block_scores_padded(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_id
   visible compressed token overlaps).
   """
   check_supported(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, block=block, stride=stride,
-                  select_block=select_block, num_blocks=num_blocks)
+                  select_block=select_block, num_blocks=num_blocks, block_n=block_n)
   if interpret is True:
     raise ValueError("nsa_importance_mosaic cannot run with interpret=True: jax's Mosaic GPU interpreter "
                      "does not run wgmma with a register or transposed operand; pass None or "
@@ -508,7 +520,8 @@ def block_scores_padded(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_id
                      "extends jax's)")
   d = q.shape[-1]
   scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-  g = _geometry(q, k_cmp, num_blocks, block=block, stride=stride, select_block=select_block, sm_scale=scale)
+  g = _geometry(q, k_cmp, num_blocks, block=block, stride=stride, select_block=select_block, sm_scale=scale,
+                block_n=block_n)
   b = q.shape[0]
   out_type = jax.ShapeDtypeStruct((b, g.hkv, g.tp, g.steps, g.width), jnp.float32)
   if g.n == 0:
@@ -527,12 +540,12 @@ def block_scores_padded(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_id
 
 def importance_scores(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *, block: int, stride: int,
                       select_block: int, num_blocks: int, sm_scale: float | None = None,
-                      interpret=None) -> jax.Array:
+                      block_n: int | None = None, interpret=None) -> jax.Array:
   """p_slc [B, K, T, S] float32: `nsa_importance.importance_scores`'s contract (all T rows), from
   `block_scores_padded` (same arguments) with each step's columns >= nbt and the blocks >= S dropped."""
   out = block_scores_padded(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, block=block,
                             stride=stride, select_block=select_block, num_blocks=num_blocks, sm_scale=sm_scale,
-                            interpret=interpret)
+                            block_n=block_n, interpret=interpret)
   b, hkv, t, steps, _ = out.shape
-  nbt = step_blocks(block=block, stride=stride, select_block=select_block)
+  nbt = step_blocks(block=block, stride=stride, select_block=select_block, block_n=block_n)
   return out[..., :nbt].reshape(b, hkv, t, steps * nbt)[..., :num_blocks]

@@ -23,7 +23,7 @@ from pallas_kernels import nsa_importance_mosaic as nim
 from sparsejax.attention.compressed import block_importance, compressed_positions, compressed_segments
 
 
-def oracle(q, k_cmp, lse, positions, q_seg, kv_seg, *, block, stride, select_block, num_blocks):
+def oracle(q, k_cmp, lse, positions, q_seg, kv_seg, *, block, stride, select_block, num_blocks, block_n=None):
   """float32 p_slc [B, K, T, S] from q [B, T, H, D], k̃ [B, N, K, D] (upcast), lse [B, H, T]."""
   b, t, h, d = q.shape
   n, kv = k_cmp.shape[1], k_cmp.shape[2]
@@ -39,7 +39,7 @@ def oracle(q, k_cmp, lse, positions, q_seg, kv_seg, *, block, stride, select_blo
 
 
 def make_case(seed, *, b=1, t=64, kv=1, g=16, d=128, block=2, stride=1, select_block=4, dtype=jnp.bfloat16,
-              documents=0):
+              documents=0, block_n=None):
   """Kernel arguments and keywords: random q, k̃ (scaled so that the probabilities spread), the
   compression branch's lse (logsumexp over the visible tokens; −inf rows: those that see none, plus
   ~10% set to −inf), positions 0 .. T−1, `documents` extra document cuts per row at random places, or
@@ -57,7 +57,8 @@ def make_case(seed, *, b=1, t=64, kv=1, g=16, d=128, block=2, stride=1, select_b
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   seg = jnp.asarray(seg)
   kv_seg = compressed_segments(seg, n, block, stride)
-  kw = dict(block=block, stride=stride, select_block=select_block, num_blocks=-(-t // select_block))
+  kw = dict(block=block, stride=stride, select_block=select_block, num_blocks=-(-t // select_block),
+            block_n=block_n)
   logits = jnp.einsum("bthd,bnhd->bhtn", q.astype(jnp.float32),
                       jnp.repeat(k_cmp.astype(jnp.float32), g, axis=2)) / math.sqrt(d)
   visible = ((compressed_positions(n, block, stride)[None, :] <= positions[:, :, None])
@@ -84,7 +85,8 @@ def check_padded(padded, args, kw):
   """The padded layout: step j's columns c < nbt hold block j·nbt + c, the others are 0; the
   consumed columns match the oracle."""
   b, kv, t, steps, width = padded.shape
-  nbt = nim.step_blocks(block=kw["block"], stride=kw["stride"], select_block=kw["select_block"])
+  nbt = nim.step_blocks(block=kw["block"], stride=kw["stride"], select_block=kw["select_block"],
+                        block_n=kw["block_n"])
   assert steps == -(-kw["num_blocks"] // nbt) and width == max(16, 1 << (nbt - 1).bit_length())
   assert not padded[..., nbt:].any()
   got = padded[..., :nbt].reshape(b, kv, t, steps * nbt)[..., :kw["num_blocks"]]
@@ -94,15 +96,17 @@ def check_padded(padded, args, kw):
 
 CASES = {
     # G = 16 (4 tokens × 16 heads per warpgroup), K = 1, D = 128; r = 4, s = 2 (l = 2, d = 1, l' = 4:
-    # the paper's l = 32, d = 16, l' = 64 in units of d): nbt = 14, 2 steps; one document
-    "g16_k1_d128": dict(t=64, kv=1, g=16, d=128),
+    # the paper's l = 32, d = 16, l' = 64 in units of d), steps of bn = 64 keys: nbt = 14, 2 steps;
+    # one document
+    "g16_k1_d128_bn64": dict(t=64, kv=1, g=16, d=128, block_n=64),
     # K = 2 (each program one head group), D = 64, ragged T = 37 (rows past T masked), packed
-    # documents (compressed tokens across a cut: segment −1)
+    # documents (compressed tokens across a cut: segment −1); the default bn = 128 (one step)
     "g16_k2_d64_ragged_documents": dict(t=37, kv=2, g=16, d=64, block=4, stride=2, select_block=8,
                                         documents=2),
-    # G = 8, float16, r = 4, s = 2: 5 steps walk a ring of 4 slots; ragged T = 250 (16 tokens per
-    # program); a second document from token 20 on: step j (keys 56j − 1 .. 56j + 62, positions up to
-    # 56j + 63) skips the element mask for the 8-token tiles starting at or after that position
+    # G = 8, float16, r = 4, s = 2, the default bn = 128 (nbt = 30): 3 steps walk a ring of 2 slots;
+    # ragged T = 250 (16 tokens per program); a second document from token 20 on: step j (keys
+    # 120j − 1 .. 120j + 126, positions up to 120j + 127) skips the element mask for the 8-token
+    # tiles starting at or after that position
     "g8_f16_ring_documents": dict(t=250, kv=1, g=8, d=64, dtype=jnp.float16, documents=(20,)),
     # G = 32, batch 2, r = 2, s = 2 (nbt = 28: a slot 32 columns wide)
     "g32_b2_wide_slot": dict(b=2, t=18, kv=1, g=32, d=64, select_block=2, documents=1),
@@ -130,7 +134,7 @@ def test_no_compressed_token():
   out = np.asarray(nim.importance_scores(*args, **kw))
   assert out.shape == (1, 1, 20, 1) and not out.any()
   padded = np.asarray(nim.block_scores_padded(*args, **kw))
-  assert padded.shape == (1, 1, 20, 1, 16) and not padded.any()
+  assert padded.shape == (1, 1, 20, 1, 32) and not padded.any()      # bn = 128: 30 blocks in 32 columns
 
 
 @pytest.mark.parametrize("g, d, dtype, block, select_block", [
@@ -174,7 +178,8 @@ _GOOD = dict(block=2, stride=1, select_block=4, num_blocks=16)
     (_shapes(), dict(block=8, select_block=4, stride=1), "block l=8"),
     (_shapes(), dict(select_block=128, block=2, stride=1), "= 129 compressed tokens"),
     (_shapes(), dict(num_blocks=0), "num_blocks=0"),
-    (_shapes(), dict(block=3, stride=1, select_block=9), r"9·n a multiple of 8"),
+    (_shapes(), dict(block=3, stride=1, select_block=9, block_n=64), r"9·n a multiple of 8"),
+    (_shapes(), dict(block_n=96), r"block_n=96 compressed tokens per step; valid: \(64, 128\)"),
 ])
 def test_check_supported_names_the_value(shapes, change, message):
   with pytest.raises(ValueError, match=message):

@@ -334,15 +334,6 @@ def test_dots_attention_policy_saves_tagged_selection_only(capsys):
         assert "something_else" not in saved
 
 
-def _count_primitive(jaxpr, name: str) -> int:
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == name
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            n += _count_primitive(sub, name)
-    return n
-
-
 def test_dots_attention_policy_saves_the_mosaic_gpu_forward():
     """The Hopper kernels (`plgpu.kernel`) appear as custom_vmap_call: `dots_attention` saves the
     forward's (out, lse), so the gradient runs 3 kernels (forward, dQ, dK/dV) where `dots` recomputes
@@ -350,6 +341,7 @@ def test_dots_attention_policy_saves_the_mosaic_gpu_forward():
     from pallas_kernels import BlockLayout
     from pallas_kernels.block_sparse import mosaic_gpu_bwd
     from sparsejax.model import REMAT_POLICIES
+    from test_scan_layers import _count
 
     t = 256
     layout = BlockLayout.causal(t, t, block_q=128, block_k=128, num_head_units=2)
@@ -362,4 +354,4 @@ def test_dots_attention_policy_saves_the_mosaic_gpu_forward():
     q = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
     for remat, kernels in (("dots", 4), ("dots_attention", 3)):
         jaxpr = jax.make_jaxpr(jax.grad(jax.checkpoint(loss, policy=REMAT_POLICIES[remat])))(q)
-        assert _count_primitive(jaxpr.jaxpr, "custom_vmap_call") == kernels, remat
+        assert _count(jaxpr.jaxpr, "custom_vmap_call") == kernels, remat

@@ -514,6 +514,7 @@ def test_takes_the_mosaic_scores_on_hopper(monkeypatch, t, chunks):
     once per chunk of queries (T = 4000 with a chunk budget of 1,500 queries' scores: chunks of 1,408
     queries, the kernel's 128-query tiles, and a ragged last one); G = 4 (not served by the Mosaic
     kernel) keeps the fused Triton kernel. Lowered for CUDA, no GPU."""
+    from pallas_kernels import nsa_importance_mosaic
     from pallas_kernels.block_sparse import pallas_gpu
     monkeypatch.setattr(pallas_gpu, "on_hopper", lambda: True)
     b, d = 1, 128
@@ -522,10 +523,11 @@ def test_takes_the_mosaic_scores_on_hopper(monkeypatch, t, chunks):
         num_cmp = (t - 32) // 16 + 1
         shapes = [((b, t, hq, d), jnp.bfloat16), ((b, num_cmp, hkv, d), jnp.bfloat16), ((b, hq, t), jnp.float32),
                   ((b, t), jnp.int32)]
-        steps = -(-(-(-t // 64)) // 15)
+        nbt = nsa_importance_mosaic.step_blocks(block=32, stride=16, select_block=64)
+        slot = hkv * -(-(-(-t // 64)) // nbt) * max(16, 1 << (nbt - 1).bit_length())   # floats per query
         fn = functools.partial(select_blocks, block=32, stride=16, select_block=64, num_selected=16, num_initial=1,
                                num_local=2, implementation="pallas_gpu", fused_topn=True,
-                               chunk_elements=(1500 if chunks > 1 else t) * hkv * steps * 16)
+                               chunk_elements=(1500 if chunks > 1 else t) * slot)
         return jax.jit(fn).trace(*(jax.ShapeDtypeStruct(*x) for x in shapes)).lower(
             lowering_platforms=("cuda",)).as_text()
 

@@ -26,12 +26,11 @@ Kernel. One program (CTA) per (query tile, KV head, batch), three warpgroups:
   warpgroup and share its rows' one document skips the element mask (scalars XLA reduces before the
   launch: `_query_ranges`, `_keys`);
 * one producer warpgroup that TMA-loads the step's bn compressed keys (`block_n`: 64 or 128), their
-  positions and segment ids into a ring of `_STAGES[bn]` shared-memory slots; per slot one barrier says "loaded", one
-  "consumed by both consumers".
+  positions and segment ids into a ring of `_STAGES[bn]` shared-memory slots; per slot one barrier
+  says "loaded", one "consumed by both consumers".
 
 Steps. Step j covers selection blocks j·nbt + c (c < nbt, nbt = `step_blocks`: at most ⌊(bn − s + 1)/r⌋
-with r·nbt a multiple of 8, 14 at r = l'/d = 4,
-s = l/d = 2) and reads the bn compressed tokens from r·nbt·j − (s − 1) on; the wrapper pads k̃ with s − 1
+with r·nbt a multiple of 8; at r = l'/d = 4, s = l/d = 2: 14 for bn = 64, 30 for bn = 128) and reads the bn compressed tokens from r·nbt·j − (s − 1) on; the wrapper pads k̃ with s − 1
 rows in front (and rows past N at the end) so that every TMA box lies inside the array; padded keys get
 the largest position (never visible). A program walks the steps up to the one holding the last
 compressed token its latest query can see (causal: the upper half of [T, N] is never computed), then
@@ -39,23 +38,24 @@ stores zeros for the remaining steps (_ZERO_CHUNK steps per TMA store). Programs
 tiles first, the K heads and batch rows of a tile side by side.
 
 Output. `block_scores_padded` returns [B, K, T, steps, Wd] float32, steps = ⌈S / nbt⌉ and Wd =
-next_pow2(nbt) >= 16 (16 at r = 4, s = 2): step j's slot holds blocks j·nbt + c in columns c < nbt;
+next_pow2(nbt) >= 16 (at r = 4, s = 2: 16 for bn = 64, 32 for bn = 128): step j's slot holds blocks j·nbt + c in columns c < nbt;
 columns >= nbt are 0; columns of blocks >= S (the last step's tail) are 0 for S = ⌈T/l'⌉ and are
 dropped by `importance_scores`, which returns p_slc [B, K, T, S] (a reshape and a slice).
 
-Cost (expected, H200, T = 65,536, H = 64, K = 4, G = 16, D = 128, bf16; not measured here: no GPU in
-the development machine). Q·K̃ᵀ over the causal half is 2.2 TFLOP of wgmma at M = 64, N = 64: ≈ 3.3 ms
+Cost. Measured on an H200 (T = 65,536, H = 64, K = 4, G = 16, D = 128, bf16; benchmarks/RESULTS.md,
+NSA runs L and N): 15.5 ms with 64-key steps, 12.8 ms with 128-key steps, against 17.4 ms for the
+Triton kernel's scores: far above the 5-6 ms the estimate below expected, because each step is a
+chain of small dependent operations (wgmma, exp2, two small wgmmas, a shared-memory round trip of x,
+two more wgmmas, a TMA store) of ~1,500 cycles where its main wgmma needs ~250. The estimate: Q·K̃ᵀ over the causal half is 2.2 TFLOP of wgmma at M = 64, N = 64: ≈ 3.3 ms
 at ~660 TFLOP/s; the band and group-sum wgmmas add 2 × 2 × 64 × 64 × 16 per 64 × 64 × 128 of Q·K̃ᵀ, i.e.
 +50% flops but at N = 16 (lower efficiency), ≈ 1.5 ms more, overlapped with the other consumer's
 exp2 (8.6·10⁹ exp2 on the MUFU at ~4·10¹² /s: ≈ 2 ms, in parallel with the tensor cores across the
-two consumers); the output p_slc is 4.3 GB of float32 (+14% padding at Wd = 16 vs nbt = 14): ≈ 1 ms of
-HBM writes, overlapped by the TMA stores. Expected ≈ 5-6 ms against the Triton kernel's 17.4 ms,
-which runs the dots at 128 × 64 tiles without warp specialisation or asynchronous loads. The
-benchmark (benchmarks/nsa.py) has yet to confirm it.
+two consumers); the output p_slc is 4.3 GB of float32 (+7% padding at Wd = 32 vs nbt = 30): ≈ 1 ms of
+HBM writes, overlapped by the TMA stores; ≈ 5-6 ms in all.
 
 Supported (`check_supported`): q, k̃ both bfloat16 or both float16; D in {64, 128}; G = H/K in
-{8, 16, 32, 64} (a token's G rows start on an 8-row tile of the swizzled Q buffer); l/d + l'/d − 1 <= 64
-(one selection block fits a step); any T (the wrapper pads the per-row arrays; rows past T are
+{8, 16, 32, 64} (a token's G rows start on an 8-row tile of the swizzled Q buffer); l/d + l'/d − 1 <= bn
+(one selection block fits a step) and some nbt with r·nbt a multiple of 8; any T (the wrapper pads the per-row arrays; rows past T are
 masked); N >= 0 (N = 0: zeros, no launch). Rows use lse from the compression branch (−inf: the row
 sees nothing).
 

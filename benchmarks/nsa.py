@@ -222,6 +222,15 @@ def importance_paths(pieces, x, kc, lse, spec, t, interpret, sel, selects, xla_s
         guarded(f"mosaic_importance@{t}", lambda: mosaic_importance_pieces(pieces, x, kc, lse, spec, t))
 
 
+def importance_inputs(x, kc, spec, t):
+    """What every importance kernel takes besides q, k̃ and lse at length t: (num_blocks S, segment ids
+    [B, T], compressed segment ids [B, N], positions [B, T])."""
+    seg = x["segment_ids"]
+    kv_seg = cmp_lib.compressed_segments(seg, kc.shape[1], spec.compress_block, spec.compress_stride)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (x["q"].shape[0], t))
+    return -(-t // spec.select_block), seg, kv_seg, positions
+
+
 # (tokens, span) of `topn_of_scores` timed on the Mosaic kernel's scores
 TOPN_CONFIGS = ((16, 1), (16, 2), (16, 4), (32, 2), (8, 2))
 
@@ -230,12 +239,8 @@ def mosaic_importance_pieces(pieces, x, kc, lse, spec, t):
     """The Mosaic GPU scores kernel alone (all T in one call, step-padded [B, K, T, steps, W]) and
     `topn_of_scores` on its output per launch configuration (`TOPN_CONFIGS`)."""
     from pallas_kernels import nsa_importance, nsa_importance_mosaic
-    b = x["q"].shape[0]
     l, s, ls = spec.compress_block, spec.compress_stride, spec.select_block
-    num_blocks = -(-t // ls)
-    seg = x["segment_ids"]
-    kv_seg = cmp_lib.compressed_segments(seg, kc.shape[1], l, s)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    num_blocks, seg, kv_seg, positions = importance_inputs(x, kc, spec, t)
     default = nsa_importance_mosaic.default_block_n(block=l, stride=s, select_block=ls)
     for block_n in (64, 128):
         if block_n != default:                           # the A/B of the step width
@@ -279,12 +284,8 @@ def win_pieces(pieces, spec, x):
 def importance_pieces(pieces, x, kc, lse, spec, t, interpret):
     """The kernel's p_slc [B, K, T, S] for all T at once (no chunks) with the default and each launch
     configuration of `IMPORTANCE_CONFIGS` (on GPU), and block_scores + top-n alone on it."""
-    b = x["q"].shape[0]
     l, s, ls = spec.compress_block, spec.compress_stride, spec.select_block
-    num_blocks = -(-t // ls)
-    seg = x["segment_ids"]
-    kv_seg = cmp_lib.compressed_segments(seg, kc.shape[1], l, s)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    num_blocks, seg, kv_seg, positions = importance_inputs(x, kc, spec, t)
     configs = [None] + [ImportanceConfig(*c) for c in IMPORTANCE_CONFIGS] if not interpret else [None]
     p_slc = None
     for cfg in configs:
@@ -316,10 +317,8 @@ def importance_check(x, kc, lse, spec, t, interpret, xla_selection, selects, row
     b, _, h, d = x["q"].shape
     l, s, ls = spec.compress_block, spec.compress_stride, spec.select_block
     n, kv = kc.shape[1], kc.shape[2]
-    num_blocks, first = -(-t // ls), t - min(rows, t)
-    seg = x["segment_ids"]
-    kv_seg = cmp_lib.compressed_segments(seg, n, l, s)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    first = t - min(rows, t)
+    num_blocks, seg, kv_seg, positions = importance_inputs(x, kc, spec, t)
     got = importance_scores(x["q"], kc, lse, positions, seg, kv_seg, block=l, stride=s, select_block=ls,
                             num_blocks=num_blocks, q_start=first, q_count=t - first, interpret=interpret)
 

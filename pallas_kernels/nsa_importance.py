@@ -51,6 +51,8 @@ instead of a sort. Steps start at the block of the earliest document start among
 end at the latest token's own block (the blocks past the last visible compressed token score 0 but can
 be forced or fill a short document's n). At the end the n indices are sorted ascending (n rounds of
 min) and written with the counts: [B, K, T, n] + [B, K, T] int32 instead of p_slc [B, K, T, S] float32.
+`topn_of_scores` runs the same merge over block scores already in HBM, in the step-padded layout that
+the Mosaic GPU scores kernel writes (`nsa_importance_mosaic`, what `select_blocks` uses on Hopper).
 
 Precision. The logits dot runs in the inputs' dtype with float32 accumulation (tf32 for float32
 inputs, as in `block_sparse.pallas_gpu`). The two small dots that map and sum the probabilities take

@@ -4,15 +4,18 @@ which puts this folder first on sys.path."""
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
+import glob
 import json
 import os
 import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 
@@ -69,14 +72,11 @@ _DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Source code", "Steps
 
 def kernel_profile(fn, *args, calls: int = 2, top: int = 30) -> dict:
     """Where the GPU time of the jitted `fn(*args)` goes: a `jax.profiler` trace of `calls` warm calls,
-    its first GPU's kernels summed by name (without a GPU: the XLA CPU client's events). Returns {"calls", "gpu_ms" (kernel time per call, all
-    streams added), "kernels": [{"name", "ms", "launches"} per call, the `top` largest], "other_ms"
-    (the rest), "lines" (the trace lines read)}. Overlapping streams add up, so gpu_ms can exceed
-    the wall time."""
-    import collections
-    import glob
-    import tempfile
-
+    its first GPU's kernels summed by name (without a GPU: the XLA CPU client's events). Returns
+    {"calls", "gpu_ms" (kernel time per call, all streams added), "kernels": [{"name", "ms",
+    "launches"} per call, the `top` largest], "families" (ms by name without XLA's numeric suffix,
+    the `top` largest), "other_ms" (the kernels past the `top`), "lines" (the trace lines read),
+    "plane"}. Overlapping streams add up, so gpu_ms can exceed the wall time."""
     from jax.profiler import ProfileData
 
     jax.block_until_ready(fn(*args))

@@ -45,6 +45,8 @@ flags.DEFINE_string("out", None, "Write the results as JSON to this path.")
 flags.DEFINE_string("label", None, "Name of this run in the JSON and the table (default: the overrides).")
 flags.DEFINE_bool("profile", False, "Also trace one more step and record its GPU time per kernel name "
                   "(`timing.kernel_profile`).")
+flags.DEFINE_string("hlo", None, "Also write the step's HLO after XLA's optimisations (`compiled.as_text()`) "
+                    "to this path, e.g. to count the kernels the compiled step launches.")
 flags.DEFINE_string("table", None, "Only print a table of the JSON files matching this glob, then exit.")
 FLAGS = flags.FLAGS
 
@@ -102,9 +104,10 @@ def progress(message: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def run(config, steps: int, warmup: int, label: str, profile: bool = False) -> dict:
+def run(config, steps: int, warmup: int, label: str, profile: bool = False, hlo: str | None = None) -> dict:
     """Builds state and step as `sparsejax.training.loop` does, times `steps` steps, returns the record
-    (with `profile`: and the GPU kernels of one more step, `timing.kernel_profile`)."""
+    (with `profile`: and the GPU kernels of one more step, `timing.kernel_profile`; with `hlo`: the
+    compiled step's optimised HLO written to that path)."""
     import jax
     import numpy as np
 
@@ -140,6 +143,9 @@ def run(config, steps: int, warmup: int, label: str, profile: bool = False) -> d
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start
         progress(f"step compiled in {compile_s - lower_s:.1f} s")
+        if hlo:
+            with open(hlo, "w") as f:
+                f.write(compiled.as_text())
         losses, times = [], []
         for i in range(warmup + steps):
             start = time.perf_counter()
@@ -240,7 +246,7 @@ def main(argv):
         raise app.UsageError("--config is required (or --table to print saved results)")
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     label = FLAGS.label or (" ".join(a[len("--config."):] for a in overrides) or "default")
-    record = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, label, FLAGS.profile)
+    record = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, label, FLAGS.profile, FLAGS.hlo)
     print(summary(record), flush=True)
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

@@ -31,8 +31,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.extend.core import jaxprs_in_params
 
+from pallas_kernels.block_sparse import mosaic_gpu
 from sparsejax.attention import get_attention
 from sparsejax.layers import Embed, RMSNorm, SwiGLU, dtype_from_name, make_param, output_std, truncated_normal
 from sparsejax.parallel.mesh import constrain, rules_from_config
@@ -43,27 +43,15 @@ ATTENTION_PRIMITIVES = frozenset({
     "dot_product_attention_fwd_wrapper",   # cuDNN flash attention (jax)
     "pallas_call",                         # pallas_kernels' block-sparse forward (out, lse) on GPU / TPU
 })
-# Values that variants tag with `jax.ad_checkpoint.checkpoint_name` as worth keeping: small results of
-# expensive, non-differentiable passes (NSA's top-n block selection: int32 [B, Hkv, T, n]).
-SAVED_NAMES = frozenset({"nsa_selection"})
-
-
-# A Mosaic GPU kernel (`plgpu.kernel`, the Hopper block-sparse kernels) reaches the jaxpr as a
-# custom_vmap_call whose body holds the kernel call: its outputs are saved like a pallas_call's.
-KERNEL_BODIES = frozenset({"pallas_call", "mpmd_map"})
-
-
-def _holds_kernel(jaxpr) -> bool:
-    return any(eqn.primitive.name in KERNEL_BODIES or any(_holds_kernel(sub) for sub in jaxprs_in_params(eqn.params))
-               for eqn in jaxpr.eqns)
-
-
-def _is_mosaic_gpu_kernel(prim, params) -> bool:
-    return prim.name == "custom_vmap_call" and any(_holds_kernel(sub) for sub in jaxprs_in_params(params))
+# Values tagged with `jax.ad_checkpoint.checkpoint_name` as worth keeping: small results of expensive,
+# non-differentiable passes (NSA's top-n block selection: int32 [B, Hkv, T, n]) and the (out, lse) of
+# the Mosaic GPU (Hopper) block-sparse forward, which is not a pallas_call (`mosaic_gpu.forward` says why its
+# outputs are matched by name).
+SAVED_NAMES = frozenset({"nsa_selection", mosaic_gpu.OUTPUT_NAME})
 
 
 def _dots_and_attention_saveable(prim, *args, **params) -> bool:
-    return (prim.name in ATTENTION_PRIMITIVES or _is_mosaic_gpu_kernel(prim, params)
+    return (prim.name in ATTENTION_PRIMITIVES
             or (prim.name == "name" and params.get("name") in SAVED_NAMES)
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 

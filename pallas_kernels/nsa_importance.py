@@ -77,6 +77,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -250,13 +251,22 @@ def check_selection(doc_starts, shape, *, num_selected: int, num_initial: int, n
 # Kernel
 
 
+def split_bfloat16(x):
+  """float32 x as bfloat16 (hi, lo), x ≈ hi + lo to ≈ 2⁻¹⁶ relative: hi is x's upper 16 bits (a shift,
+  where a rounding conversion costs a slow F2FP instruction per pair: the Mosaic scores kernel went from
+  12.8 to 10.6 ms at T = 65,536 on an H200), lo the rounded rest x − hi (exact in float32, < 2⁻⁷·|x|)."""
+  bits = lax.bitcast_convert_type(x, jnp.uint32)
+  hi = lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+  rest = x - lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)
+  return hi, rest.astype(jnp.bfloat16)
+
+
 def _small_dot(a, b, g: "_Geometry", *, float_left=True):
   """a @ b where one operand is float32 (a if float_left, else b) and the other a matrix of small
   integers in `g.small` (exact): precise: the float32 one split into bfloat16 hi + lo, both dots
   summed; else one float16 dot."""
   x = a if float_left else b
-  hi = x.astype(g.small)
-  parts = [hi, (x - hi.astype(jnp.float32)).astype(g.small)] if g.precise else [hi]
+  parts = split_bfloat16(x) if g.precise else [x.astype(g.small)]
   out = None
   for part in parts:
     d = plgpu.dot(part, b) if float_left else plgpu.dot(a, part)

@@ -43,10 +43,11 @@ columns >= nbt are 0; columns of blocks >= S (the last step's tail) are 0 for S 
 dropped by `importance_scores`, which returns p_slc [B, K, T, S] (a reshape and a slice).
 
 Cost. Measured on an H200 (T = 65,536, H = 64, K = 4, G = 16, D = 128, bf16; benchmarks/RESULTS.md,
-NSA runs L and N): 15.5 ms with 64-key steps, 12.8 ms with 128-key steps, against 17.4 ms for the
-Triton kernel's scores: far above the 5-6 ms the estimate below expected, because each step is a
-chain of small dependent operations (wgmma, exp2, two small wgmmas, a shared-memory round trip of x,
-two more wgmmas, a TMA store) of ~1,500 cycles where its main wgmma needs ~250. The estimate: Q·K̃ᵀ over the causal half is 2.2 TFLOP of wgmma at M = 64, N = 64: ≈ 3.3 ms
+NSA runs L and N, notes_kernels item 16): 15.5 ms with 64-key steps, 12.8 ms with 128-key steps,
+10.6 ms with the hi + lo split by bit shifts (`nsa_importance.split_bfloat16`), against 17.4 ms for
+the Triton kernel's scores. Variants timed with parts removed (item 16) put the 128-key kernel's
+12.8 ms at: Q·K̃ᵀ alone ~5.0, exp2 ~1.3, the band and group-sum stages ~6.3, of which the lo parts
+~4.5 and the rounding conversions of the split ~2. The estimate written before it was built: Q·K̃ᵀ over the causal half is 2.2 TFLOP of wgmma at M = 64, N = 64: ≈ 3.3 ms
 at ~660 TFLOP/s; the band and group-sum wgmmas add 2 × 2 × 64 × 64 × 16 per 64 × 64 × 128 of Q·K̃ᵀ, i.e.
 +50% flops but at N = 16 (lower efficiency), ≈ 1.5 ms more, overlapped with the other consumer's
 exp2 (8.6·10⁹ exp2 on the MUFU at ~4·10¹² /s: ≈ 2 ms, in parallel with the tensor cores across the
@@ -80,6 +81,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_sparse.mosaic_gpu_bwd import _ring_producer
+from pallas_kernels.nsa_importance import split_bfloat16
 
 _LOG2E = math.log2(math.e)
 _WG_ROWS = 64             # rows of one consumer warpgroup (the wgmma M)
@@ -293,16 +295,6 @@ def _load_vector(ref, layout):
   return plgpu.layout_cast(ref[...], layout)
 
 
-def _split(x):
-  """float32 x as bfloat16 (hi, lo), x ≈ hi + lo to ≈ 2⁻¹⁶ relative: hi is x's upper 16 bits (a shift,
-  where a rounding conversion costs a slow F2FP instruction per pair: 12.8 -> 10.6 ms at T = 65,536 on an
-  H200), lo the rounded rest x − hi (exact in float32, below 2⁻⁷·|x|)."""
-  bits = lax.bitcast_convert_type(x, jnp.uint32)
-  hi = lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), _SMALL)
-  rest = x - lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)
-  return hi, rest.astype(_SMALL)
-
-
 def _producer(g: _Geometry, batch, kv, steps, refs, bufs, bars):
   """TMA-load step n's key tile, positions and segment ids into slot n mod stages once both
   consumers have released it."""
@@ -382,13 +374,13 @@ def _consumer(g: _Geometry, batch, kv, prog, steps, wg, refs, bufs, bars):
   def step(n, carry):
     slot = lax.rem(n, g.stages)
     plgpu.barrier_wait(k_bar.at[slot])
-    p_hi, p_lo = _split(probabilities(n, slot))
+    p_hi, p_lo = split_bfloat16(probabilities(n, slot))
 
     def band(acc_ref):                                  # x = p·W (p from registers)
       plgpu.wgmma(acc_ref, p_hi, band_smem.at[wg])
       plgpu.wgmma(acc_ref, p_lo, band_smem.at[wg])
       return acc_ref[...]
-    x_hi, x_lo = _split(pl.run_scoped(band, plgpu.ACC((_WG_ROWS, g.width), jnp.float32)))
+    x_hi, x_lo = split_bfloat16(pl.run_scoped(band, plgpu.ACC((_WG_ROWS, g.width), jnp.float32)))
     x_smem.at[wg, 0][...] = x_hi
     x_smem.at[wg, 1][...] = x_lo
     plgpu.commit_smem()

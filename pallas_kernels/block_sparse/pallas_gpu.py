@@ -145,13 +145,14 @@ def default_configs(q, k, v, layout) -> dict[str, KernelConfig]:
   rows = min(cap, max(_MIN_ROWS, _next_pow2(ru)))
   warps = 2 if rows <= 16 else 4 if rows <= 64 else 8
   # Measured on the H200 (benchmarks/notes_kernels.md): 16-row tiles (NSA) run best with 2 warps
-  # and 2 stages (3.83 vs 4.44 ms at T=16k); 128-row tiles were measured with 8 warps, 3 stages.
+  # and 2 stages (3.83 vs 4.44 ms at T=16k), in dQ too (selection forward+backward at T=64k: 45.93
+  # against 48.00 ms with 4 warps); 128-row tiles were measured with 8 warps, 3 stages.
   stages = 2 if rows <= 16 or d_total > 256 else 3
   stagger = STAGGER if layout.block_q > 1 else 0
   fwd = KernelConfig(rows=rows, num_warps=warps, num_stages=_stages(stages, bk, rows, d_total, size),
                      stagger=stagger, mosaic=True)
   dq_rows = min(rows, 64)
-  dq = KernelConfig(rows=dq_rows, num_warps=4, num_stages=_stages(2, bk, dq_rows, d_total, size),
+  dq = KernelConfig(rows=dq_rows, num_warps=2 if dq_rows <= 16 else 4, num_stages=_stages(2, bk, dq_rows, d_total, size),
                     stagger=stagger, mosaic=True)
   dkv_rows = 64 if bk >= 64 else 32
   dkv = KernelConfig(rows=dkv_rows, num_warps=4 if bk <= 64 else 8,

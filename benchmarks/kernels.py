@@ -8,8 +8,9 @@ Sections (select with --sections, default check,a,b,c):
          forward+backward TFLOP/s (FLOPs 4*B*H*L^2*D/2 forward, 3.5x that for forward+backward),
          against cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) and tokamax
          (`mosaic` and `triton`, where it imports).
-  b      time against block density (1, .5, .25, .1, .05; random causal 64-blocks per head with the
-         diagonal kept) at --density-lengths, relative to the dense causal layout.
+  b      time against block density (1, .5, .25, .1, .05; random causal blocks of --density-block
+         (64: the Triton kernels; 128: the Mosaic GPU kernels on Hopper) per head with the diagonal
+         kept) at --density-lengths, relative to the dense causal layout of the same blocks.
   c      NSA-shaped selection: 64 query heads, 4 KV heads, D=128, KV block 64, 16 blocks per token
          (block 0 and the token's own block always, the rest random causal), T in --nsa-lengths;
          and the same kernels on the community NSA benchmark's selections (`anchor_layout`: top-16
@@ -131,7 +132,7 @@ def dense_flops(b, h, l, d):
 
 # ------------------------------------------------------------------------------------------ layouts
 def random_causal_layout(seed, l, h, block, density):
-  """Per-head random causal 64-blocks kept with probability `density`, the diagonal always kept."""
+  """Per-head random causal block x block tiles kept with probability `density`, the diagonal always kept."""
   n = l // block
   i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
   keep = jax.random.uniform(jax.random.key(seed), (1, h, n, n)) < density
@@ -236,15 +237,17 @@ def section_dense(args):
 
 
 def section_density(args):
-  print("\n== b: time vs block density (per-head random causal 64x64 blocks, diagonal kept) ==")
+  bl = args.density_block
+  print(f"\n== b: time vs block density (per-head random causal {bl}x{bl} blocks, diagonal kept) ==")
+  RESULTS["density_block"] = bl
   rows = []
   for l in args.density_lengths:
     q, k, v, do = qkv(l + 1, 1, l, 16, 16, 128, 128)
     base = None
     for dens in (1.0, 0.5, 0.25, 0.1, 0.05):
       def run(dens=dens):
-        layout = random_causal_layout(3, l, 16, 64, dens)
-        visited = float(layout.kv_counts.sum()) / (16 * (l // 64) * (l // 64 + 1) / 2)
+        layout = random_causal_layout(3, l, 16, bl, dens)
+        visited = float(layout.kv_counts.sum()) / (16 * (l // bl) * (l // bl + 1) / 2)
         fwd, fwd_bwd = sparse_fns(layout)
         reps = 10 if l <= 32768 else 5
         return dict(fwd_ms=median_ms(fwd, q, k, v, do, reps=reps),
@@ -490,6 +493,8 @@ def main():
   p.add_argument("--dense-lengths", type=timing.int_list, default=[8192, 32768, 131072])
   p.add_argument("--density-lengths", type=timing.int_list, default=[32768, 131072])
   p.add_argument("--nsa-lengths", type=timing.int_list, default=[8192, 16384, 65536])
+  p.add_argument("--density-block", type=int, default=64, choices=(64, 128),
+                 help="section b's block size (query and key)")
   p.add_argument("--tune-length", type=int, default=32768)
   p.add_argument("--check-length", type=int, default=1024)
   p.add_argument("--tune-nsa-length", type=int, default=16384)

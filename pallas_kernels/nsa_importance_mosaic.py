@@ -47,9 +47,10 @@ NSA runs L and N, notes_kernels item 16): 15.5 ms with 64-key steps, 12.8 ms wit
 10.6 ms with the hi + lo split by bit shifts (`nsa_importance.split_bfloat16`), against 17.4 ms for
 the Triton kernel's scores. Variants timed with parts removed (item 16) put the 128-key kernel's
 12.8 ms at: Q·K̃ᵀ alone ~5.0, exp2 ~1.3, the band and group-sum stages ~6.3, of which the lo parts
-~4.5 and the rounding conversions of the split ~2. The estimate written before it was built: Q·K̃ᵀ over the causal half is 2.2 TFLOP of wgmma at M = 64, N = 64: ≈ 3.3 ms
-at ~660 TFLOP/s; the band and group-sum wgmmas add 2 × 2 × 64 × 64 × 16 per 64 × 64 × 128 of Q·K̃ᵀ, i.e.
-+50% flops but at N = 16 (lower efficiency), ≈ 1.5 ms more, overlapped with the other consumer's
+~4.5 and the rounding conversions of the split ~2. The estimate written before it was built: Q·K̃ᵀ
+over the causal half is 2.2 TFLOP of wgmma at M = 64, N = 64: ≈ 3.3 ms at ~660 TFLOP/s; the band
+and group-sum wgmmas add 2 × 2 × 64 × 64 × 16 per 64 × 64 × 128 of Q·K̃ᵀ, i.e. +50% flops but at
+N = 16 (lower efficiency), ≈ 1.5 ms more, overlapped with the other consumer's
 exp2 (8.6·10⁹ exp2 on the MUFU at ~4·10¹² /s: ≈ 2 ms, in parallel with the tensor cores across the
 two consumers); the output p_slc is 4.3 GB of float32 (+7% padding at Wd = 32 vs nbt = 30): ≈ 1 ms of
 HBM writes, overlapped by the TMA stores; ≈ 5-6 ms in all.

@@ -45,8 +45,8 @@ ATTENTION_PRIMITIVES = frozenset({
 })
 # Values tagged with `jax.ad_checkpoint.checkpoint_name` as worth keeping: small results of expensive,
 # non-differentiable passes (NSA's top-n block selection: int32 [B, Hkv, T, n]) and the (out, lse) of
-# the Mosaic GPU (Hopper) block-sparse forward, which is not a pallas_call (`mosaic_gpu.forward` says why its
-# outputs are matched by name).
+# the Mosaic GPU (Hopper) block-sparse forward, which is not a pallas_call (`mosaic_gpu.forward` says
+# why its outputs are matched by name).
 SAVED_NAMES = frozenset({"nsa_selection", mosaic_gpu.OUTPUT_NAME})
 
 

@@ -152,8 +152,8 @@ def default_configs(q, k, v, layout) -> dict[str, KernelConfig]:
   fwd = KernelConfig(rows=rows, num_warps=warps, num_stages=_stages(stages, bk, rows, d_total, size),
                      stagger=stagger, mosaic=True)
   dq_rows = min(rows, 64)
-  dq = KernelConfig(rows=dq_rows, num_warps=2 if dq_rows <= 16 else 4, num_stages=_stages(2, bk, dq_rows, d_total, size),
-                    stagger=stagger, mosaic=True)
+  dq = KernelConfig(rows=dq_rows, num_warps=2 if dq_rows <= 16 else 4,
+                    num_stages=_stages(2, bk, dq_rows, d_total, size), stagger=stagger, mosaic=True)
   dkv_rows = 64 if bk >= 64 else 32
   dkv = KernelConfig(rows=dkv_rows, num_warps=4 if bk <= 64 else 8,
                      num_stages=_stages(2, dkv_rows, bk, d_total, size), stagger=stagger, mosaic=True)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.block_sparse import mosaic_gpu
+from pallas_kernels.block_sparse.api import KERNEL_OUTPUT_NAME
 from sparsejax.attention import get_attention
 from sparsejax.layers import Embed, RMSNorm, SwiGLU, dtype_from_name, make_param, output_std, truncated_normal
 from sparsejax.parallel.mesh import constrain, rules_from_config
@@ -45,9 +45,8 @@ ATTENTION_PRIMITIVES = frozenset({
 })
 # Values tagged with `jax.ad_checkpoint.checkpoint_name` as worth keeping: small results of expensive,
 # non-differentiable passes (NSA's top-n block selection: int32 [B, Hkv, T, n]) and the (out, lse) of
-# the Mosaic GPU (Hopper) block-sparse forward, which is not a pallas_call (`mosaic_gpu.forward` says
-# why its outputs are matched by name).
-SAVED_NAMES = frozenset({"nsa_selection", mosaic_gpu.OUTPUT_NAME})
+# the Mosaic GPU (Hopper) block-sparse forward, which is not a pallas_call (`KERNEL_OUTPUT_NAME`).
+SAVED_NAMES = frozenset({"nsa_selection", KERNEL_OUTPUT_NAME})
 
 
 def _dots_and_attention_saveable(prim, *args, **params) -> bool:

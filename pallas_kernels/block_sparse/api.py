@@ -19,6 +19,10 @@ from pallas_kernels.layout import BlockLayout
 IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _DEFAULT_BY_BACKEND = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}
+# `jax.ad_checkpoint.checkpoint_name` of the (out, lse) that a forward tags where its kernel is no
+# primitive a remat policy can match by name (the Mosaic GPU forward, `mosaic_gpu.forward` says why);
+# sparsejax.model's `dots_attention` policy saves values of this name.
+KERNEL_OUTPUT_NAME = "block_sparse_kernel_out"
 
 
 def default_implementation(backend: str | None = None) -> str:

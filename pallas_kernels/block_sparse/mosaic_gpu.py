@@ -53,9 +53,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-# `checkpoint_name` of the forward's (out, lse): remat policies that keep attention outputs save these
-# (sparsejax.model's `dots_attention`).
-OUTPUT_NAME = "block_sparse_mosaic_out"
+from pallas_kernels.block_sparse.api import KERNEL_OUTPUT_NAME
+
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _BLOCK_Q = 128            # query tokens per program: two consumer warpgroups x 64 rows
@@ -553,7 +552,7 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
   # step runs the kernel twice (nsa_1b on an H200: 4 forward launches per layer where the jaxpr holds
   # 2). The barrier stands between the kernel and every user, and policies save its named outputs.
   out, lse = lax.optimization_barrier((out, lse))
-  return checkpoint_name(out[:, :tq], OUTPUT_NAME), checkpoint_name(lse[..., :tq], OUTPUT_NAME)
+  return checkpoint_name(out[:, :tq], KERNEL_OUTPUT_NAME), checkpoint_name(lse[..., :tq], KERNEL_OUTPUT_NAME)
 
 
 def _pad_ragged(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_k):

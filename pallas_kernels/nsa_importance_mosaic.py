@@ -29,18 +29,18 @@ Kernel. One program (CTA) per (query tile, KV head, batch), three warpgroups:
   positions and segment ids into a ring of `_STAGES[bn]` shared-memory slots; per slot one barrier
   says "loaded", one "consumed by both consumers".
 
-Steps. Step j covers selection blocks j·nbt + c (c < nbt, nbt = `step_blocks`: at most ⌊(bn − s + 1)/r⌋
-with r·nbt a multiple of 8; at r = l'/d = 4, s = l/d = 2: 14 for bn = 64, 30 for bn = 128) and reads the bn compressed tokens from r·nbt·j − (s − 1) on; the wrapper pads k̃ with s − 1
-rows in front (and rows past N at the end) so that every TMA box lies inside the array; padded keys get
-the largest position (never visible). A program walks the steps up to the one holding the last
-compressed token its latest query can see (causal: the upper half of [T, N] is never computed), then
-stores zeros for the remaining steps (_ZERO_CHUNK steps per TMA store). Programs run the latest query
-tiles first, the K heads and batch rows of a tile side by side.
+Steps. Step j covers selection blocks j·nbt + c (c < nbt, nbt = `step_blocks`: at most ⌊(bn − s + 1)/r⌋ with
+r·nbt a multiple of 8; at r = l'/d = 4, s = l/d = 2: 14 for bn = 64, 30 for bn = 128) and reads the bn
+compressed tokens from r·nbt·j − (s − 1) on; the wrapper pads k̃ with s − 1 rows in front (and rows past N at
+the end) so that every TMA box lies inside the array; padded keys get the largest position (never visible). A
+program walks the steps up to the one holding the last compressed token its latest query can see (causal: the
+upper half of [T, N] is never computed), then stores zeros for the remaining steps (_ZERO_CHUNK steps per TMA
+store). Programs run the latest query tiles first, the K heads and batch rows of a tile side by side.
 
-Output. `block_scores_padded` returns [B, K, T, steps, Wd] float32, steps = ⌈S / nbt⌉ and Wd =
-next_pow2(nbt) >= 16 (at r = 4, s = 2: 16 for bn = 64, 32 for bn = 128): step j's slot holds blocks j·nbt + c in columns c < nbt;
-columns >= nbt are 0; columns of blocks >= S (the last step's tail) are 0 for S = ⌈T/l'⌉ and are
-dropped by `importance_scores`, which returns p_slc [B, K, T, S] (a reshape and a slice).
+Output. `block_scores_padded` returns [B, K, T, steps, Wd] float32, steps = ⌈S / nbt⌉ and Wd = next_pow2(nbt)
+>= 16 (`slot_layout`; at r = 4, s = 2: 16 for bn = 64, 32 for bn = 128): step j's slot holds blocks j·nbt + c
+in columns c < nbt; columns >= nbt are 0; columns of blocks >= S (the last step's tail) are 0 for S = ⌈T/l'⌉
+and are dropped by `importance_scores`, which returns p_slc [B, K, T, S] (a reshape and a slice).
 
 Cost. Measured on an H200 (T = 65,536, H = 64, K = 4, G = 16, D = 128, bf16; benchmarks/RESULTS.md,
 NSA runs L and N, notes_kernels item 16): 15.5 ms with 64-key steps, 12.8 ms with 128-key steps,
@@ -55,11 +55,11 @@ exp2 (8.6·10⁹ exp2 on the MUFU at ~4·10¹² /s: ≈ 2 ms, in parallel with t
 two consumers); the output p_slc is 4.3 GB of float32 (+7% padding at Wd = 32 vs nbt = 30): ≈ 1 ms of
 HBM writes, overlapped by the TMA stores; ≈ 5-6 ms in all.
 
-Supported (`check_supported`): q, k̃ both bfloat16 or both float16; D in {64, 128}; G = H/K in
-{8, 16, 32, 64} (a token's G rows start on an 8-row tile of the swizzled Q buffer); l/d + l'/d − 1 <= bn
-(one selection block fits a step) and some nbt with r·nbt a multiple of 8; any T (the wrapper pads the per-row arrays; rows past T are
-masked); N >= 0 (N = 0: zeros, no launch). Rows use lse from the compression branch (−inf: the row
-sees nothing).
+Supported (`check_supported`): q, k̃ both bfloat16 or both float16; D in {64, 128}; G = H/K in {8, 16, 32, 64}
+(a token's G rows start on an 8-row tile of the swizzled Q buffer); l/d + l'/d − 1 <= bn (one selection block
+fits a step) and some nbt with r·nbt a multiple of 8; any T (the wrapper pads the per-row arrays; rows past T
+are masked); N >= 0 (N = 0: zeros, no launch). Rows use lse from the compression branch (−inf: the row sees
+nothing).
 
 It uses only API spelled the same in jax 0.10.2 (CPU) and 0.11.2 (the GPU), as
 `block_sparse.mosaic_gpu` does. Tests (tests/pallas_kernels/test_nsa_importance_mosaic.py) run it on
@@ -146,11 +146,12 @@ def _geometry(q, k_cmp, num_blocks, *, block, stride, select_block, sm_scale, bl
   group = hq // hkv
   r, s = select_block // stride, block // stride
   block_n = block_n or default_block_n(block=block, stride=stride, select_block=select_block)
-  nbt = step_blocks(block=block, stride=stride, select_block=select_block, block_n=block_n)
+  nbt, steps, width = slot_layout(block=block, stride=stride, select_block=select_block, num_blocks=num_blocks,
+                                  block_n=block_n)
   tile = _CONSUMERS * (_WG_ROWS // group)
   return _Geometry(
       t=t, tp=-(-t // tile) * tile, hkv=hkv, group=group, d=d, n=k_cmp.shape[1], block=block,
-      stride=stride, r=r, s=s, bn=block_n, nbt=nbt, width=max(16, _next_pow2(nbt)), steps=-(-num_blocks // nbt),
+      stride=stride, r=r, s=s, bn=block_n, nbt=nbt, width=width, steps=steps,
       dtype=jnp.dtype(q.dtype), scale_log2=float(sm_scale) * _LOG2E)
 
 
@@ -491,6 +492,14 @@ def step_blocks(*, block: int, stride: int, select_block: int, block_n: int | No
   return next((n for n in range((block_n - s + 1) // r, 0, -1) if (r * n) % 8 == 0), 0)
 
 
+def slot_layout(*, block: int, stride: int, select_block: int, num_blocks: int,
+                block_n: int | None = None) -> tuple[int, int, int]:
+  """(nbt, steps, Wd) of `block_scores_padded`'s output [B, K, T, steps, Wd]: nbt = `step_blocks`
+  selection blocks per step, steps = ⌈S / nbt⌉ for S = num_blocks, Wd = next_pow2(nbt) >= 16."""
+  nbt = step_blocks(block=block, stride=stride, select_block=select_block, block_n=block_n)
+  return nbt, -(-num_blocks // nbt), max(16, _next_pow2(nbt))
+
+
 def block_scores_padded(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_ids, *, block: int, stride: int,
                         select_block: int, num_blocks: int, sm_scale: float | None = None,
                         block_n: int | None = None, interpret=None) -> jax.Array:
@@ -501,8 +510,9 @@ def block_scores_padded(q, k_cmp, lse, q_positions, q_segment_ids, kv_segment_id
   int32 (compressed token i is visible iff i·d + l − 1 <= position), q_segment_ids [B, T],
   kv_segment_ids [B, N] int32 (`compressed_segments`: −1 for blocks across documents); block l,
   stride d, select_block l' (d | l, d | l', l <= l'); num_blocks S = ⌈T_row / l'⌉; sm_scale default
-  1/√D; block_n: compressed tokens per step, 64 or 128 (None: `default_block_n`). interpret: None (compile for the GPU) or the Mosaic GPU interpreter's parameters
-  (`InterpretGPUParams`; its wgmma forms need tests/pallas_kernels/test_mosaic_gpu.py's extension).
+  1/√D; block_n: compressed tokens per step, 64 or 128 (None: `default_block_n`). interpret: None (compile for
+  the GPU) or the Mosaic GPU interpreter's parameters (`InterpretGPUParams`; its wgmma forms need
+  tests/pallas_kernels/test_mosaic_gpu.py's extension).
 
   Slot [b, k, t, j, c] is p_slc of block j·nbt + c for c < nbt (`step_blocks`), steps = ⌈S / nbt⌉;
   Wd = next_pow2(nbt) >= 16 and columns >= nbt are 0. Every slot is written (0 for blocks that no

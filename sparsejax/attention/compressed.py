@@ -388,9 +388,8 @@ def select_blocks_mosaic(q, k_cmp, lse, segment_ids, kv_segments, positions, doc
     from pallas_kernels import nsa_importance, nsa_importance_mosaic
 
     b, t = q.shape[:2]
-    nbt = nsa_importance_mosaic.step_blocks(block=block, stride=stride, select_block=select_block)
-    steps = -(-num_blocks // nbt)
-    width = max(16, 1 << (nbt - 1).bit_length())
+    nbt, steps, width = nsa_importance_mosaic.slot_layout(block=block, stride=stride, select_block=select_block,
+                                                          num_blocks=num_blocks)
     per_query = b * k_cmp.shape[2] * steps * width
     chunk = t if per_query * t <= chunk_elements else max(128, chunk_elements // per_query // 128 * 128)
     kw = dict(block=block, stride=stride, select_block=select_block, num_blocks=num_blocks)

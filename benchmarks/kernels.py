@@ -181,6 +181,10 @@ def section_check(args):
       ("NSA 1-token units G16 192/128 bf16", dict(t=t // 2, hq=32, hkv=2, dqk=192, dv=128,
                                                    dtype=jnp.bfloat16),
        lambda: nsa_layout(2, t // 2, 2)),
+      # Dqk = Dv: on Hopper the dK/dV of one-token units runs the Mosaic GPU kernel
+      ("NSA 1-token units G16 128/128 bf16", dict(t=t, hq=32, hkv=2, dqk=128, dv=128,
+                                                   dtype=jnp.bfloat16),
+       lambda: nsa_layout(3, t, 2)),
   ]
   out = {}
   for name, sh, make_layout in cases:
@@ -288,6 +292,17 @@ def section_nsa(args):
         print(f"  T={t:6d} {pattern:9s} fwd {r['fwd_ms']:8.2f} ms ({r['fwd_tflops']:.0f} TF/s useful)   "
               f"fwd+bwd {r['fwd_bwd_ms']:8.2f} ms ({r['fwd_bwd_tflops']:.0f} TF/s)  "
               f"blocks/token {r['blocks_per_token']:.2f}", flush=True)
+
+      def triton_dkv(t=t, make=make):
+        """A/B in the same run: forward+backward with the Triton dK/dV kernel (on Hopper the default
+        is the Mosaic GPU kernel for one-token units)."""
+        with timing.kernel_configs(kernels=("dkv",), mosaic=False):
+          _, fwd_bwd = sparse_fns(make(4, t, 4))
+          return median_ms(fwd_bwd, q, k, v, do)
+      ab = guarded(f"c/{pattern}/{t}/triton_dkv", triton_dkv)
+      if ab:
+        rows.append(dict(T=t, pattern=pattern, variant="triton_dkv", fwd_bwd_ms=ab))
+        print(f"  T={t:6d} {pattern:9s} fwd+bwd with the Triton dK/dV {ab:8.2f} ms", flush=True)
   RESULTS["nsa"] = rows
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from kernel_cases import _close, _segments
 
-from pallas_kernels import BlockLayout
+from pallas_kernels import BlockLayout, block_sparse_attention
 from pallas_kernels.block_sparse import mosaic_gpu_token_dkv as token_dkv
-from pallas_kernels.block_sparse import reference
+from pallas_kernels.block_sparse import pallas_gpu, reference
 
 test_mosaic_gpu = pytest.importorskip("test_mosaic_gpu")
 extended_interpreter = test_mosaic_gpu.extended_interpreter
@@ -186,6 +186,27 @@ def test_default_config_fits_shared_memory():
     assert cfg.stages == stages, cfg
     assert token_dkv.list_chunk(layout, 2, 1, cfg, 16) % 4 == 0   # whole slots of 4 tokens
     token_dkv.check_supported(q, k, v, layout, cfg)
+
+
+def test_pallas_gpu_backward_takes_it_on_hopper(monkeypatch):
+  """With a Hopper GPU as the backend (faked; lowered for CUDA) an NSA selection call runs the
+  Triton forward and dQ and this dK/dV kernel (split lists: one Mosaic call, an XLA sum)."""
+  monkeypatch.setattr(pallas_gpu, "on_hopper", lambda: True)
+  t, hq, hkv = 1088, 32, 2  # a length no other test traces (jax caches traces by shape)
+  layout = selection_layout(np.random.default_rng(0), 1, hkv, t, 64, 4)
+  q = jax.ShapeDtypeStruct((1, t, hq, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, t, hkv, 128), jnp.bfloat16)
+  seg = jnp.ones((1, t), jnp.int32)
+
+  def loss(q, k, v):
+    out = block_sparse_attention(q, k, v, layout, return_lse=False, implementation="pallas_gpu",
+                                 q_segment_ids=seg, kv_segment_ids=seg)
+    return out.astype(jnp.float32).sum()
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+  assert text.count("xla.gpu.triton") == 2
 
 
 def test_config_validation():

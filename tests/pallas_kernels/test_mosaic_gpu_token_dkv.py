@@ -119,9 +119,13 @@ def test_grads_match_reference_interpreted(name):
 
 
 def test_noncausal_segments_interpreted():
-  """Without causal masking only segment ids mask (Tk a multiple of block_k)."""
+  """Without causal masking only segment ids mask (Tk a multiple of block_k): documents 1 (block
+  0), 2 and 3 (block 1) with the queries in 2 and 3, so block 0's slots are all masked although
+  its keys are in one segment, and block 1's need the element mask."""
   c = _case(np.random.SeedSequence().entropy % 2**31, t=16, tk=128, group=16, block_k=64, n=2,
             segments=True)
+  kv_seg = jnp.asarray(np.repeat(np.array([1, 2, 3], np.int32), [64, 56, 8])[None])
+  c.update(kv_seg=kv_seg, seg=kv_seg[:, 112:])
   _check(c, Cfg(list_chunk=5), causal=False)
 
 

@@ -30,9 +30,9 @@ ids), dV += Pᵀ dO, dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q (Pᵀ, dSᵀ fr
 sm_scale at the end.
 
 Positions and segment ids of the queries are one per token: each consumer loads the slot's E
-tokens' values as scalars from global memory (before waiting for the slot) and, where the element
-mask is needed, builds the 64-row vectors in registers (row r belongs to entry r // G: selects on a
-row iota).
+tokens' values as scalars from global memory (a ring step ahead: the loop carries them) and, where
+the element mask is needed, builds the 64-row vectors in registers (row r belongs to entry r // G:
+selects on a row iota).
 
 Partly filled slots. The last slot of a walk may hold fewer than E entries. Its missing entries
 still get their Q, dO copies (the barrier counts a fixed number), of the last listed token (finite
@@ -66,11 +66,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_sparse import split
 from pallas_kernels.block_sparse.mosaic_gpu import (
-    _BLOCK_K_CHOICES, _DTYPES, _HEAD_DIMS, _LOG2E, _WG_ROWS, SMEM_LIMIT, _check_smem, _load_vector,
-    tile_ranges)
+    _BLOCK_K_CHOICES, _DTYPES, _HEAD_DIMS, _LOG2E, _SMEM_RESERVED, _WG_ROWS, SMEM_LIMIT, _check_smem,
+    _load_vector, tile_ranges)
 from pallas_kernels.block_sparse.mosaic_gpu_bwd import (
     _COL, _ROW, _SWIZZLED, _SWIZZLED_F32, BwdConfig, _apply_mask, _bcast, _load_sides, _lse2, _mask,
-    _matmuls, _ring_producer, _specialize, _sum_partials, dkv_smem_bytes)
+    _matmuls, _ring_producer, _specialize, _sum_partials)
 from pallas_kernels.block_sparse.mosaic_gpu_bwd import list_chunk as _unit_list_chunk
 
 _KERNEL = "mosaic_gpu_token_dkv"
@@ -106,9 +106,18 @@ def list_chunk(layout, num_kv_heads: int, batch: int, config: TokenDkvConfig, gr
   entries (so only a list's last slot is partly filled)."""
   if config.list_chunk is not None:
     return config.list_chunk
-  per = _WG_ROWS // group
+  per = max(1, _WG_ROWS // group)
   chunk = _unit_list_chunk(layout, num_kv_heads, batch, BwdConfig())
   return per * -(-chunk // per)
+
+
+def smem_bytes(d, block_k, stages, itemsize, has_seg, partials=False):
+  """Shared memory of one program: K, V tiles and key positions (segment ids) of block_k keys, the
+  ring (per slot: Q, dO tiles of 64 rows, their 64 lse and delta values) and, split, a float32
+  staging tile per consumer."""
+  tiles = 2 * block_k * d * itemsize + stages * 2 * _WG_ROWS * d * itemsize
+  vectors = (1 + has_seg) * 4 * block_k + stages * 2 * 4 * _WG_ROWS
+  return tiles + vectors + partials * block_k * d * 4 + _SMEM_RESERVED
 
 
 def default_config(q, k, layout) -> TokenDkvConfig:
@@ -117,7 +126,7 @@ def default_config(q, k, layout) -> TokenDkvConfig:
   d, size, hkv = q.shape[-1], jnp.dtype(q.dtype).itemsize, k.shape[2]
   splits = list_chunk(layout, hkv, q.shape[0], TokenDkvConfig(), max(1, q.shape[2] // hkv)) > 0
   stages = max(s for s in range(2, 7)
-               if s == 2 or dkv_smem_bytes(d, layout.block_k, s, size, True, splits) <= SMEM_LIMIT)
+               if s == 2 or smem_bytes(d, layout.block_k, s, size, True, splits) <= SMEM_LIMIT)
   return TokenDkvConfig(stages=stages)
 
 
@@ -152,8 +161,8 @@ def check_supported(q, k, v, layout, config: TokenDkvConfig | None = None, has_s
   splits = list_chunk(layout, hkv, q.shape[0], cfg, hq // hkv) > 0
   _check_smem(_KERNEL, f"stages={cfg.stages}" + (" with split lists" if splits else ""),
               layout.block_k, dqk,
-              dkv_smem_bytes(dqk, layout.block_k, cfg.stages, jnp.dtype(q.dtype).itemsize, has_seg,
-                             splits))
+              smem_bytes(dqk, layout.block_k, cfg.stages, jnp.dtype(q.dtype).itemsize, has_seg,
+                         splits))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +223,7 @@ def _kernel(list_ref, q_idx_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs, g: 
 
   def token(t, e):
     """Token of entry e of ring step t; past the list's end the last listed one (finite rows)."""
-    return q_idx_ref[lb, kv_head, jnp.minimum(start + t * per + e, end - 1)]
+    return q_idx_ref[lb, kv_head, jnp.maximum(jnp.minimum(start + t * per + e, end - 1), 0)]
 
   ints = lambda *shape: plgpu.SMEM(shape, jnp.int32)  # noqa: E731
   f32 = lambda *shape: plgpu.SMEM(shape, jnp.float32)  # noqa: E731
@@ -260,10 +269,17 @@ def _kernel(list_ref, q_idx_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs, g: 
     row = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (_WG_ROWS,), 0), _COL)  # slot row
 
     def entries(t):
-      """[(position, segment id)] of step t's entries (scalar loads; None where not used)."""
+      """Positions (causal), then segment ids (with segments) of step t's entries: a flat list of
+      scalars, loaded from global memory a step ahead (the loop carries them)."""
+      if g.mask_mode != "skip":
+        return []
       toks = [token(t, e) for e in range(per)]
-      return [(q_pos_ref[batch, tok] if g.causal else None,
-               q_seg_ref[batch, tok] if g.has_seg else None) for tok in toks]
+      return ([q_pos_ref[batch, tok] for tok in toks] if g.causal else []) + (
+          [q_seg_ref[batch, tok] for tok in toks] if g.has_seg else [])
+
+    def split_entries(ents):
+      """(positions, segment ids) of `entries`, None where not used."""
+      return (ents[:per] if g.causal else None), (ents[per * g.causal:] if g.has_seg else None)
 
     def by_row(values):
       """[64] vector (slot rows) of per-entry scalars: entry e's value on rows e·G .. e·G+G-1."""
@@ -272,7 +288,7 @@ def _kernel(list_ref, q_idx_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs, g: 
         vec = jnp.where(row >= e * g.group, values[e], vec)
       return vec
 
-    def needs_mask(ents):
+    def needs_mask(positions, segments):
       """Whether a slot needs the element mask (a traced bool): some listed token before some
       key (causal) or not all in the keys' one segment. Entries past the list's end repeat the
       last listed token, so they change nothing."""
@@ -280,17 +296,17 @@ def _kernel(list_ref, q_idx_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs, g: 
         return None
       k_hi, k_seg_lo, k_seg_hi = (kv_range_ref[(*key_tile, c)] for c in (0, 2, 3))
       need = None
-      for pos, seg in ents:
+      for e in range(per):
         tests = []
         if g.causal:
-          tests.append(k_hi > pos)
+          tests.append(k_hi > positions[e])
         if g.has_seg:
-          tests.append(jnp.logical_not((k_seg_lo == k_seg_hi) & (k_seg_lo == seg)))
+          tests.append(jnp.logical_not((k_seg_lo == k_seg_hi) & (k_seg_lo == segments[e])))
         for test in tests:
           need = test if need is None else need | test
       return need
 
-    def probs(t, slot, st, dpt, ents, need):
+    def probs(t, slot, st, dpt, positions, segments, need):
       """(Pᵀ, dSᵀ) in the input dtype from Sᵀ, dPᵀ of the slot; rows past the list's end (a
       partly filled last slot) get lse +inf in base 2, so Pᵀ = 0 there."""
       listed = row < (end - start - t * per) * g.group
@@ -298,29 +314,30 @@ def _kernel(list_ref, q_idx_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs, g: 
       pt = jnp.exp2(st * g.scale_log2 - _bcast(lse2, shape, 1))
 
       def masked(p):
-        q_pos = by_row([pos for pos, _ in ents]) if g.causal else None
-        q_seg = by_row([seg for _, seg in ents]) if g.has_seg else None
+        q_pos = by_row(positions) if g.causal else None
+        q_seg = by_row(segments) if g.has_seg else None
         return _mask(g, p, q_pos, kv_pos, q_seg, kv_seg, q_dim=1)
       pt = _apply_mask(g, pt, masked, need)
       delta = _load_vector(s["delta"].at[slot], _COL)
       return pt.astype(g.dtype), (pt * (dpt - _bcast(delta, shape, 1))).astype(g.dtype)
 
     def step(t, carry):
-      dk, dv = carry
+      dk, dv, *ents = carry
       slot = lax.rem(t, stages)
-      ents = entries(t) if g.mask_mode == "skip" else None   # scalar loads before the wait
-      need = needs_mask(ents)
+      positions, segments = split_entries(ents)
+      need = needs_mask(positions, segments)
+      nxt = entries(t + 1)   # the next step's scalar loads, in flight during this step
       q_sub, do_sub = s["q"].at[slot], s["do"].at[slot]
       plgpu.barrier_wait(b["q"].at[slot])
       st, dpt = _matmuls((shape, k_tile, q_sub.transpose((1, 0)), None),
                          (shape, v_tile, do_sub.transpose((1, 0)), None))
-      pt, dst = probs(t, slot, st, dpt, ents, need)
+      pt, dst = probs(t, slot, st, dpt, positions, segments, need)
       dv, dk = _matmuls(((_WG_ROWS, g.d), pt, do_sub, dv), ((_WG_ROWS, g.d), dst, q_sub, dk))
       plgpu.barrier_arrive(b["free"].at[slot])
-      return dk, dv
+      return (dk, dv, *nxt)
 
     zeros = plgpu.layout_cast(jnp.zeros((_WG_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
-    dk, dv = lax.fori_loop(0, steps, step, (zeros, zeros))
+    dk, dv, *_ = lax.fori_loop(0, steps, step, (zeros, zeros, *entries(0)))
     if g.split:   # float32 partials of this chunk, through one staging tile: dK, then dV
       rows = pl.ds(seed * g.block_k + wg * _WG_ROWS, _WG_ROWS)
       part = s["part"].at[wg]

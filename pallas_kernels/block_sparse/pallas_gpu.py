@@ -668,12 +668,11 @@ def _token_dkv_config(q, k, v, layout, cfg, has_seg, sm_scale, causal, interpret
   units, NSA's selection), or None for the Triton kernel."""
   if not cfg.mosaic or interpret or not on_hopper():
     return None
-  tcfg = mosaic_gpu_token_dkv.default_config(q, k, layout)
-  try:
-    mosaic_gpu_token_dkv.check_supported(q, k, v, layout, tcfg, has_seg, causal, window, sm_scale)
+  try:   # with its default config
+    mosaic_gpu_token_dkv.check_supported(q, k, v, layout, None, has_seg, causal, window, sm_scale)
   except ValueError:
     return None
-  return tcfg
+  return mosaic_gpu_token_dkv.default_config(q, k, layout)
 
 
 def _mosaic_config(q, k, v, layout, cfg, has_seg, sm_scale, causal, interpret):

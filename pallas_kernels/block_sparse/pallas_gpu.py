@@ -37,8 +37,12 @@ Hopper. On a GPU of compute capability 9.x the forward runs the Mosaic GPU kerne
 (wgmma, TMA; 568 against 334 TFLOP/s dense causal at 32k on an H200) wherever that kernel supports
 the call (block_q 128, block_k 64 or 128, Dqk = Dv in {64, 128}, bf16/f16, ragged ends only when
 causal, sliding windows), and the backward the dQ and dK/dV kernels of `mosaic_gpu_bwd` wherever
-they do (the same; they split long KV-major lists too; forward + backward 458 against 303 TFLOP/s);
-`KernelConfig.mosaic`. Either side's out and lse feed the other's backward unchanged.
+they do (the same; they split long KV-major lists too; forward + backward 458 against 303 TFLOP/s).
+Where those do not serve a backward of one-token query units with a list per KV head (NSA's
+selection: block_q 1, Hl = Hkv, G = Hq / Hkv in {8, 16, 32, 64}, block_k 64 or 128, Dqk = Dv in
+{64, 128}, bf16/f16, no window), dQ runs here and dK/dV in `mosaic_gpu_token_dkv` (64 / G tokens
+per 64-row tile, split lists). `KernelConfig.mosaic`. Either side's out and lse feed the other's
+backward unchanged.
 
 Launch parameters come from `default_configs` (tuned on an H200: benchmarks/notes_kernels.md);
 `forward(config=...)` / `backward(configs=...)` override them. `plgpu.CompilerParams` is spelled the
@@ -55,7 +59,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd, split
+from pallas_kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd, mosaic_gpu_token_dkv, split
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -100,7 +104,8 @@ class KernelConfig:
     so they start at entry 0.
   mosaic: on a Hopper GPU, run the Mosaic GPU kernels (with this `stagger`) where they support the
     call, else this module's: the forward `mosaic_gpu.forward`; the backward
-    `mosaic_gpu_bwd.backward` (both of its kernels) when the "dq" and "dkv" configs both allow it.
+    `mosaic_gpu_bwd.backward` (both of its kernels) when the "dq" and "dkv" configs both allow it,
+    else, for one-token units, `mosaic_gpu_token_dkv.dkv` for dK/dV when the "dkv" config allows it.
     `default_configs` sets it; a config built by hand runs the Triton kernel it describes.
   """
   rows: int
@@ -658,6 +663,18 @@ def _mosaic_bwd_config(q, k, v, layout, cfgs, has_seg, sm_scale, causal, interpr
   return bcfg
 
 
+def _token_dkv_config(q, k, v, layout, cfg, has_seg, sm_scale, causal, interpret, window):
+  """The `mosaic_gpu_token_dkv.TokenDkvConfig` to run this backward's dK/dV with (one-token query
+  units, NSA's selection), or None for the Triton kernel."""
+  if not cfg.mosaic or interpret or not on_hopper():
+    return None
+  try:   # with its default config
+    mosaic_gpu_token_dkv.check_supported(q, k, v, layout, None, has_seg, causal, window, sm_scale)
+  except ValueError:
+    return None
+  return mosaic_gpu_token_dkv.default_config(q, k, layout)
+
+
 def _mosaic_config(q, k, v, layout, cfg, has_seg, sm_scale, causal, interpret):
   """The `mosaic_gpu.MosaicConfig` to run this forward with, or None for the Triton kernel."""
   if not cfg.mosaic or interpret or not sm_scale > 0 or not on_hopper():
@@ -696,6 +713,13 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
       out_specs=_whole(dq_shape, 2), out_shape=dq_shape,
       compiler_params=_compiler_params(cfgs["dq"]), interpret=interpret, name="block_sparse_dq",
   )(*ins)
+
+  token_dkv = _token_dkv_config(q, k, v, layout, cfgs["dkv"], has_seg, sm_scale, causal, interpret,
+                                window)
+  if token_dkv is not None:   # one-token units on Hopper: Triton dQ, Mosaic dK/dV
+    dk, dv = mosaic_gpu_token_dkv.dkv(q, k, v, lse, delta, d_out, layout, q_pos, kv_pos, q_seg,
+                                      kv_seg, sm_scale=sm_scale, causal=causal, config=token_dkv)
+    return dq.reshape(q.shape), dk, dv
 
   g = _geometry(q, k, v, layout, cfgs["dkv"], sm_scale, causal, has_seg, window)
   chunk = _list_chunk(g, layout, cfgs["dkv"], b)

@@ -117,8 +117,8 @@ def section_speed(args):
     a = (q, k, v, out, lse, delta, d_out, layout, pos, seg)
     row = {}
     if not args.interpret:
-      row["bwd_triton_dkv_ms"] = timing.bench(backward(False), *a, scale=scale)[0]
-      row["bwd_mosaic_dkv_ms"] = timing.bench(backward(True), *a, scale=scale)[0]
+      row["bwd_triton_dkv_ms"] = timing.bench(functools.partial(backward(False), scale=scale), *a)[0]
+      row["bwd_mosaic_dkv_ms"] = timing.bench(functools.partial(backward(True), scale=scale), *a)[0]
     fn = jax.jit(mosaic_only, static_argnames="scale")
     if args.interpret:
       fn.trace(*a, scale=scale).lower(lowering_platforms=("cuda",))

@@ -53,8 +53,8 @@ longer than the others (NSA's always-selected block 0) or when there are too few
 the GPU (NSA's compression attention: 32 KV blocks x 4 heads at 64k, block 0 listing every query
 unit). `list_chunk` then cuts every list into chunks (`split.chunk_table`, as `pallas_gpu` does):
 one program per chunk walks it for each query head of its head unit and writes float32 partial
-dK, dV tiles through a staging tile; XLA sums each block's partials one at a time in program order
-(deterministic).
+dK, dV tiles through a staging tile; `split.sum_partials` adds each block's partials one at a time in
+program order (deterministic).
 
 Supported (`check_supported`): bfloat16 or float16; Dqk = Dv in {64, 128}; block_q = 128; block_k
 in {64, 128}; Tq a multiple of 128 and Tk of block_k, or any lengths with causal masking
@@ -842,33 +842,14 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
       part = jax.ShapeDtypeStruct((b, hkv, programs * g.block_k, d), jnp.float32)
       dk, dv = dkv(out_type=(part, part), grid=(programs, hkv, b),
                    kernel_name="block_sparse_dkv_partial_mosaic")(table, *ins)
-      dk, dv = (_sum_partials(x, first, g.block_k, y.dtype) for x, y in ((dk, k), (dv, v)))
+      dk, dv = (split.sum_partials(x, first, g.block_k, y.dtype, interpret=bool(interpret))
+                for x, y in ((dk, k), (dv, v)))
     else:
       dk, dv = dkv(out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
                    grid=(g.nk, hkv, b), kernel_name="block_sparse_dkv_mosaic",
                    )(layout.kv_offsets.astype(jnp.int32), *ins)
     dk, dv = dk[:, :tk], dv[:, :tk]
   return dq, dk, dv
-
-
-def _sum_partials(part, first, block_k: int, dtype):
-  """dK (or dV) [B, nk * block_k, Hkv, D] in `dtype` from the split kernel's float32 partials
-  part [B, Hkv, P * block_k, D]: block j's programs first[j] .. first[j+1]-1 (first [Bl, Hkv, nk+1])
-  summed one at a time in program order (deterministic)."""
-  b, hkv, rows, d = part.shape
-  programs = rows // block_k
-  part = part.reshape(b, hkv, programs, block_k, d)
-  first = jnp.broadcast_to(first, (b,) + first.shape[1:])
-  lo, hi = first[..., :-1], first[..., 1:]                            # [B, Hkv, nk]
-  nk = lo.shape[-1]
-
-  def add(m, acc):
-    at = lo + m
-    x = jnp.take_along_axis(part, jnp.minimum(at, programs - 1)[..., None, None], axis=2)
-    return acc + jnp.where((at < hi)[..., None, None], x, 0.0)
-
-  acc = lax.fori_loop(0, jnp.max(hi - lo), add, jnp.zeros((b, hkv, nk, block_k, d), jnp.float32))
-  return acc.astype(dtype).transpose(0, 2, 3, 1, 4).reshape(b, nk * block_k, hkv, d)
 
 
 def with_vjp(fwd, bwd):

@@ -13,7 +13,7 @@ rows; positions [B, T] int32, segment ids [B, T] int32 or None) and returns (dk,
 Design. KV-major, no atomics (deterministic): one program per (KV block, KV head, batch), or per
 chunk of a block's list when lists are split (`split.chunk_table`: NSA's block 0 is selected by
 every token, its list is T long); a split program writes float32 partial tiles that
-`mosaic_gpu_bwd._sum_partials` adds per block in program order. Each consumer warpgroup keeps 64
+`split.sum_partials` adds per block in program order. Each consumer warpgroup keeps 64
 keys (block_k 64: one consumer; 128: two) with their K, V tiles in shared memory and dK, dV [64, D]
 float32 accumulators in registers. A producer warpgroup walks the block's inverse list
 q_indices[start:end] (tokens) and packs E = 64 / G consecutive entries into one 64-row ring slot:
@@ -70,7 +70,7 @@ from pallas_kernels.block_sparse.mosaic_gpu import (
     _load_vector, tile_ranges)
 from pallas_kernels.block_sparse.mosaic_gpu_bwd import (
     _COL, _ROW, _SWIZZLED, _SWIZZLED_F32, BwdConfig, _apply_mask, _bcast, _load_sides, _lse2, _mask,
-    _matmuls, _ring_producer, _specialize, _sum_partials)
+    _matmuls, _ring_producer, _specialize)
 from pallas_kernels.block_sparse.mosaic_gpu_bwd import list_chunk as _unit_list_chunk
 
 _KERNEL = "mosaic_gpu_token_dkv"
@@ -412,7 +412,8 @@ def dkv(q, k, v, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_
     part = jax.ShapeDtypeStruct((b, hkv, programs * g.block_k, d), jnp.float32)
     dk, dv = launch(out_type=(part, part), grid=(programs, hkv, b),
                     kernel_name="block_sparse_token_dkv_partial_mosaic")(table, *ins)
-    dk, dv = (_sum_partials(x, first, g.block_k, y.dtype) for x, y in ((dk, k), (dv, v)))
+    dk, dv = (split.sum_partials(x, first, g.block_k, y.dtype, interpret=bool(interpret))
+                for x, y in ((dk, k), (dv, v)))
   else:
     dk, dv = launch(out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),
                               jax.ShapeDtypeStruct(v.shape, v.dtype)),

@@ -18,7 +18,7 @@ import pytest
 from kernel_cases import _close, random_case
 
 from pallas_kernels import BlockLayout
-from pallas_kernels.block_sparse import mosaic_gpu_bwd, reference
+from pallas_kernels.block_sparse import mosaic_gpu_bwd, reference, split
 
 test_mosaic_gpu = pytest.importorskip("test_mosaic_gpu")
 extended_interpreter = test_mosaic_gpu.extended_interpreter
@@ -187,7 +187,7 @@ def test_sum_partials_in_program_order():
   b, hkv, programs, bk, d = 2, 2, 7, 4, 3
   part = rng.normal(size=(b, hkv, programs * bk, d)).astype(np.float32)
   first = np.array([[[0, 2, 2, 5, 7], [0, 1, 4, 4, 6]]], np.int32)          # [1, Hkv, nk+1]
-  got = np.asarray(mosaic_gpu_bwd._sum_partials(jnp.asarray(part), jnp.asarray(first), bk, jnp.float32))
+  got = np.asarray(split.sum_partials(jnp.asarray(part), jnp.asarray(first), bk, jnp.float32, interpret=True))
   tiles = part.reshape(b, hkv, programs, bk, d)
   for bi in range(b):
     for h in range(hkv):

@@ -58,7 +58,7 @@ Precision. The logits dot runs in the inputs' dtype with float32 accumulation (t
 inputs, as in `block_sparse.pallas_gpu`). The two small dots that map and sum the probabilities take
 float32 operands against W and E, small integers exact in 16-bit floats. With `precise=True` (the
 default) the float32 operand is split into bfloat16 high and low parts (x = hi + lo, both dots
-summed): ≈ 2⁻¹⁷ relative error instead of bfloat16's 2⁻⁸, so the scores that `top_k` compares keep
+summed): ≈ 2⁻¹⁶ relative error instead of bfloat16's 2⁻⁸, so the scores that `top_k` compares keep
 float32-like resolution. `precise=False` takes one float16 dot instead (2⁻¹¹ relative; p ≤ 1 and the
 sums fit float16's range): half the conversions, for the timing A/B in benchmarks/nsa.py.
 
@@ -100,7 +100,7 @@ class ImportanceConfig:
   block_n: compressed tokens per step (a power of two >= 16); a step covers
     ⌊(block_n − s + 1) / r⌋ >= 1 selection blocks.
   num_warps, num_stages: Triton's warps per program and software-pipelining depth.
-  precise: map and sum the probabilities with bfloat16 hi + lo dots (≈ 2⁻¹⁷); False: one float16 dot.
+  precise: map and sum the probabilities with bfloat16 hi + lo dots (≈ 2⁻¹⁶); False: one float16 dot.
   """
   rows: int = 128
   block_n: int = 64

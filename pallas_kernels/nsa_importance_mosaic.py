@@ -21,7 +21,7 @@ Kernel. One program (CTA) per (query tile, KV head, batch), three warpgroups:
                                                   x staged to shared memory as bfloat16 hi + lo
   and TMA-stores y's first tw rows as out[b, k, tokens, j, :] (two staging buffers, so that a store
   overlaps the next step). W and E are small integers, exact in bfloat16, and the hi + lo splits keep
-  ≈ 2⁻¹⁷ relative resolution (what `nsa_importance._small_dot` does), so the scores that a top-n
+  ≈ 2⁻¹⁶ relative resolution (what `nsa_importance._small_dot` does), so the scores that a top-n
   compares keep float32-like resolution. A step whose keys all exist, all precede every row of the
   warpgroup and share its rows' one document skips the element mask (scalars XLA reduces before the
   launch: `_query_ranges`, `_keys`);
@@ -44,7 +44,7 @@ and are dropped by `importance_scores`, which returns p_slc [B, K, T, S] (a resh
 
 Cost. Measured on an H200 (T = 65,536, H = 64, K = 4, G = 16, D = 128, bf16; benchmarks/RESULTS.md,
 NSA runs L and N, notes_kernels item 16): 15.5 ms with 64-key steps, 12.8 ms with 128-key steps,
-10.6 ms with the hi + lo split by integer ops (`nsa_importance.split_bfloat16`), against 17.4 ms for
+10.6 ms with the hi + lo split by bit shifts (`nsa_importance.split_bfloat16`), against 17.4 ms for
 the Triton kernel's scores. Variants timed with parts removed (item 16) put the 128-key kernel's
 12.8 ms at: Q·K̃ᵀ alone ~5.0, exp2 ~1.3, the band and group-sum stages ~6.3, of which the lo parts
 ~4.5 and the rounding conversions of the split ~2. The estimate written before it was built: Q·K̃ᵀ

@@ -461,26 +461,21 @@ def test_select_sharded_takes_the_kernel_with_the_compression_lse(fused):
     np.testing.assert_array_equal(idx[clear], np.asarray(want[0])[clear])
 
 
-def test_split_bfloat16_is_rounded_hi_plus_rounded_rest():
-    """split_bfloat16 (the importance kernels' hi + lo operands): hi is x rounded to its upper 16 bits
-    (ties away from zero), lo the rest rounded to bfloat16, and hi + lo within 2^-17 of |x| (fresh random
-    floats over 60 binades, both signs, zeros, and values exactly half-way between two bfloat16s)."""
+def test_split_bfloat16_is_exact_hi_plus_rounded_rest():
+    """split_bfloat16 (the importance kernels' hi + lo operands): hi is x's upper 16 bits exactly, lo the
+    rest rounded to bfloat16, and hi + lo within 2^-16 of |x| (fresh random floats over 60 binades, both
+    signs, zeros)."""
     rng = np.random.default_rng()
     x = (rng.uniform(1, 2, 4096) * 2.0 ** rng.integers(-40, 20, 4096) * rng.choice([-1, 1], 4096))
-    ties = (rng.integers(0, 2 ** 31, 64, dtype=np.uint32) & 0x7FFF0000 | 0x8000).view(np.float32)
-    x = np.concatenate([x, ties[np.isfinite(ties) & (np.abs(ties) < 1e30) & (np.abs(ties) > 1e-30)],
-                        [0.0, -0.0, 1.0, 2.0 ** -20]]).astype(np.float32)
+    x = np.concatenate([x, [0.0, -0.0, 1.0, 2.0 ** -20]]).astype(np.float32)
     hi, lo = jax.jit(nsa_importance.split_bfloat16)(jnp.asarray(x))
     assert hi.dtype == lo.dtype == jnp.bfloat16
-    bits = x.view(np.uint32).astype(np.uint64)
-    magnitude, sign = bits & 0x7FFFFFFF, bits & 0x80000000
-    rounded = (sign | ((magnitude + 0x8000) & 0x7FFF0000)).astype(np.uint32)   # ties away from zero
-    np.testing.assert_array_equal(np.asarray(hi.astype(jnp.float32)).view(np.uint32), rounded)
-    rest = x - rounded.view(np.float32)
-    assert np.all(np.abs(rest) <= 2.0 ** -8 * np.abs(x))
+    bits = x.view(np.uint32)
+    np.testing.assert_array_equal(np.asarray(hi.astype(jnp.float32)).view(np.uint32), bits & 0xFFFF0000)
+    rest = x - (bits & 0xFFFF0000).view(np.float32)
     np.testing.assert_array_equal(np.asarray(lo), rest.astype(jnp.bfloat16))
     err = np.abs(np.asarray(hi, np.float32).astype(np.float64) + np.asarray(lo, np.float32) - x)
-    assert np.all(err <= 2.0 ** -17 * np.abs(x)), float(np.max(err / np.maximum(np.abs(x), 1e-30)))
+    assert np.all(err <= 2.0 ** -16 * np.abs(x)), float(np.max(err / np.maximum(np.abs(x), 1e-30)))
 
 
 def test_select_blocks_rejects_unknown_implementation():

@@ -13,12 +13,18 @@ rows; positions [B, T] int32, segment ids [B, T] int32 or None) and returns (dk,
 Design. KV-major, no atomics (deterministic): one program per (KV block, KV head, batch), or per
 chunk of a block's list when lists are split (`split.chunk_table`: NSA's block 0 is selected by
 every token, its list is T long); a split program writes float32 partial tiles that
-`split.sum_partials` adds per block in program order. Each consumer warpgroup keeps 64
-keys (block_k 64: one consumer; 128: two) with their K, V tiles in shared memory and dK, dV [64, D]
-float32 accumulators in registers. A producer warpgroup walks the block's inverse list
-q_indices[start:end] (tokens) and packs E = 64 / G consecutive entries into one 64-row ring slot:
-per entry one TMA copy of a [G, D] box (the token's G heads, contiguous in q [B, Tq, Hq, D]) for Q
-and for dO to rows e·G of the slot's swizzled tile (G a multiple of 8: whole 8-row swizzle tiles);
+`split.sum_partials` adds per block in program order. Two consumer warpgroups, each with dK, dV
+[64, D] float32 accumulators in registers. block_k 128: one per 64 keys, each with its own K, V
+tiles in shared memory, both taking every ring step. block_k 64: both share the block's K, V tiles
+(consumer 0 loads them) and split the ring: consumer wg takes steps t = wg, wg + 2, ... (its own
+q barriers per slot, q[(t mod 2)·stages + slot], since a waiter must see every phase of a barrier it
+waits on; one consumer frees a slot). Each writes its own float32 partial, so block_k 64 always
+takes the split path (lists not split: every list one chunk, one program per KV block): program p's
+consumer wg writes 64-row tile 2p + wg and `sum_partials` adds tiles 2·first[j] .. 2·first[j+1]-1.
+A producer warpgroup walks the block's inverse list q_indices[start:end] (tokens) and packs
+E = 64 / G consecutive entries into one 64-row ring slot: per entry one TMA copy of a [G, D] box
+(the token's G heads, contiguous in q [B, Tq, Hq, D]) for Q and for dO to rows e·G of the slot's
+swizzled tile (G a multiple of 8: whole 8-row swizzle tiles);
 per slot one copy of 64 lse and one of 64 delta values. Those come from `_per_entry`: the wrapper
 gathers lse and delta [B, Hq, Tq] per CSR entry into [B, Hkv, (nq·K + E)·G] (an entry's G values
 next to the next entry's), because a TMA copy of a warpgroup must move a multiple of 128 bytes and
@@ -30,9 +36,9 @@ ids), dV += Pᵀ dO, dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q (Pᵀ, dSᵀ fr
 sm_scale at the end.
 
 Positions and segment ids of the queries are one per token: each consumer loads the slot's E
-tokens' values as scalars from global memory (a ring step ahead: the loop carries them) and, where
-the element mask is needed, builds the 64-row vectors in registers (row r belongs to entry r // G:
-selects on a row iota).
+tokens' values as scalars from global memory (one of its own steps ahead: the loop carries them)
+and, where the element mask is needed, builds the 64-row vectors in registers (row r belongs to
+entry r // G: selects on a row iota).
 
 Partly filled slots. The last slot of a walk may hold fewer than E entries. Its missing entries
 still get their Q, dO copies (the barrier counts a fixed number), of the last listed token (finite
@@ -48,6 +54,10 @@ Supported (`check_supported`): bfloat16 or float16; Dqk = Dv in {64, 128}; block
 G in {8, 16, 32, 64}; block_k in {64, 128}; Tk a multiple of block_k, or any Tk with causal masking
 (keys padded after every query); no sliding window; sm_scale > 0; the ring in shared memory.
 Launch parameters: `TokenDkvConfig` (`default_config`: the deepest ring that fits).
+
+Shared memory (`smem_bytes`): K, V tiles of block_k keys, the ring (per slot Q, dO [64, D] and 64
+lse, delta values) and, split (always at block_k 64), two float32 [64, D] staging tiles: at NSA's
+shape (D = 128, bfloat16, segments) a 3-slot ring at block_k 64 (202,752 bytes), 2 at 128.
 
 Like mosaic_gpu.py it only uses API spelled the same in jax 0.10.2 and 0.11.2. Tests
 (tests/pallas_kernels/test_mosaic_gpu_token_dkv.py) run the kernel on CPU in jax's Mosaic GPU
@@ -113,11 +123,12 @@ def list_chunk(layout, num_kv_heads: int, batch: int, config: TokenDkvConfig, gr
 
 def smem_bytes(d, block_k, stages, itemsize, has_seg, partials=False):
   """Shared memory of one program: K, V tiles and key positions (segment ids) of block_k keys, the
-  ring (per slot: Q, dO tiles of 64 rows, their 64 lse and delta values) and, split, a float32
-  staging tile per consumer."""
+  ring (per slot: Q, dO tiles of 64 rows, their 64 lse and delta values) and, split (always at
+  block_k 64), a float32 [64, D] staging tile per consumer (two)."""
   tiles = 2 * block_k * d * itemsize + stages * 2 * _WG_ROWS * d * itemsize
   vectors = (1 + has_seg) * 4 * block_k + stages * 2 * 4 * _WG_ROWS
-  return tiles + vectors + partials * block_k * d * 4 + _SMEM_RESERVED
+  staging = (partials or block_k == _WG_ROWS) * 2 * _WG_ROWS * d * 4
+  return tiles + vectors + staging + _SMEM_RESERVED
 
 
 def default_config(q, k, layout) -> TokenDkvConfig:
@@ -190,8 +201,20 @@ class _Geometry:
     return _WG_ROWS // self.group
 
   @property
-  def consumers(self):
+  def pair(self):       # block_k 64: two consumers share the 64 keys and take alternate ring steps
+    return self.block_k == _WG_ROWS
+
+  @property
+  def consumers(self):  # consumer warpgroups: always two
+    return 2
+
+  @property
+  def key_tiles(self):  # 64-key K, V tiles in shared memory (one per consumer at block_k 128)
     return self.block_k // _WG_ROWS
+
+  @property
+  def lanes(self):      # q barriers per ring slot: one per consumer that waits on it
+    return 2 if self.pair else 1
 
   @property
   def side_copies(self):  # positions (causal) and segment ids
@@ -201,8 +224,8 @@ class _Geometry:
 def _kernel(list_ref, q_idx_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs, g: _Geometry):
   """list_ref: kv_offsets [Bl, Hkv, nk+1] (one program per KV block) or, split, the chunk table
   [Bl, Hkv, 4, P] (one program per chunk; dk_ref, dv_ref are then float32 partials
-  [B, Hkv, P * block_k, D]). lse_ref, delta_ref: [B, Hkv, (nq*K + 64/G) * G], the G values of
-  every CSR entry (`_per_entry`)."""
+  [B, Hkv, 2 * P * 64, D], consumer wg of program p writing 64-row tile 2p + wg). lse_ref,
+  delta_ref: [B, Hkv, (nq*K + 64/G) * G], the G values of every CSR entry (`_per_entry`)."""
   if g.has_seg:
     q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
   else:
@@ -228,23 +251,28 @@ def _kernel(list_ref, q_idx_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs, g: 
   ints = lambda *shape: plgpu.SMEM(shape, jnp.int32)  # noqa: E731
   f32 = lambda *shape: plgpu.SMEM(shape, jnp.float32)  # noqa: E731
   scratch = dict(
-      k=plgpu.SMEM((nc, _WG_ROWS, g.d), g.dtype, transforms=_SWIZZLED),
-      v=plgpu.SMEM((nc, _WG_ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      k=plgpu.SMEM((g.key_tiles, _WG_ROWS, g.d), g.dtype, transforms=_SWIZZLED),
+      v=plgpu.SMEM((g.key_tiles, _WG_ROWS, g.d), g.dtype, transforms=_SWIZZLED),
       q=plgpu.SMEM((stages, _WG_ROWS, g.d), g.dtype, transforms=_SWIZZLED),
       do=plgpu.SMEM((stages, _WG_ROWS, g.d), g.dtype, transforms=_SWIZZLED),
       lse=f32(stages, _WG_ROWS),
       delta=f32(stages, _WG_ROWS),
-      kpos=ints(nc, _WG_ROWS) if g.causal else None,
-      kseg=ints(nc, _WG_ROWS) if g.has_seg else None,
+      kpos=ints(g.key_tiles, _WG_ROWS) if g.causal else None,
+      kseg=ints(g.key_tiles, _WG_ROWS) if g.has_seg else None,
       part=plgpu.SMEM((nc, _WG_ROWS, g.d), jnp.float32, transforms=_SWIZZLED_F32) if g.split else None)
   barriers = dict(
-      kv=plgpu.Barrier(num_arrivals=2 + g.side_copies, num_barriers=nc),
-      q=plgpu.Barrier(num_arrivals=2 * per + 2, num_barriers=stages),
-      free=plgpu.Barrier(num_arrivals=nc, num_barriers=stages))
+      kv=plgpu.Barrier(num_arrivals=2 + g.side_copies, num_barriers=g.key_tiles),
+      # pair: step t signals q[(t mod 2) * stages + slot], so each consumer waits on every phase of
+      # the barriers it waits on (a waiter tracks phases itself); one consumer frees a slot
+      q=plgpu.Barrier(num_arrivals=2 * per + 2, num_barriers=g.lanes * stages),
+      free=plgpu.Barrier(num_arrivals=1 if g.pair else nc, num_barriers=stages))
+
+  def q_barrier(b, t, slot):
+    return b["q"].at[lax.rem(t, 2) * stages + slot if g.pair else slot]
 
   def producer(s, b):
     def load(t, slot):
-      bar = b["q"].at[slot]
+      bar = q_barrier(b, t, slot)
       for e in range(per):
         tok, rows = token(t, e), pl.ds(e * g.group, g.group)
         plgpu.copy_gmem_to_smem(q_ref.at[batch, tok, heads], s["q"].at[slot].at[rows], bar)
@@ -255,22 +283,31 @@ def _kernel(list_ref, q_idx_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs, g: 
     _ring_producer(g, stages, steps, load, b["free"])
 
   def consumer(s, b, wg):
-    keys = pl.ds(block * g.block_k + wg * _WG_ROWS, _WG_ROWS)
-    k_tile, v_tile, bar = s["k"].at[wg], s["v"].at[wg], b["kv"].at[wg]
-    plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_tile, bar)
-    plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_tile, bar)
-    for on, src, dst in ((g.causal, kv_pos_ref, s["kpos"]), (g.has_seg, kv_seg_ref, s["kseg"])):
-      if on:
-        plgpu.copy_gmem_to_smem(src.at[batch, keys], dst.at[wg], bar)
+    kt = 0 if g.pair else wg   # this consumer's 64 keys (pair: both share tile 0)
+    # pair: consumer wg takes ring steps t = wg, wg + 2, ...; block_k 128: every step
+    first_step, stride = (wg, 2) if g.pair else (0, 1)
+    keys = pl.ds(block * g.block_k + kt * _WG_ROWS, _WG_ROWS)
+    k_tile, v_tile, bar = s["k"].at[kt], s["v"].at[kt], b["kv"].at[kt]
+
+    def load_keys():
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_tile, bar)
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_tile, bar)
+      for on, src, dst in ((g.causal, kv_pos_ref, s["kpos"]), (g.has_seg, kv_seg_ref, s["kseg"])):
+        if on:
+          plgpu.copy_gmem_to_smem(src.at[batch, keys], dst.at[kt], bar)
+    if g.pair:
+      pl.when(wg == 0)(load_keys)
+    else:
+      load_keys()
     plgpu.barrier_wait(bar)
-    kv_pos, kv_seg = _load_sides(g, s["kpos"], s["kseg"], wg, _ROW)
-    key_tile = (batch, block * nc + wg)
+    kv_pos, kv_seg = _load_sides(g, s["kpos"], s["kseg"], kt, _ROW)
+    key_tile = (batch, block * g.key_tiles + kt)
     shape = (_WG_ROWS, _WG_ROWS)   # Sᵀ, dPᵀ of one slot
     row = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (_WG_ROWS,), 0), _COL)  # slot row
 
     def entries(t):
       """Positions (causal), then segment ids (with segments) of step t's entries: a flat list of
-      scalars, loaded from global memory a step ahead (the loop carries them)."""
+      scalars, loaded from global memory a step of this consumer ahead (the loop carries them)."""
       if g.mask_mode != "skip":
         return []
       toks = [token(t, e) for e in range(per)]
@@ -321,14 +358,15 @@ def _kernel(list_ref, q_idx_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs, g: 
       delta = _load_vector(s["delta"].at[slot], _COL)
       return pt.astype(g.dtype), (pt * (dpt - _bcast(delta, shape, 1))).astype(g.dtype)
 
-    def step(t, carry):
+    def step(i, carry):
       dk, dv, *ents = carry
+      t = first_step + i * stride
       slot = lax.rem(t, stages)
       positions, segments = split_entries(ents)
       need = needs_mask(positions, segments)
-      nxt = entries(t + 1)   # the next step's scalar loads, in flight during this step
+      nxt = entries(t + stride)   # this consumer's next step's scalar loads, in flight meanwhile
       q_sub, do_sub = s["q"].at[slot], s["do"].at[slot]
-      plgpu.barrier_wait(b["q"].at[slot])
+      plgpu.barrier_wait(q_barrier(b, t, slot))
       st, dpt = _matmuls((shape, k_tile, q_sub.transpose((1, 0)), None),
                          (shape, v_tile, do_sub.transpose((1, 0)), None))
       pt, dst = probs(t, slot, st, dpt, positions, segments, need)
@@ -337,9 +375,10 @@ def _kernel(list_ref, q_idx_ref, kv_range_ref, q_pos_ref, kv_pos_ref, *refs, g: 
       return (dk, dv, *nxt)
 
     zeros = plgpu.layout_cast(jnp.zeros((_WG_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
-    dk, dv, *_ = lax.fori_loop(0, steps, step, (zeros, zeros, *entries(0)))
+    own_steps = (steps - first_step + stride - 1) // stride
+    dk, dv, *_ = lax.fori_loop(0, own_steps, step, (zeros, zeros, *entries(first_step)))
     if g.split:   # float32 partials of this chunk, through one staging tile: dK, then dV
-      rows = pl.ds(seed * g.block_k + wg * _WG_ROWS, _WG_ROWS)
+      rows = pl.ds((seed * 2 + wg) * _WG_ROWS, _WG_ROWS)
       part = s["part"].at[wg]
       for x, ref, wait in ((dk * g.sm_scale, dk_ref, True), (dv, dv_ref, False)):
         part[...] = x
@@ -391,6 +430,9 @@ def dkv(q, k, v, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_
     k, v, kv_pos = pad(k), pad(v), pad(kv_pos.astype(jnp.int32), jnp.iinfo(jnp.int32).max)
     kv_seg = None if kv_seg is None else pad(kv_seg)
 
+  programs = split.num_programs(layout, hkv, chunk) if chunk else layout.num_kv_blocks
+  if not chunk and layout.block_k == _WG_ROWS:   # the pair writes partials: whole lists as chunks
+    chunk = layout.kv_indices.shape[2] * layout.kv_indices.shape[3]   # >= any list's length
   g = _Geometry(hkv=hkv, group=group, bl=layout.kv_indices.shape[0], block_k=layout.block_k, d=d,
                 dtype=jnp.dtype(q.dtype), causal=bool(causal), has_seg=has_seg,
                 scale_log2=float(sm_scale) * _LOG2E, sm_scale=float(sm_scale), cfg=cfg,
@@ -406,14 +448,15 @@ def dkv(q, k, v, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_
       num_threads=g.consumers + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret or None)
   ins = (layout.q_indices.astype(jnp.int32), kv_range, *aux, *acts)
-  if chunk:
-    programs = split.num_programs(layout, hkv, chunk)
+  if chunk:   # programs: one per chunk (whole lists: one per KV block, at most one chunk each)
     table, first = split.chunk_table(layout, hkv, chunk, programs)
-    part = jax.ShapeDtypeStruct((b, hkv, programs * g.block_k, d), jnp.float32)
+    part = jax.ShapeDtypeStruct((b, hkv, programs * 2 * _WG_ROWS, d), jnp.float32)
     dk, dv = launch(out_type=(part, part), grid=(programs, hkv, b),
                     kernel_name="block_sparse_token_dkv_partial_mosaic")(table, *ins)
-    dk, dv = (split.sum_partials(x, first, g.block_k, y.dtype, interpret=bool(interpret))
-                for x, y in ((dk, k), (dv, v)))
+    # block_k 128: a program's two 64-row tiles are one [128, D] tile; 64: two tiles of 64 keys
+    first, tile = (first * 2, _WG_ROWS) if g.pair else (first, g.block_k)
+    dk, dv = (split.sum_partials(x, first, tile, y.dtype, interpret=bool(interpret))
+              for x, y in ((dk, k), (dv, v)))
   else:
     dk, dv = launch(out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),
                               jax.ShapeDtypeStruct(v.shape, v.dtype)),

@@ -208,15 +208,15 @@ def test_lowers_for_cuda_without_gpu(monkeypatch, list_chunk, kernels):
 
 @pytest.mark.parametrize("t, block_k, window, dtype, mosaic_calls, triton_calls", [
     (384, 128, None, jnp.bfloat16, 3, 0), (384, 64, None, jnp.bfloat16, 3, 0),
-    (330, 64, None, jnp.bfloat16, 3, 0), (4096, 128, None, jnp.bfloat16, 3, 0),
+    (330, 64, None, jnp.bfloat16, 3, 0), (4096, 128, None, jnp.bfloat16, 3, 2),
     (384, 32, None, jnp.bfloat16, 0, 3),
     (384, 128, 256, jnp.bfloat16, 3, 0), (384, 128, None, jnp.float32, 0, 3)])
 def test_takes_mosaic_gpu_on_hopper(monkeypatch, t, block_k, window, dtype, mosaic_calls, triton_calls):
   """With a Hopper GPU as the backend (faked; the trace is lowered for CUDA) a call that the Mosaic
   GPU kernels support lowers to them: forward, dQ and dK/dV, also with ragged ends (the call is
   causal), with a sliding window, and with split dK/dV lists (4096 tokens: 32 KV blocks x 2 heads,
-  too few programs: dQ, partial dK/dV, an XLA sum); calls they do not support (block_k 32,
-  float32) lower to the three Triton kernels."""
+  too few programs: dQ, partial dK/dV, and `split.sum_partials`, a Triton kernel, for dK and for dV);
+  calls they do not support (block_k 32, float32) lower to the three Triton kernels."""
   monkeypatch.setattr(pallas_gpu, "on_hopper", lambda: True)
   b, hq, hkv = 1, 4, 2  # lengths no other test traces (jax caches traces by shape)
   q = jax.ShapeDtypeStruct((b, t, hq, 128), dtype)

@@ -123,10 +123,9 @@ def check_supported(q, k, v, layout, config: MosaicConfig | None = None, has_seg
               smem_bytes(d, layout.block_k, cfg.num_stages, jnp.dtype(q.dtype).itemsize, has_seg))
 
 
-def _check_tiles(kernel: str, q, k, v, layout, causal: bool | None) -> None:
-  """The checks of dtypes, head dims, tiles and lengths that this forward and mosaic_gpu_bwd share
-  (`kernel` names the module in the messages). Ragged ends pass only when `causal` is True; None:
-  the kernel never takes them."""
+def check_dtypes_and_head_dims(kernel: str, q, k, v) -> None:
+  """q, k, v all bfloat16 or all float16, Dqk = Dv in _HEAD_DIMS (every Mosaic GPU attention kernel's
+  precondition; `kernel` names the module in the messages)."""
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dtypes) != 1 or jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
     raise ValueError(f"{kernel} needs q, k, v all bfloat16 or all float16; got q {q.dtype}, "
@@ -134,6 +133,13 @@ def _check_tiles(kernel: str, q, k, v, layout, causal: bool | None) -> None:
   dqk, dv = q.shape[-1], v.shape[-1]
   if dqk != dv or dqk not in _HEAD_DIMS:
     raise ValueError(f"{kernel} needs Dqk = Dv in {_HEAD_DIMS}; got Dqk={dqk}, Dv={dv}")
+
+
+def _check_tiles(kernel: str, q, k, v, layout, causal: bool | None) -> None:
+  """The checks of dtypes, head dims, tiles and lengths that this forward and mosaic_gpu_bwd share
+  (`kernel` names the module in the messages). Ragged ends pass only when `causal` is True; None:
+  the kernel never takes them."""
+  check_dtypes_and_head_dims(kernel, q, k, v)
   if layout.block_q != _BLOCK_Q:
     raise ValueError(f"{kernel} needs block_q={_BLOCK_Q}; got block_q={layout.block_q}")
   if layout.block_k not in _BLOCK_K_CHOICES:

@@ -135,12 +135,17 @@ class BwdConfig:
       raise ValueError(f"dq_sub_k={self.dq_sub_k} must be 64, 128 or None")
     if self.stagger < 0:
       raise ValueError(f"stagger={self.stagger} must be >= 0 (0: no stagger)")
-    if self.list_chunk is not None and self.list_chunk < 0:
-      raise ValueError(f"list_chunk={self.list_chunk} must be None (by shape), 0 (never split) or > 0")
-    cons, prod = self.registers
-    if cons % 8 or prod % 8 or not 24 <= prod <= cons <= 256 or 2 * cons + prod > 512:
-      raise ValueError(f"registers={self.registers} must be multiples of 8 with 24 <= producer <= "
-                       "consumer <= 256 and 2 * consumer + producer <= 512")
+    check_list_chunk_and_registers(self.list_chunk, self.registers)
+
+
+def check_list_chunk_and_registers(list_chunk, registers) -> None:
+  """The checks of `list_chunk` and `registers` that BwdConfig and mosaic_gpu_token_dkv's config share."""
+  if list_chunk is not None and list_chunk < 0:
+    raise ValueError(f"list_chunk={list_chunk} must be None (by shape), 0 (never split) or > 0")
+  cons, prod = registers
+  if cons % 8 or prod % 8 or not 24 <= prod <= cons <= 256 or 2 * cons + prod > 512:
+    raise ValueError(f"registers={registers} must be multiples of 8 with 24 <= producer <= "
+                     "consumer <= 256 and 2 * consumer + producer <= 512")
 
 
 def dq_smem_bytes(d, slot_k, stages, itemsize, has_seg):

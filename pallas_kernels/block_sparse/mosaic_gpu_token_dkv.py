@@ -76,11 +76,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_sparse import split
 from pallas_kernels.block_sparse.mosaic_gpu import (
-    _BLOCK_K_CHOICES, _DTYPES, _HEAD_DIMS, _LOG2E, _SMEM_RESERVED, _WG_ROWS, SMEM_LIMIT, _check_smem,
-    _load_vector, tile_ranges)
+    _BLOCK_K_CHOICES, _LOG2E, _SMEM_RESERVED, _WG_ROWS, SMEM_LIMIT, _check_smem, _load_vector,
+    check_dtypes_and_head_dims, tile_ranges)
 from pallas_kernels.block_sparse.mosaic_gpu_bwd import (
     _COL, _ROW, _SWIZZLED, _SWIZZLED_F32, BwdConfig, _apply_mask, _bcast, _load_sides, _lse2, _mask,
-    _matmuls, _ring_producer, _specialize)
+    _matmuls, _ring_producer, _specialize, check_list_chunk_and_registers)
 from pallas_kernels.block_sparse.mosaic_gpu_bwd import list_chunk as _unit_list_chunk
 
 _KERNEL = "mosaic_gpu_token_dkv"
@@ -102,12 +102,7 @@ class TokenDkvConfig:
   def __post_init__(self):
     if self.stages < 2:
       raise ValueError(f"stages={self.stages} must be >= 2")
-    if self.list_chunk is not None and self.list_chunk < 0:
-      raise ValueError(f"list_chunk={self.list_chunk} must be None (by shape), 0 (never split) or > 0")
-    cons, prod = self.registers
-    if cons % 8 or prod % 8 or not 24 <= prod <= cons <= 256 or 2 * cons + prod > 512:
-      raise ValueError(f"registers={self.registers} must be multiples of 8 with 24 <= producer <= "
-                       "consumer <= 256 and 2 * consumer + producer <= 512")
+    check_list_chunk_and_registers(self.list_chunk, self.registers)
 
 
 def list_chunk(layout, num_kv_heads: int, batch: int, config: TokenDkvConfig, group: int) -> int:
@@ -144,13 +139,8 @@ def default_config(q, k, layout) -> TokenDkvConfig:
 def check_supported(q, k, v, layout, config: TokenDkvConfig | None = None, has_seg: bool = True,
                     causal: bool = True, window=None, sm_scale: float = 1.0) -> None:
   """Raise ValueError naming the values this kernel cannot serve (the caller keeps Triton)."""
-  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
-  if len(dtypes) != 1 or jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
-    raise ValueError(f"{_KERNEL} needs q, k, v all bfloat16 or all float16; got q {q.dtype}, "
-                     f"k {k.dtype}, v {v.dtype}")
-  dqk, dv = q.shape[-1], v.shape[-1]
-  if dqk != dv or dqk not in _HEAD_DIMS:
-    raise ValueError(f"{_KERNEL} needs Dqk = Dv in {_HEAD_DIMS}; got Dqk={dqk}, Dv={dv}")
+  check_dtypes_and_head_dims(_KERNEL, q, k, v)
+  dqk = q.shape[-1]
   if layout.block_q != 1:
     raise ValueError(f"{_KERNEL} needs block_q=1 (one-token query units); got block_q={layout.block_q}")
   hq, hkv, hl = q.shape[2], k.shape[2], layout.kv_indices.shape[1]

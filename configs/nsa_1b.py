@@ -7,8 +7,8 @@ kernel wants), and the paper's NSA hyper-parameters (l=32, d=16, l'=64, n=16 wit
 local forced blocks, w=512). Per layer NSA adds two K/V projections (window, compression), two
 compression MLPs (32·128 -> 256 -> 128) and a gate: about 1.0B parameters in all.
 Layers scanned (`model.scan_layers`: one layer traced, parameters stacked [16, ...]): on the H200
-the step compiles in ~30 s and runs 1.15 s at 32k x 2 (56.8k tokens/s, 1.45x dense_1b) and 1.23 s at
-64k x 1 (2.09x dense_1b; benchmarks/RESULTS.md, 2026-11-29), where 16 unrolled layers spent ~90 s
+the step compiles in ~30 s and runs 1.15 s at 32k x 2 (56.8k tokens/s, 1.45x dense_1b) and 1.18 s at
+64k x 1 (2.15x dense_1b; benchmarks/RESULTS.md, 2026-11-29), where 16 unrolled layers spent ~90 s
 compiling the initialiser and 66 s the step. For dense_1b, unrolling
 is 5% faster per step (0.94 vs 0.99 s at 8k): `--config.model.scan_layers=False` for long runs.
 

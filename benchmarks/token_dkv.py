@@ -12,7 +12,8 @@ Sections (select with --sections, default check,speed):
          tokens: max abs error relative to max |want|, NaN check.
   speed  at each of --lengths: `pallas_gpu.backward` with Triton dK/dV, with this kernel (both
          with the Triton dQ), and this kernel alone; executed TFLOP/s of dK/dV (4 matmuls of
-         2·G·64·D FLOPs per list entry and KV block).
+         2·G·64·D FLOPs per list entry and KV block). The same three again without segment ids
+         (`kernels.py c` passes none; NSA passes them), "_noseg" in the JSON.
 
 With --interpret (a CPU smoke test) the Mosaic kernel is only lowered for CUDA.
 
@@ -116,15 +117,15 @@ def section_speed(args):
     out, lse, delta = lse_delta(q, k, v, layout, pos, seg, d_out, d_lse, scale, args.interpret)
     a = (q, k, v, out, lse, delta, d_out, layout, pos, seg)
     row = {}
-    if not args.interpret:
-      row["bwd_triton_dkv_ms"] = timing.bench(functools.partial(backward(False), scale=scale), *a)[0]
-      row["bwd_mosaic_dkv_ms"] = timing.bench(functools.partial(backward(True), scale=scale), *a)[0]
     fn = jax.jit(mosaic_only, static_argnames="scale")
-    if args.interpret:
-      fn.trace(*a, scale=scale).lower(lowering_platforms=("cuda",))
-      row["mosaic_dkv_ms"] = None
-    else:
-      row["mosaic_dkv_ms"] = timing.bench(functools.partial(fn, scale=scale), *a)[0]
+    for suffix, args_ in (("", a), ("_noseg", a[:-1] + (None,))):
+      if args.interpret:
+        fn.trace(*args_, scale=scale).lower(lowering_platforms=("cuda",))
+        row["mosaic_dkv_ms" + suffix] = None
+        continue
+      row["bwd_triton_dkv_ms" + suffix] = timing.bench(functools.partial(backward(False), scale=scale), *args_)[0]
+      row["bwd_mosaic_dkv_ms" + suffix] = timing.bench(functools.partial(backward(True), scale=scale), *args_)[0]
+      row["mosaic_dkv_ms" + suffix] = timing.bench(functools.partial(fn, scale=scale), *args_)[0]
     entries = float(layout.kv_counts.sum())   # list entries of all KV heads
     flops = 8 * entries * (HQ // HKV) * BLOCK_K * D
     row["mosaic_dkv_tflops"] = flops / row["mosaic_dkv_ms"] / 1e9 if row["mosaic_dkv_ms"] else None
@@ -132,6 +133,8 @@ def section_speed(args):
     fmt = lambda x, w: f"{x:{w}.2f}" if x is not None else f"{'lowered':>{w}s}"  # noqa: E731
     print(f"  {t:6d} {fmt(row.get('bwd_triton_dkv_ms'), 15)} {fmt(row.get('bwd_mosaic_dkv_ms'), 15)} "
           f"{fmt(row['mosaic_dkv_ms'], 11)} {fmt(row['mosaic_dkv_tflops'], 8)}", flush=True)
+    print(f"  {'no seg':>6s} {fmt(row.get('bwd_triton_dkv_ms_noseg'), 15)} "
+          f"{fmt(row.get('bwd_mosaic_dkv_ms_noseg'), 15)} {fmt(row['mosaic_dkv_ms_noseg'], 11)}", flush=True)
 
 
 SECTIONS = {"check": section_check, "speed": section_speed}

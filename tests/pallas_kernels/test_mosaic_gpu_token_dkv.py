@@ -97,11 +97,11 @@ CASES = {
     # G = 8 (8 tokens per slot), two consumers (block_k 128), D = 128, packed documents (rows that
     # see nothing), lists split in chunks of 3 entries (every slot partly filled), ragged Tk
     # (padded keys)
-    "g8_bk128_d128_segments_split3": (dict(t=24, tk=250, group=8, block_k=128, n=2, d=128,
+    "g8_bk128_d128_segments_split3": (dict(t=12, tk=250, group=8, block_k=128, n=2, d=128,
                                            segments=True), Cfg(list_chunk=3)),
     # G = 16, float16, chunks of 1 entry (a slot of 1 listed token and 3 rows past the end; one
     # step per chunk, so consumer 1's partials are zeros), segments; KV block 2 is selected by nobody (an empty list), blocks 1 or 2 at random else
-    "g16_f16_split1_segments_empty": (dict(t=8, tk=256, group=16, block_k=64, dtype=jnp.float16,
+    "g16_f16_split1_segments_empty": (dict(t=4, tk=256, group=16, block_k=64, dtype=jnp.float16,
                                            segments=True, empty_blocks=(2,)),
                                       Cfg(list_chunk=1, stages=2)),
     # G = 32 (2 tokens per slot), two KV heads, batch 2 with a list per batch row, block_k 128,

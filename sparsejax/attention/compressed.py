@@ -378,13 +378,19 @@ def mosaic_importance_supported(q, k_cmp, lse, positions, segment_ids, kv_segmen
 
 def select_blocks_mosaic(q, k_cmp, lse, segment_ids, kv_segments, positions, doc_start, *, block: int, stride: int,
                          select_block: int, num_blocks: int, num_selected: int, num_initial: int, num_local: int,
-                         chunk_elements: int = 1 << 26, sm_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+                         chunk_elements: int = 1 << 26, sm_scale: float | None = None,
+                         interpret=None) -> tuple[jax.Array, jax.Array]:
     """The selection on a Hopper GPU: the Mosaic GPU (wgmma) kernel writes the block scores of a chunk of
     queries to HBM in its step-padded layout, then `nsa_importance.topn_of_scores` keeps the top n of
     each query's scores. Chunks of C queries keep the scores under `chunk_elements` float32s
     (B·K·C·steps·W; C a multiple of 128, the kernel's query tile). Arguments as `select_blocks_pallas`,
     positions [B, T] int32 (each query's index in its row). Returns indices [B, K, T, n'] and counts
-    [B, K, T] int32."""
+    [B, K, T] int32. interpret: None (the GPU) or the Mosaic GPU interpreter's parameters (tests).
+
+    The chunks run in one `lax.map`, so the kernels are traced and compiled once whatever their number
+    (it grows as T²: at 1M tokens per row, 512k queries per device, about 140 chunks, whose Python loop
+    kept a 2-GPU step compiling for minutes). The last chunk ends at T and overlaps its predecessor;
+    its first rows, already computed, are dropped."""
     from pallas_kernels import nsa_importance, nsa_importance_mosaic
 
     b, t = q.shape[:2]
@@ -392,14 +398,27 @@ def select_blocks_mosaic(q, k_cmp, lse, segment_ids, kv_segments, positions, doc
                                                           num_blocks=num_blocks)
     per_query = b * k_cmp.shape[2] * steps * width
     chunk = t if per_query * t <= chunk_elements else max(128, chunk_elements // per_query // 128 * 128)
+    chunk = min(chunk, t)
     kw = dict(block=block, stride=stride, select_block=select_block, num_blocks=num_blocks)
-    picks = []
-    for first in range(0, t, chunk):
-        rows = slice(first, min(t, first + chunk))
+
+    def one_chunk(first):
+        rows = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, first, chunk, axis=axis)  # noqa: E731
         scores = nsa_importance_mosaic.block_scores_padded(
-            q[:, rows], k_cmp, lse[:, :, rows], positions[:, rows], segment_ids[:, rows], kv_segments,
-            sm_scale=sm_scale, **kw)
-        picks.append(nsa_importance.topn_of_scores(
-            scores, positions[:, rows], doc_start[:, rows], nbt=nbt, select_block=select_block,
-            num_blocks=num_blocks, num_selected=num_selected, num_initial=num_initial, num_local=num_local))
-    return tuple(jnp.concatenate(parts, axis=2) for parts in zip(*picks))
+            rows(q, 1), k_cmp, rows(lse, 2), rows(positions, 1), rows(segment_ids, 1), kv_segments,
+            sm_scale=sm_scale, interpret=interpret, **kw)
+        return nsa_importance.topn_of_scores(
+            scores, rows(positions, 1), rows(doc_start, 1), nbt=nbt, select_block=select_block,
+            num_blocks=num_blocks, num_selected=num_selected, num_initial=num_initial, num_local=num_local,
+            interpret=interpret is not None)
+
+    if chunk == t:
+        return one_chunk(0)
+    num_chunks = -(-t // chunk)
+    firsts = jnp.minimum(jnp.arange(num_chunks, dtype=jnp.int32) * chunk, t - chunk)
+    idx, cnt = jax.lax.map(one_chunk, firsts)                  # [c, B, K, C, n'], [c, B, K, C]
+    overlap = num_chunks * chunk - t                            # rows of the last chunk computed before
+    idx = jnp.concatenate([idx[:-1].transpose(1, 2, 0, 3, 4).reshape(b, idx.shape[2], -1, idx.shape[-1]),
+                           idx[-1][:, :, overlap:]], axis=2)
+    cnt = jnp.concatenate([cnt[:-1].transpose(1, 2, 0, 3).reshape(b, cnt.shape[2], -1),
+                           cnt[-1][:, :, overlap:]], axis=2)
+    return idx, cnt

@@ -127,6 +127,43 @@ def test_matches_oracle_interpreted(name, monkeypatch):
   np.testing.assert_array_equal(got, consumed)
 
 
+def padded_oracle(q, k_cmp, lse, positions, q_seg, kv_seg, *, block, stride, select_block, num_blocks,
+                  block_n=None, sm_scale=None, interpret=None):
+  """`block_scores_padded`'s layout [B, K, T, steps, W] filled from the float32 oracle (a stand-in
+  for the kernel where a test checks only what is built around it)."""
+  del sm_scale, interpret
+  p = oracle(q, k_cmp, lse, positions, q_seg, kv_seg, block=block, stride=stride, select_block=select_block,
+             num_blocks=num_blocks)
+  nbt, steps, width = nim.slot_layout(block=block, stride=stride, select_block=select_block, num_blocks=num_blocks)
+  p = jnp.pad(p, ((0, 0), (0, 0), (0, 0), (0, steps * nbt - num_blocks)))
+  return jnp.pad(p.reshape(*p.shape[:3], steps, nbt), ((0, 0),) * 4 + ((0, width - nbt),))
+
+
+def test_select_blocks_mosaic_chunks_equal_one_call(monkeypatch):
+  """`compressed.select_blocks_mosaic` in chunks of 128 queries (T = 300: 3 chunks in one `lax.map`, the
+  last overlapping the second by 84 rows) picks exactly what one call over all T picks: the kernel
+  replaced by the float32 oracle in its padded layout (so the rows that each chunk slices out of q,
+  lse, positions and segment ids are checked), `topn_of_scores` in Triton's interpreter; K = 2, two
+  documents (document starts sliced too)."""
+  from sparsejax.attention import compressed
+  monkeypatch.setattr(nim, "block_scores_padded", padded_oracle)
+  (q, k_cmp, lse, positions, seg, kv_seg), kw = make_case(np.random.SeedSequence().entropy % 2**31, t=300, kv=2,
+                                                          g=16, d=64, documents=2)
+  kw.pop("block_n")
+  doc_start = compressed.document_starts(seg)
+  nbt, steps, width = nim.slot_layout(block=kw["block"], stride=kw["stride"], select_block=kw["select_block"],
+                                      num_blocks=kw["num_blocks"])
+  per_query = 2 * steps * width
+  select = lambda chunk_queries: compressed.select_blocks_mosaic(  # noqa: E731
+      q, k_cmp, lse, seg, kv_seg, positions, doc_start, num_selected=5, num_initial=1, num_local=1,
+      chunk_elements=chunk_queries * per_query, interpret=InterpretGPUParams(), **kw)
+  whole, chunked = select(300), select(128)
+  for w, c in zip(whole, chunked):
+    assert w.shape == c.shape == (1, 2, 300, *w.shape[3:])
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(w))
+  assert (np.asarray(whole[1]) > 1).mean() > 0.5   # most rows pick several blocks
+
+
 def test_no_compressed_token():
   """T < l: N = 0, every score 0 (no launch)."""
   args, kw = make_case(0, t=20, block=32, stride=16, select_block=64)

@@ -528,9 +528,10 @@ def test_lowers_for_cuda_without_gpu(hq, hkv, d, dtype, n, fused):
 @pytest.mark.parametrize("t, chunks", [(4096, 1), (4000, 3)])
 def test_takes_the_mosaic_scores_on_hopper(monkeypatch, t, chunks):
     """On a (faked) Hopper GPU the fused path runs the Mosaic GPU scores kernel and `topn_of_scores`,
-    once per chunk of queries (T = 4000 with a chunk budget of 1,500 queries' scores: chunks of 1,408
-    queries, the kernel's 128-query tiles, and a ragged last one); G = 4 (not served by the Mosaic
-    kernel) keeps the fused Triton kernel. Lowered for CUDA, no GPU."""
+    per chunk of queries (T = 4000 with a chunk budget of 1,500 queries' scores: 3 chunks of 1,408
+    queries, the kernel's 128-query tiles, the last one overlapping), each traced once inside one
+    `lax.map` loop however many chunks there are; G = 4 (not served by the Mosaic kernel) keeps the
+    fused Triton kernel. Lowered for CUDA, no GPU."""
     from pallas_kernels import nsa_importance_mosaic
     from pallas_kernels.block_sparse import pallas_gpu
     monkeypatch.setattr(pallas_gpu, "on_hopper", lambda: True)
@@ -550,7 +551,8 @@ def test_takes_the_mosaic_scores_on_hopper(monkeypatch, t, chunks):
 
     calls = lambda text, target: text.count(f"stablehlo.custom_call @{target}(")   # noqa: E731
     text = lower(64, 4)
-    assert calls(text, "mosaic_gpu_v2") == chunks and calls(text, "__gpu$xla.gpu.triton") == chunks
+    assert calls(text, "mosaic_gpu_v2") == 1 and calls(text, "__gpu$xla.gpu.triton") == 1
+    assert ("stablehlo.while" in text) == (chunks > 1)
     assert "nsa_topn_of_scores" in text and "nsa_importance_topn" not in text
     text = lower(16, 4)
     assert calls(text, "mosaic_gpu_v2") == 0 and calls(text, "__gpu$xla.gpu.triton") == 1

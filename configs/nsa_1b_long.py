@@ -10,7 +10,8 @@ cluster near each query and at the document's first block, which zigzag leaves u
 the rows long-context retrieval tasks (pass keys, needles) so that the context length is used. Remat of
 everything (`full`): at 1M tokens the activations, not the weights, fill the memory. Scanned layers
 (`model.scan_layers`): with 16 unrolled layers the 1M-token step did not finish compiling within several
-minutes on 4 H200s (benchmarks/RESULTS.md, Ring).
+minutes on 4 H200s (benchmarks/RESULTS.md, Ring). On 2 H200s the 1M-token step compiles in ~70 s and
+trains at 41.9 s per step with 113.6 GiB peak per GPU (RESULTS.md, Ring (c)).
 
     python train.py --config=configs/nsa_1b_long.py --workdir=runs/nsa_1b_long
     python train.py --config=configs/nsa_1b_long.py --config.data.seq_len=524288 ...   # shorter

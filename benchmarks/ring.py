@@ -15,6 +15,11 @@ Sections:
   `--tokens_per_gpu` tokens per shard: local queries against the visiting shard's K/V with their
   positions. Time per block against the causal layout of one shard separates the layouts' own cost
   from the ring's (RESULTS.md, Ring (a)).
+- `check`: values, not time: on all visible devices, the ring (`--scheme`) under zigzag and striped
+  balance against the single-device `block_sparse_attention` on the first device, bf16, GQA
+  (`--heads` / `--kv_heads`), packed documents (3 cuts), `--check_tokens` tokens: out, lse and the
+  gradients of <out, dO> in token order; max |difference| over max |single-device value|. On a GPU both
+  run the library's default kernels (on Hopper the Mosaic GPU ones at every ring step).
 - `balance`: the per-device, per-step blocks of the balance report, max/mean per device, for dense
   causal attention (zigzag, striped, none) and for NSA's ring branches (selection from real
   compression scores of random projections, without the row's first block, which every device
@@ -50,6 +55,7 @@ flags.DEFINE_integer("heads", 16, "scaling: query heads.")
 flags.DEFINE_integer("kv_heads", 8, "scaling: KV heads.")
 flags.DEFINE_integer("head_dim", 128, "scaling: head dim.")
 flags.DEFINE_integer("block", 128, "scaling: kernel block size (block_q = block_k).")
+flags.DEFINE_integer("check_tokens", 16384, "check: sequence length (all devices together).")
 flags.DEFINE_integer("layout_shards", 4, "step_layouts: ring size whose per-step layouts are timed.")
 flags.DEFINE_integer("balance_tokens", 65536, "balance: sequence length.")
 flags.DEFINE_integer("balance_shards", 4, "balance: sequence shards.")
@@ -169,6 +175,62 @@ def scaling() -> list[dict]:
         rows.append(row)
         progress(f"scaling: {row}")
     return rows
+
+
+# ------------------------------------------------------------------------------------------- check
+def check() -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from pallas_kernels import BlockLayout, block_sparse_attention
+    from sparsejax.parallel import context, mesh as mesh_lib
+
+    n, t = jax.device_count(), FLAGS.check_tokens
+    h, hkv, d, blk = FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim, FLAGS.block
+    dtype = jnp.float32 if FLAGS.smoke else jnp.bfloat16
+    keys = jax.random.split(jax.random.key(7), 5)
+    q, k, v, d_out = (jax.random.normal(kk, (1, t, hh, d), dtype) for kk, hh in zip(keys, (h, hkv, hkv, h)))
+    d_lse = jax.random.normal(keys[4], (1, h, t), jnp.float32)
+    cuts = np.sort(np.random.default_rng(7).choice(np.arange(1, t), 3, replace=False))
+    seg = jnp.asarray(1 + np.searchsorted(cuts, np.arange(t), side="right"), jnp.int32)[None]
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+
+    def loss_and_outputs(attend):
+        def fn(q, k, v):
+            out, lse = attend(q, k, v)
+            finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
+            return (jnp.sum(out.astype(jnp.float32) * d_out_perm.astype(jnp.float32)) + jnp.sum(finite * d_lse_perm),
+                    (out, lse))
+        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True))
+
+    layout = BlockLayout.causal(t, t, block_q=blk, block_k=blk, num_head_units=hkv)
+    d_out_perm, d_lse_perm = d_out, d_lse
+    with jax.default_device(jax.devices()[0]):
+        (_, (out1, lse1)), grads1 = loss_and_outputs(lambda q, k, v: block_sparse_attention(
+            q, k, v, layout, q_segment_ids=seg, kv_segment_ids=seg))(q, k, v)
+    want = [np.asarray(x, np.float32) for x in (out1, lse1, *grads1)]
+    result = {"devices": n, "seq_len": t, "documents": 4, "heads": h, "kv_heads": hkv, "block": blk}
+    for bal in ("zigzag", "striped"):
+        cfg = context_config(n, t, FLAGS.scheme, bal, blk)
+        context.validate(cfg, num_devices=n)
+        cp = context.from_config(cfg, num_devices=n)
+        perm = jnp.asarray(cp.permutation(t))
+        inv = jnp.argsort(perm)
+        with jax.set_mesh(mesh_lib.make_mesh(cfg, devices=jax.devices()[:n])):
+            qp, kp, vp, pp, sp = (jnp.take(x, perm, axis=1) for x in (q, k, v, pos, seg))
+            d_out_perm, d_lse_perm = jnp.take(d_out, perm, axis=1), jnp.take(d_lse, perm, axis=2)
+            (_, (out, lse)), grads = loss_and_outputs(lambda q, k, v: cp(q, k, v, pp, sp))(qp, kp, vp)
+            got = [jnp.take(x, inv, axis=2 if x.ndim == 3 else 1) for x in (out, lse, *grads)]
+        errs = {}
+        for name, g_, w_ in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+            g_ = np.asarray(g_, np.float32)
+            both = np.isfinite(w_) & np.isfinite(g_)
+            errs[name] = {"max_abs_over_max_ref": float(np.abs(g_ - w_)[both].max() / max(np.abs(w_[both]).max(), 1e-6)),
+                          "same_nonfinite": bool((np.isfinite(w_) == np.isfinite(g_)).all()),
+                          "nan": bool(np.isnan(g_).any())}
+        result[bal] = errs
+        progress(f"check {bal}: {errs}")
+    return result
 
 
 # ----------------------------------------------------------------------------------- step_layouts
@@ -336,12 +398,13 @@ def main(argv):
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         FLAGS.tokens_per_gpu, FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim, FLAGS.block = 256, 4, 2, 16, 32
         FLAGS.balance_tokens, FLAGS.lengths, FLAGS.layers, FLAGS.steps, FLAGS.warmup = 4096, ["2048"], 1, 1, 1
+        FLAGS.check_tokens = 1024
     import jax
     result = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
               "jax_version": jax.__version__, "devices": jax.device_count(),
               "device_kind": jax.devices()[0].device_kind, "flags": {k: getattr(FLAGS, k) for k in (
                   "tokens_per_gpu", "scheme", "balance", "heads", "kv_heads", "head_dim", "block", "layers")}}
-    for section, fn in (("scaling", scaling), ("step_layouts", step_layouts), ("balance", balance_section),
+    for section, fn in (("check", check), ("scaling", scaling), ("step_layouts", step_layouts), ("balance", balance_section),
                         ("longest", longest)):
         if section in FLAGS.sections:
             try:

@@ -124,14 +124,19 @@ def test_kernels_lists_section_runs_on_cpu(tmp_path):
 
 
 def test_ring_benchmark_runs_on_cpu(tmp_path):
-    """benchmarks/ring.py --smoke (8 fake CPU devices, tiny shapes): scaling over 1, 2, 4 devices and the
-    per-step layouts run, and the layouts timed alone list exactly the blocks of the ring's balance report."""
+    """benchmarks/ring.py --smoke (8 fake CPU devices, tiny shapes): the value check (ring on 8 devices
+    against one, float32) agrees, scaling over 1, 2, 4 devices and the per-step layouts run, and the
+    layouts timed alone list exactly the blocks of the ring's balance report."""
     out = tmp_path / "ring.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ring.py"), "--smoke",
-                           "--sections=scaling,step_layouts", f"--out={out}"],
+                           "--sections=check,scaling,step_layouts", f"--out={out}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=400, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert result["check"]["devices"] == 8
+    for balance in ("zigzag", "striped"):
+        for name, err in result["check"][balance].items():
+            assert err["max_abs_over_max_ref"] < 1e-5 and err["same_nonfinite"] and not err["nan"], (balance, name, err)
     scaling = {row["gpus"]: row for row in result["scaling"]}
     assert sorted(scaling) == [1, 2, 4] and all(row["efficiency"] > 0 for row in scaling.values())
     layouts = {row["layout"]: row for row in result["step_layouts"]}

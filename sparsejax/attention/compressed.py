@@ -389,16 +389,17 @@ def select_blocks_mosaic(q, k_cmp, lse, segment_ids, kv_segments, positions, doc
 
     The chunks run in one `lax.map`, so the kernels are traced and compiled once whatever their number
     (it grows as T²: at 1M tokens per row, 512k queries per device, about 140 chunks, whose Python loop
-    kept a 2-GPU step compiling for minutes). The last chunk ends at T and overlaps its predecessor;
-    its first rows, already computed, are dropped."""
+    kept a 2-GPU step compiling for minutes). The chunks are equal, ⌈T / chunks⌉ rounded up to 128 queries;
+    the last one ends at T and overlaps its predecessor by fewer than 128·chunks rows, which it drops."""
     from pallas_kernels import nsa_importance, nsa_importance_mosaic
 
     b, t = q.shape[:2]
     nbt, steps, width = nsa_importance_mosaic.slot_layout(block=block, stride=stride, select_block=select_block,
                                                           num_blocks=num_blocks)
     per_query = b * k_cmp.shape[2] * steps * width
-    chunk = t if per_query * t <= chunk_elements else max(128, chunk_elements // per_query // 128 * 128)
-    chunk = min(chunk, t)
+    largest = t if per_query * t <= chunk_elements else max(128, chunk_elements // per_query // 128 * 128)
+    num_chunks = -(-t // largest)
+    chunk = min(t, -(-t // (num_chunks * 128)) * 128)        # equal chunks, <= largest: little overlap
     kw = dict(block=block, stride=stride, select_block=select_block, num_blocks=num_blocks)
 
     def one_chunk(first):
@@ -411,9 +412,8 @@ def select_blocks_mosaic(q, k_cmp, lse, segment_ids, kv_segments, positions, doc
             num_blocks=num_blocks, num_selected=num_selected, num_initial=num_initial, num_local=num_local,
             interpret=interpret is not None)
 
-    if chunk == t:
+    if num_chunks == 1:
         return one_chunk(0)
-    num_chunks = -(-t // chunk)
     firsts = jnp.minimum(jnp.arange(num_chunks, dtype=jnp.int32) * chunk, t - chunk)
     idx, cnt = jax.lax.map(one_chunk, firsts)                  # [c, B, K, C, n'], [c, B, K, C]
     overlap = num_chunks * chunk - t                            # rows of the last chunk computed before

@@ -196,18 +196,17 @@ def check() -> dict:
     pos = jnp.arange(t, dtype=jnp.int32)[None]
 
     def loss_and_outputs(attend):
-        def fn(q, k, v):
+        """jit of (q, k, v, d_out, d_lse) -> ((<out, d_out> + <finite lse, d_lse>, (out, lse)), dq, dk, dv)."""
+        def fn(q, k, v, d_out, d_lse):
             out, lse = attend(q, k, v)
             finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
-            return (jnp.sum(out.astype(jnp.float32) * d_out_perm.astype(jnp.float32)) + jnp.sum(finite * d_lse_perm),
-                    (out, lse))
+            return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32)) + jnp.sum(finite * d_lse), (out, lse)
         return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True))
 
     layout = BlockLayout.causal(t, t, block_q=blk, block_k=blk, num_head_units=hkv)
-    d_out_perm, d_lse_perm = d_out, d_lse
     with jax.default_device(jax.devices()[0]):
         (_, (out1, lse1)), grads1 = loss_and_outputs(lambda q, k, v: block_sparse_attention(
-            q, k, v, layout, q_segment_ids=seg, kv_segment_ids=seg))(q, k, v)
+            q, k, v, layout, q_segment_ids=seg, kv_segment_ids=seg))(q, k, v, d_out, d_lse)
     want = [np.asarray(x, np.float32) for x in (out1, lse1, *grads1)]
     result = {"devices": n, "seq_len": t, "documents": 4, "heads": h, "kv_heads": hkv, "block": blk}
     for bal in ("zigzag", "striped"):
@@ -217,9 +216,9 @@ def check() -> dict:
         perm = jnp.asarray(cp.permutation(t))
         inv = jnp.argsort(perm)
         with jax.set_mesh(mesh_lib.make_mesh(cfg, devices=jax.devices()[:n])):
-            qp, kp, vp, pp, sp = (jnp.take(x, perm, axis=1) for x in (q, k, v, pos, seg))
-            d_out_perm, d_lse_perm = jnp.take(d_out, perm, axis=1), jnp.take(d_lse, perm, axis=2)
-            (_, (out, lse)), grads = loss_and_outputs(lambda q, k, v: cp(q, k, v, pp, sp))(qp, kp, vp)
+            qp, kp, vp, pp, sp, dop = (jnp.take(x, perm, axis=1) for x in (q, k, v, pos, seg, d_out))
+            (_, (out, lse)), grads = loss_and_outputs(lambda q, k, v: cp(q, k, v, pp, sp))(
+                qp, kp, vp, dop, jnp.take(d_lse, perm, axis=2))
             got = [jnp.take(x, inv, axis=2 if x.ndim == 3 else 1) for x in (out, lse, *grads)]
         errs = {}
         for name, g_, w_ in zip(("out", "lse", "dq", "dk", "dv"), got, want):

@@ -15,11 +15,12 @@ Sections (select with --sections, default check,dense,sparse,variants):
             tokamax's Mosaic kernel where it imports (--no-tokamax: not), with the max abs
             difference of mosaic_gpu's out and lse to pallas_gpu's.
   sparse    a random causal layout of 128x128 blocks at --density (each query unit's own block
-            kept), L = --sparse-length: mosaic_gpu vs pallas_gpu, TFLOP/s over the listed blocks
-            (4*D*128*128 per listed block and head).
+            kept), L = --sparse-length: mosaic_gpu (default, and a persistent grid of one program
+            per SM) vs pallas_gpu, TFLOP/s over the listed blocks (4*D*128*128 per listed block and
+            head).
   variants  launch variants of mosaic_gpu at the dense causal shape, L = --variant-length:
             block_k 64/128 x pipeline stages 2/3/4 (those that fit shared memory: block_k 128 takes
-            2), pingpong off, stagger off, softmax fence on.
+            2), pingpong off, stagger off, softmax fence on, a persistent grid (one program per SM).
 
 With --interpret (a CPU smoke test of the script, tiny sizes) pallas_gpu runs in interpret mode and
 mosaic_gpu, which jax cannot interpret, is only lowered for CUDA (its rows say "lowered").
@@ -55,6 +56,11 @@ def qkv(seed, b, t, hq, hkv, d, dtype=jnp.bfloat16):
 def default_positions(b, tq, tk):
   return (jnp.broadcast_to(tk - tq + jnp.arange(tq, dtype=jnp.int32), (b, tq)),
           jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (b, tk)))
+
+
+def sm_count():
+  """Streaming multiprocessors of the first device (132 on an H200; 132 where jax does not say)."""
+  return getattr(jax.devices()[0], "core_count", None) or 132
 
 
 def mosaic_fn(layout, causal=True, config=None):
@@ -253,15 +259,17 @@ def section_sparse(args):
     base["out"] = fn(q, k, v)
     return dict(ms=ms, first_call_s=first)
 
-  def mosaic():
-    fn = mosaic_fn(layout)
+  def mosaic(config=None):
+    fn = mosaic_fn(layout, config=config)
     ms, first = time_mosaic(fn, q, k, v)
     row = dict(ms=ms, first_call_s=first)
     if ms is not None and "out" in base:
       row.update(max_diffs(*fn(q, k, v), *base["out"]))
     return row
 
-  for name, run in (("pallas_gpu", pallas), ("mosaic_gpu", mosaic)):
+  persistent = dataclasses.replace(mosaic_gpu.default_config(q, layout), programs=sm_count())
+  for name, run in (("pallas_gpu", pallas), ("mosaic_gpu", mosaic),
+                    (f"mosaic_gpu programs={persistent.programs}", lambda: mosaic(persistent))):
     r = guarded(f"sparse/{name}", run)
     if r is None:
       continue
@@ -285,11 +293,12 @@ def section_variants(args):
                (64, mosaic_gpu.MosaicConfig(num_stages=4, pingpong=False)),
                (128, mosaic_gpu.MosaicConfig(num_stages=2, stagger=0)),
                (128, mosaic_gpu.MosaicConfig(num_stages=2, softmax_fence=True)),
-               (64, mosaic_gpu.MosaicConfig(num_stages=4, softmax_fence=True))]
+               (64, mosaic_gpu.MosaicConfig(num_stages=4, softmax_fence=True)),
+               (128, mosaic_gpu.MosaicConfig(num_stages=2, programs=sm_count()))]
   rows = []
   for bk, cfg in variants:
     label = (f"bk={bk:3d} stages={cfg.num_stages} pingpong={int(cfg.pingpong)} stagger={cfg.stagger:2d} "
-             f"fence={int(cfg.softmax_fence)}")
+             f"fence={int(cfg.softmax_fence)} programs={cfg.programs}")
 
     def run(bk=bk, cfg=cfg):
       ms, first = time_mosaic(mosaic_fn(causal_layout(l, bk, 16), config=cfg), q, k, v)

@@ -83,17 +83,25 @@ class MosaicConfig:
     input dtype) behind an optimization barrier before handing the tensor cores over, so that the
     compiler cannot move any of it past the hand-over (jax's Mosaic GPU attention example found
     this order faster for head dims <= 128).
+  programs: 0 launches one program per (query unit, head, batch). n > 0 launches a persistent grid
+    of n programs (e.g. one per SM); program p takes the items p, p + n, p + 2n, ... of that grid's
+    order, and its K/V ring runs on from one item to the next, so that the producer loads the next
+    item's first blocks while the consumers finish the current one (its output store, the next
+    query tile's load), which short lists otherwise pay once per program.
   """
   num_stages: int = 2
   stagger: int = STAGGER
   pingpong: bool = True
   softmax_fence: bool = False
+  programs: int = 0
 
   def __post_init__(self):
     if self.num_stages < 2:
       raise ValueError(f"num_stages={self.num_stages} must be >= 2")
     if self.stagger < 0:
       raise ValueError(f"stagger={self.stagger} must be >= 0 (0: no stagger)")
+    if self.programs < 0:
+      raise ValueError(f"programs={self.programs} must be >= 0 (0: one program per query unit and head)")
 
 
 def smem_bytes(d: int, block_k: int, num_stages: int, itemsize: int, has_seg: bool) -> int:
@@ -190,10 +198,17 @@ class _Geometry:
   scale_log2: float  # sm_scale * log2(e)
   cfg: MosaicConfig
   window: int | None = None  # sliding window (causal only): also q_pos - kv_pos < window
+  batch: int = 1     # batch of q
+  programs: int = 0  # persistent programs (min(cfg.programs, items)); 0: one per item
 
   @property
   def stages(self):
     return self.cfg.num_stages
+
+  @property
+  def items(self):
+    """(query unit, head, batch) triples: the programs of the non-persistent grid."""
+    return self.nq * self.hq * self.batch
 
   @property
   def mask_mode(self):
@@ -310,27 +325,52 @@ class _Program:
   list_at: object   # step -> KV block index
 
 
-def _program(g: _Geometry, kv_idx_ref, kv_cnt_ref) -> _Program:
-  batch = lax.axis_index("batch")
-  head = lax.axis_index("heads")
-  unit = g.nq - 1 - lax.axis_index("q")
+def _program(g: _Geometry, kv_idx_ref, kv_cnt_ref, item=None) -> _Program:
+  """The grid position's item (item None) or, in a persistent grid, item `item` of the same order:
+  query units fastest (heaviest first), then heads, then batch."""
+  if item is None:
+    qi, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
+  else:
+    qi, rest = lax.rem(item, g.nq), item // g.nq
+    head, batch = lax.rem(rest, g.hq), rest // g.hq
+  unit = g.nq - 1 - qi
   lb = batch if g.bl > 1 else 0
   hu = head // (g.hq // g.hl)
   count = kv_cnt_ref[lb, hu, unit]
-  entry = _walk(g, lax.axis_index("q"), count)
+  entry = _walk(g, qi, count)
   return _Program(batch=batch, head=head, unit=unit, count=count, entry=entry,
                   kv_head=head // (g.hq // g.hkv),
                   list_at=lambda n: kv_idx_ref[lb, hu, unit, entry(n)])
 
 
-def _producer(g: _Geometry, p: _Program, refs, bufs, bars):
-  """Walk the list and TMA-load each K/V block (and its key positions / segment ids) into ring
-  slot (step mod stages), once both consumers have released the slot."""
+@dataclasses.dataclass(frozen=True)
+class _Work:
+  """The items of one program: `count` of them, `at(i)` the i-th as a `_Program`."""
+  count: object
+  at: object
+
+
+def _work(g: _Geometry, kv_idx_ref, kv_cnt_ref) -> _Work:
+  if not g.programs:
+    return _Work(count=1, at=lambda i: _program(g, kv_idx_ref, kv_cnt_ref))
+  pid = lax.axis_index("prog")
+  return _Work(count=(g.items - pid + g.programs - 1) // g.programs,
+               at=lambda i: _program(g, kv_idx_ref, kv_cnt_ref, pid + i * g.programs))
+
+
+def _producer(g: _Geometry, work: _Work, refs, bufs, bars):
+  """Walk the lists of the program's items and TMA-load each K/V block (and its key positions /
+  segment ids) into ring slot (step mod stages), steps counted over all the program's items, once
+  both consumers have released the slot."""
   k_ref, v_ref, kv_pos_ref, kv_seg_ref = refs
   k_smem, v_smem, pos_smem, seg_smem = bufs
   k_bar, v_bar, k_free, v_free = bars
 
-  def load(n, slot):
+  def wait_free(slot):
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
+
+  def load(p, n, slot):
     block = p.list_at(n)
     rows = pl.ds(block * g.block_k, g.block_k)
     plgpu.copy_gmem_to_smem(k_ref.at[p.batch, rows, p.kv_head], k_smem.at[slot], k_bar.at[slot])
@@ -340,26 +380,52 @@ def _producer(g: _Geometry, p: _Program, refs, bufs, bars):
       plgpu.copy_gmem_to_smem(kv_seg_ref.at[p.batch, rows], seg_smem.at[slot], k_bar.at[slot])
     plgpu.copy_gmem_to_smem(v_ref.at[p.batch, rows, p.kv_head], v_smem.at[slot], v_bar.at[slot])
 
-  for n in range(g.stages):
-    pl.when(n < p.count)(functools.partial(load, n, n))
+  if g.programs:
+    def item(i, base):
+      p = work.at(i)
 
-  @pl.loop(g.stages, jnp.maximum(p.count, g.stages))
-  def _refill(n):
-    slot = lax.rem(n, g.stages)
-    plgpu.barrier_wait(k_free.at[slot])
-    plgpu.barrier_wait(v_free.at[slot])
-    load(n, slot)
+      @pl.loop(0, p.count)
+      def _step(n):
+        slot = lax.rem(base + n, g.stages)
+        pl.when(base + n >= g.stages)(functools.partial(wait_free, slot))
+        load(p, n, slot)
+      return base + p.count
+    total = lax.fori_loop(0, work.count, item, jnp.int32(0))
+  else:
+    p = work.at(0)
+    total = p.count
+    for n in range(g.stages):
+      pl.when(n < p.count)(functools.partial(load, p, n, n))
 
-  @pl.loop(jnp.maximum(p.count - g.stages, 0), p.count)
+    @pl.loop(g.stages, jnp.maximum(p.count, g.stages))
+    def _refill(n):
+      slot = lax.rem(n, g.stages)
+      wait_free(slot)
+      load(p, n, slot)
+
+  @pl.loop(jnp.maximum(total - g.stages, 0), total)
   def _drain(n):
     """Observe the consumers' last releases: no barrier phase is left unobserved at exit."""
-    slot = lax.rem(n, g.stages)
-    plgpu.barrier_wait(k_free.at[slot])
-    plgpu.barrier_wait(v_free.at[slot])
+    wait_free(lax.rem(n, g.stages))
 
 
-def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_range_ref, kv_range_ref):
-  """Attention of 64 query rows over the listed blocks; writes their out rows and lse."""
+def _consumer(g: _Geometry, work: _Work, wg, refs, bufs, bars, q_range_ref, kv_range_ref):
+  """Each item of the program in turn (`_consume_item`), its ring steps following the last item's."""
+  if not g.programs:
+    _consume_item(g, work.at(0), 0, wg, refs, bufs, bars, q_range_ref, kv_range_ref)
+    return
+
+  def item(i, base):
+    p = work.at(i)
+    _consume_item(g, p, base, wg, refs, bufs, bars, q_range_ref, kv_range_ref)
+    return base + p.count
+  lax.fori_loop(0, work.count, item, jnp.int32(0))
+
+
+def _consume_item(g: _Geometry, p: _Program, base, wg, refs, bufs, bars, q_range_ref, kv_range_ref):
+  """Attention of 64 query rows over the listed blocks; writes their out rows and lse. Step n of the
+  list is ring step base + n (base: the ring steps of the program's earlier items; 0 without a
+  persistent grid)."""
   q_ref, q_pos_ref, q_seg_ref, o_ref, lse_ref = refs
   q_smem, qpos_smem, qseg_smem, lse_smem, k_smem, v_smem, pos_smem, seg_smem = bufs
   q_bar, k_bar, v_bar, k_free, v_free, turn = bars
@@ -413,7 +479,7 @@ def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_range_ref, kv_r
 
   def step(n, carry):
     acc, m_prev, l_prev, *need = carry
-    slot = lax.rem(n, g.stages)
+    slot = lax.rem(base + n, g.stages)
     if g.mask_mode == "skip":   # look the next block up while this one computes
       need, nxt = need[0], [needs_mask(p.list_at(jnp.minimum(n + 1, p.count - 1)))]
     else:
@@ -438,7 +504,7 @@ def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_range_ref, kv_r
     def pv(acc_ref):
       acc_ref[...] = acc
       plgpu.wgmma(acc_ref, prob, v_smem.at[slot])
-      nxt_slot = lax.rem(n + 1, g.stages)
+      nxt_slot = lax.rem(base + n + 1, g.stages)
       pl.when(n + 1 < p.count)(lambda: plgpu.barrier_wait(k_bar.at[nxt_slot]))
       return acc_ref[...]
     acc = pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
@@ -449,7 +515,8 @@ def _consumer(g: _Geometry, p: _Program, wg, refs, bufs, bars, q_range_ref, kv_r
   m = plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, jnp.float32), row_layout)
   l = plgpu.layout_cast(jnp.zeros((_WG_ROWS,), jnp.float32), row_layout)
   need0 = [needs_mask(p.list_at(0))] if g.mask_mode == "skip" else []
-  pl.when(p.count > 0)(lambda: plgpu.barrier_wait(k_bar.at[0]))
+  first = 0 if isinstance(base, int) else lax.rem(base, g.stages)
+  pl.when(p.count > 0)(lambda: plgpu.barrier_wait(k_bar.at[first]))
   pl.when(wg == 1)(take_turn)   # the second warpgroup starts half a step behind the first
   acc, m, l, *_ = lax.fori_loop(0, p.count, step, (acc, m, l, *need0))
   pl.when(wg == 0)(take_turn)
@@ -471,7 +538,7 @@ def _kernel(kv_idx_ref, kv_cnt_ref, q_range_ref, kv_range_ref, q_pos_ref, kv_pos
   else:
     q_seg_ref = kv_seg_ref = None
     q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-  p = _program(g, kv_idx_ref, kv_cnt_ref)
+  work = _work(g, kv_idx_ref, kv_cnt_ref)
   swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   ints = lambda *shape: plgpu.SMEM(shape, jnp.int32)
   scratch = dict(
@@ -497,7 +564,7 @@ def _kernel(kv_idx_ref, kv_cnt_ref, q_range_ref, kv_range_ref, q_pos_ref, kv_pos
     @pl.when(wg < _CONSUMERS)
     def _consume():
       plgpu.set_max_registers(232, action="increase")
-      _consumer(g, p, wg, (q_ref, q_pos_ref, q_seg_ref, o_ref, lse_ref),
+      _consumer(g, work, wg, (q_ref, q_pos_ref, q_seg_ref, o_ref, lse_ref),
                 (s["q"], s["qpos"], s["qseg"], s["lse"], s["k"], s["v"], s["pos"], s["seg"]),
                 (b["q"], b["k"], b["v"], b["k_free"], b["v_free"], b["turn"]),
                 q_range_ref, kv_range_ref)
@@ -505,7 +572,7 @@ def _kernel(kv_idx_ref, kv_cnt_ref, q_range_ref, kv_range_ref, q_pos_ref, kv_pos
     @pl.when(wg == _CONSUMERS)
     def _produce():
       plgpu.set_max_registers(40, action="decrease")
-      _producer(g, p, (k_ref, v_ref, kv_pos_ref, kv_seg_ref), (s["k"], s["v"], s["pos"], s["seg"]),
+      _producer(g, work, (k_ref, v_ref, kv_pos_ref, kv_seg_ref), (s["k"], s["v"], s["pos"], s["seg"]),
                 (b["k"], b["v"], b["k_free"], b["v_free"]))
 
   pl.run_scoped(body, scratch, barriers, collective_axes="wg")
@@ -537,7 +604,8 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
   g = _Geometry(nq=nq, hq=hq, hkv=hkv, hl=layout.kv_indices.shape[1],
                 bl=layout.kv_indices.shape[0], block_k=layout.block_k, d=d,
                 dtype=jnp.dtype(q.dtype), causal=bool(causal), has_seg=has_seg,
-                scale_log2=float(sm_scale) * _LOG2E, cfg=cfg, window=window)
+                scale_log2=float(sm_scale) * _LOG2E, cfg=cfg, window=window, batch=b,
+                programs=min(cfg.programs, nq * hq * b))
   q_pos, kv_pos = q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
   q_range = tile_ranges(q_pos, q_seg, _WG_ROWS, window, keys=False)          # [B, Tq/64, 4]
   kv_range = tile_ranges(kv_pos, kv_seg, layout.block_k, window, keys=True)  # [B, nk, 4]
@@ -547,9 +615,10 @@ def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, 
     ins += [q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)]
   out_type = (jax.ShapeDtypeStruct((b, tq_padded, hq, d), q.dtype),
               jax.ShapeDtypeStruct((b, hq, tq_padded), jnp.float32))
+  grid, names = ((g.programs,), ("prog",)) if g.programs else ((nq, hq, b), ("q", "heads", "batch"))
   out, lse = plgpu.kernel(
-      functools.partial(_kernel, g=g), out_type=out_type, grid=(nq, hq, b),
-      grid_names=("q", "heads", "batch"), num_threads=_CONSUMERS + 1, thread_name="wg",
+      functools.partial(_kernel, g=g), out_type=out_type, grid=grid,
+      grid_names=names, num_threads=_CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       kernel_name="block_sparse_fwd_mosaic", interpret=interpret or None,
   )(*ins, q, k, v)

@@ -173,6 +173,22 @@ CASES = {
     "window_ragged_segments": (dict(seq_len_q=200, seq_len_k=300, block_k=128, layout_kind="causal",
                                     window=77, segments=True),
                                mosaic_gpu.MosaicConfig(num_stages=2)),
+    # persistent grids (`programs`): 3 programs over 4 items (2 query heads x batch 2 over a causal
+    # layout of batch 1), so program 0 takes items 0 and 3 and its ring runs on from one to the next
+    "persistent_causal_tq_lt_tk": (dict(seq_len_q=128, seq_len_k=384, block_k=128, layout_kind="causal",
+                                        group=2, batch=2, layout_batch=1),
+                                   mosaic_gpu.MosaicConfig(num_stages=2, programs=3)),
+    # 2 programs over 3 units, one empty list and one full (the empty one between two others of
+    # program 0 or alone), a ring of 3 slots that wraps across items, no pingpong, no stagger
+    "persistent_random_empty_rows": (dict(seq_len_q=384, seq_len_k=256, block_k=64, layout_kind="random",
+                                          causal=False),
+                                     mosaic_gpu.MosaicConfig(num_stages=3, pingpong=False, stagger=0,
+                                                             programs=2)),
+    # 3 programs over 8 items (4 units x 2 query heads sharing a list per KV head), segments,
+    # causal 64-key blocks, some masked element-wise and some skipping the mask, stagger 1, 3 slots
+    "persistent_gqa_segments": (dict(seq_len_q=512, seq_len_k=512, block_k=64, layout_kind="random",
+                                     group=2, head_unit="kv", segments=True, density=0.6),
+                                mosaic_gpu.MosaicConfig(num_stages=3, stagger=1, programs=3)),
     # float16, D = 64, batch 2 with a list per batch row, segments without causal masking
     "f16_d64_batch2": (dict(seq_len_q=128, seq_len_k=256, block_k=64, layout_kind="top_k", batch=2,
                             layout_batch=2, dqk=64, dv=64, dtype="float16", segments=True,
@@ -215,12 +231,14 @@ def test_pallas_gpu_backward_consumes_its_lse():
     _close(name, got, want, 2e-2, case)
 
 
-@pytest.mark.parametrize("causal, segments, block_k, d, dtype", [
-    (True, False, 128, 128, jnp.bfloat16), (True, True, 64, 128, jnp.bfloat16),
-    (False, False, 64, 64, jnp.float16), (False, True, 128, 64, jnp.bfloat16)])
-def test_lowers_for_cuda_without_gpu(causal, segments, block_k, d, dtype):
+@pytest.mark.parametrize("causal, segments, block_k, d, dtype, programs", [
+    (True, False, 128, 128, jnp.bfloat16, 0), (True, True, 64, 128, jnp.bfloat16, 0),
+    (False, False, 64, 64, jnp.float16, 0), (False, True, 128, 64, jnp.bfloat16, 0),
+    (True, True, 128, 128, jnp.bfloat16, 132), (True, False, 64, 128, jnp.bfloat16, 5)])
+def test_lowers_for_cuda_without_gpu(causal, segments, block_k, d, dtype, programs):
   """The kernel lowers to one Mosaic GPU custom call for CUDA (the Pallas-to-Mosaic lowering: layouts,
-  wgmma shapes, TMA and barriers; the PTX compile happens in the GPU runtime)."""
+  wgmma shapes, TMA and barriers; the PTX compile happens in the GPU runtime), persistent grids too
+  (132 programs: more than the 16 items, so 16)."""
   b, t, hq, hkv = 1, 512, 4, 2
   q = jax.ShapeDtypeStruct((b, t, hq, d), dtype)
   kv = jax.ShapeDtypeStruct((b, t, hkv, d), dtype)
@@ -229,7 +247,8 @@ def test_lowers_for_cuda_without_gpu(causal, segments, block_k, d, dtype):
 
   def f(q, k, v, pos, seg):
     seg = seg if segments else None
-    return mosaic_gpu.forward(q, k, v, layout, pos, pos, seg, seg, sm_scale=0.1, causal=causal)
+    return mosaic_gpu.forward(q, k, v, layout, pos, pos, seg, seg, sm_scale=0.1, causal=causal,
+                              config=dataclasses.replace(mosaic_gpu.default_config(q, layout), programs=programs))
 
   text = jax.jit(f).trace(q, kv, kv, ids, ids).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
@@ -290,3 +309,5 @@ def test_config_validation():
     mosaic_gpu.MosaicConfig(num_stages=1)
   with pytest.raises(ValueError, match="stagger=-1"):
     dataclasses.replace(mosaic_gpu.MosaicConfig(), stagger=-1)
+  with pytest.raises(ValueError, match="programs=-1"):
+    mosaic_gpu.MosaicConfig(programs=-1)

@@ -10,7 +10,9 @@ Sections (select with --sections, default check,a,b,c):
          (`mosaic` and `triton`, where it imports).
   b      time against block density (1, .5, .25, .1, .05; random causal blocks of --density-block
          (64: the Triton kernels; 128: the Mosaic GPU kernels on Hopper) per head with the diagonal
-         kept) at --density-lengths, relative to the dense causal layout of the same blocks.
+         kept) at --density-lengths, relative to the dense causal layout of the same blocks: the
+         wall time of a synchronised call (which includes the host's dispatch, ~0.3 ms) and the GPU
+         kernels' time per call (`timing.kernel_profile`).
   c      NSA-shaped selection: 64 query heads, 4 KV heads, D=128, KV block 64, 16 blocks per token
          (block 0 and the token's own block always, the rest random causal), T in --nsa-lengths;
          and the same kernels on the community NSA benchmark's selections (`anchor_layout`: top-16
@@ -63,7 +65,8 @@ def qkv(seed, b, t, hq, hkv, dqk, dv, dtype=jnp.bfloat16):
 
 # ------------------------------------------------------------------------------------ attention fns
 def sparse_fns(layout, impl="pallas_gpu", configs=None):
-  """(forward, forward+backward) jitted functions of (q, k, v, do) for a block layout."""
+  """(forward, forward+backward) jitted functions of (q, k, v, do) for a block layout (the forward
+  returns out, the forward+backward (dq, dk, dv) for the cotangent do)."""
   def attend(q, k, v):
     return block_sparse_attention(q, k, v, layout, implementation=impl, interpret=INTERPRET)
 
@@ -71,14 +74,17 @@ def sparse_fns(layout, impl="pallas_gpu", configs=None):
     def attend(q, k, v):  # noqa: F811 - direct kernel call with explicit launch parameters
       return _direct(q, k, v, layout, configs)
 
-  fwd = jax.jit(lambda q, k, v, do: attend(q, k, v)[0])
+  return jax.jit(lambda q, k, v, do: attend(q, k, v)[0]), forward_backward(lambda q, k, v: attend(q, k, v)[0])
 
-  def loss(q, k, v, do):
-    out, _ = attend(q, k, v)
-    return jnp.vdot(out.astype(jnp.float32), do.astype(jnp.float32))
 
-  fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  return fwd, fwd_bwd
+def forward_backward(attend):
+  """Jitted (q, k, v, do) -> (dq, dk, dv): `attend`'s forward and its backward from the cotangent do
+  of its output (jax.vjp), nothing else (until 2026-11-29 15:20 the gradient of <out, do>, whose
+  float32 product and casts added ~0.1-0.2 ms at 32k to every forward+backward row)."""
+  def fwd_bwd(q, k, v, do):
+    _, pull = jax.vjp(attend, q, k, v)
+    return pull(do)
+  return jax.jit(fwd_bwd)
 
 
 def _direct(q, k, v, layout, configs):
@@ -120,10 +126,7 @@ def dense_fns(kind):
     impl = kind.split(":")[1]
     attend = lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
                                                            implementation=impl)
-  fwd = jax.jit(lambda q, k, v, do: attend(q, k, v))
-  fwd_bwd = jax.jit(jax.grad(lambda q, k, v, do: jnp.vdot(attend(q, k, v).astype(jnp.float32),
-                                                          do.astype(jnp.float32)), argnums=(0, 1, 2)))
-  return fwd, fwd_bwd
+  return jax.jit(lambda q, k, v, do: attend(q, k, v)), forward_backward(attend)
 
 
 def dense_flops(b, h, l, d):
@@ -255,19 +258,24 @@ def section_density(args):
         fwd, fwd_bwd = sparse_fns(layout)
         reps = 10 if l <= 32768 else 5
         return dict(fwd_ms=median_ms(fwd, q, k, v, do, reps=reps),
-                    fwd_bwd_ms=median_ms(fwd_bwd, q, k, v, do, reps=reps), causal_fraction=visited)
+                    fwd_bwd_ms=median_ms(fwd_bwd, q, k, v, do, reps=reps), causal_fraction=visited,
+                    fwd_gpu_ms=timing.kernel_profile(fwd, q, k, v, do, calls=3)["gpu_ms"],
+                    fwd_bwd_gpu_ms=timing.kernel_profile(fwd_bwd, q, k, v, do, calls=3)["gpu_ms"])
       r = guarded(f"b/{l}/{dens}", run)
       if r is None:
         continue
       if dens == 1.0:
         base = r
       if base:
-        r["fwd_rel"] = r["fwd_ms"] / base["fwd_ms"]
-        r["fwd_bwd_rel"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+        for key in ("fwd_ms", "fwd_bwd_ms", "fwd_gpu_ms", "fwd_bwd_gpu_ms"):
+          r[key.replace("_ms", "_rel")] = r[key] / base[key]
       rows.append(dict(L=l, density=dens, **r))
+      nan = float("nan")
       print(f"  L={l:6d} density {dens:4.2f} (kept {r['causal_fraction']:.3f} of causal blocks)  "
-            f"fwd {r['fwd_ms']:8.2f} ms ({r.get('fwd_rel', float('nan')):.3f})  "
-            f"fwd+bwd {r['fwd_bwd_ms']:8.2f} ms ({r.get('fwd_bwd_rel', float('nan')):.3f})", flush=True)
+            f"fwd {r['fwd_ms']:8.2f} ms ({r.get('fwd_rel', nan):.3f}), GPU {r['fwd_gpu_ms']:8.2f} ms "
+            f"({r.get('fwd_gpu_rel', nan):.3f})  fwd+bwd {r['fwd_bwd_ms']:8.2f} ms "
+            f"({r.get('fwd_bwd_rel', nan):.3f}), GPU {r['fwd_bwd_gpu_ms']:8.2f} ms "
+            f"({r.get('fwd_bwd_gpu_rel', nan):.3f})", flush=True)
   RESULTS["density"] = rows
 
 

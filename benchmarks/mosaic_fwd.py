@@ -7,7 +7,7 @@ Sections (select with --sections, default check,dense,sparse,variants):
             the finite lse, and whether the -inf rows agree. Cases: dense causal (block_k 64 and
             128), a random non-causal layout with empty rows, GQA with one list per KV head
             (Hl = Hkv), segment ids with causal masking, float16 with D = 64, and a layout of batch
-            1 broadcast over batch 2.
+            1 broadcast over batch 2; four of them again on a persistent grid of 5 programs.
   dense     dense causal layout, bf16, B=1, H=16 q heads, 16 KV heads, D=128, L in --lengths:
             forward time and TFLOP/s (FLOPs 4*B*H*L^2*D/2) of mosaic_gpu (default config),
             pallas_gpu (`block_sparse_attention(..., implementation="pallas_gpu", return_lse=True)`)
@@ -16,8 +16,9 @@ Sections (select with --sections, default check,dense,sparse,variants):
             difference of mosaic_gpu's out and lse to pallas_gpu's.
   sparse    a random causal layout of 128x128 blocks at --density (each query unit's own block
             kept), L = --sparse-length: mosaic_gpu (default, and a persistent grid of one program
-            per SM) vs pallas_gpu, TFLOP/s over the listed blocks (4*D*128*128 per listed block and
-            head).
+            per SM; each twice) vs pallas_gpu, TFLOP/s over the listed blocks (4*D*128*128 per
+            listed block and head), wall time and GPU kernel time; and, as a control, lists of the
+            same mean length that are contiguous (a sliding window of blocks).
   variants  launch variants of mosaic_gpu at the dense causal shape, L = --variant-length:
             block_k 64/128 x pipeline stages 2/3/4 (those that fit shared memory: block_k 128 takes
             2), pingpong off, stagger off, softmax fence on, a persistent grid (one program per SM).
@@ -159,9 +160,12 @@ def section_check(args):
       ("batch 2, layout batch 1", dict(b=2, hq=2, hkv=1, d=128),
        lambda: causal_layout(t, 128, 2), True, False),
   ]
+  persistent = mosaic_gpu.MosaicConfig(num_stages=2, programs=5)  # several items per program
+  cases += [(f"{name}, programs=5", sh, make_layout, causal, segments, persistent)
+            for name, sh, make_layout, causal, segments in (cases[0], cases[2], cases[3], cases[4])]
   out = {}
-  for name, sh, make_layout, causal, segments in cases:
-    def run(sh=sh, make_layout=make_layout, causal=causal, segments=segments):
+  for name, sh, make_layout, causal, segments, *config in cases:
+    def run(sh=sh, make_layout=make_layout, causal=causal, segments=segments, config=config):
       layout = make_layout()
       b = sh.get("b", 1)
       q, k, v = qkv(7, b, t, sh["hq"], sh["hkv"], sh["d"], sh.get("dtype", jnp.bfloat16))
@@ -170,7 +174,7 @@ def section_check(args):
         cuts = jax.random.randint(jax.random.key(5), (b, 2), 1, t)
         seg = (jnp.arange(t)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(jnp.int32)
         extra = (seg, seg)
-      got = run_mosaic(mosaic_fn(layout, causal), q, k, v, *extra)
+      got = run_mosaic(mosaic_fn(layout, causal, *config), q, k, v, *extra)
       if got is None:
         return dict(lowered=True)
       want = pallas_fn(layout, causal, impl="reference")(q, k, v, *extra)
@@ -241,7 +245,8 @@ def _print_row(name, label, r):
     print(f"  {name:14s} {label}  lowered for CUDA ({r['first_call_s']:.1f} s)", flush=True)
     return
   err = f"  vs pallas_gpu: out {r['out_err']:.1e} lse {r['lse_err']:.1e}" if "out_err" in r else ""
-  print(f"  {name:14s} {label}  {r['ms']:8.3f} ms  {r['tflops']:6.0f} TF/s{err}", flush=True)
+  dev = f"  (GPU {r['gpu_ms']:.3f} ms, kernel {r['kernel_ms']:.3f})" if "gpu_ms" in r else ""
+  print(f"  {name:14s} {label}  {r['ms']:8.3f} ms  {r['tflops']:6.0f} TF/s{dev}{err}", flush=True)
 
 
 def section_sparse(args):
@@ -250,33 +255,51 @@ def section_sparse(args):
   q, k, v = qkv(11, 1, l, 16, 16, 128)
   layout = random_layout(11, l, l, 16, 128, dens, causal=True)
   blocks = int(layout.kv_counts.sum())
-  flops = 4 * 128 * 128 * 128 * blocks
+  # the control: lists of about the same mean length, but contiguous (the last blocks before the
+  # diagonal, a sliding window), so that the same work reads neighbouring K/V blocks
+  span = max(1, round(blocks / layout.kv_counts.size))
+  window = BlockLayout.sliding_window(l, l, span * 128, block_q=128, block_k=128, num_head_units=16)
   base, rows = {}, []
 
   def pallas():
     fn = pallas_fn(layout)
     ms, first = timing.bench(fn, q, k, v)
     base["out"] = fn(q, k, v)
-    return dict(ms=ms, first_call_s=first)
+    return dict(ms=ms, first_call_s=first, **device_ms(fn, q, k, v))
 
-  def mosaic(config=None):
-    fn = mosaic_fn(layout, config=config)
+  def mosaic(config=None, lay=layout):
+    fn = mosaic_fn(lay, config=config)
     ms, first = time_mosaic(fn, q, k, v)
     row = dict(ms=ms, first_call_s=first)
-    if ms is not None and "out" in base:
+    if ms is not None:
+      row.update(device_ms(fn, q, k, v))
+    if ms is not None and "out" in base and lay is layout:
       row.update(max_diffs(*fn(q, k, v), *base["out"]))
     return row
 
   persistent = dataclasses.replace(mosaic_gpu.default_config(q, layout), programs=sm_count())
-  for name, run in (("pallas_gpu", pallas), ("mosaic_gpu", mosaic),
-                    (f"mosaic_gpu programs={persistent.programs}", lambda: mosaic(persistent))):
+  p_name = f"mosaic_gpu programs={persistent.programs}"
+  window_blocks = int(window.kv_counts.sum())
+  entries = [("pallas_gpu", pallas, blocks), ("mosaic_gpu", mosaic, blocks),
+             (p_name, lambda: mosaic(persistent), blocks),
+             ("mosaic_gpu (again)", mosaic, blocks), (f"{p_name} (again)", lambda: mosaic(persistent), blocks),
+             (f"mosaic_gpu contiguous {span}", lambda: mosaic(lay=window), window_blocks),
+             (f"{p_name} contiguous {span}", lambda: mosaic(persistent, window), window_blocks)]
+  for name, run, nblocks in entries:
     r = guarded(f"sparse/{name}", run)
     if r is None:
       continue
-    r.update(impl=name, tflops=flops / r["ms"] / 1e9 if r["ms"] else None)
+    r.update(impl=name, blocks=nblocks, tflops=4 * 128 ** 3 * nblocks / r["ms"] / 1e9 if r["ms"] else None)
     rows.append(r)
-    _print_row(name, f"{blocks} blocks", r)
+    _print_row(name, f"{nblocks} blocks", r)
   RESULTS["sparse"] = dict(L=l, density=dens, listed_blocks=blocks, rows=rows)
+
+
+def device_ms(fn, *args):
+  """GPU kernel time per call (`timing.kernel_profile`): all kernels, and the attention kernel alone
+  (the largest)."""
+  prof = timing.kernel_profile(fn, *args, calls=5)
+  return dict(gpu_ms=prof["gpu_ms"], kernel_ms=prof["kernels"][0]["ms"])
 
 
 def section_variants(args):
@@ -301,8 +324,9 @@ def section_variants(args):
              f"fence={int(cfg.softmax_fence)} programs={cfg.programs}")
 
     def run(bk=bk, cfg=cfg):
-      ms, first = time_mosaic(mosaic_fn(causal_layout(l, bk, 16), config=cfg), q, k, v)
-      return dict(ms=ms, first_call_s=first)
+      fn = mosaic_fn(causal_layout(l, bk, 16), config=cfg)
+      ms, first = time_mosaic(fn, q, k, v)
+      return dict(ms=ms, first_call_s=first, **(device_ms(fn, q, k, v) if ms is not None else {}))
     r = guarded(f"variants/{label}", run)
     if r is None:
       continue

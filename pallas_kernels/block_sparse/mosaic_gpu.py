@@ -370,14 +370,20 @@ def _producer(g: _Geometry, work: _Work, refs, bufs, bars):
     plgpu.barrier_wait(k_free.at[slot])
     plgpu.barrier_wait(v_free.at[slot])
 
-  def load(p, n, slot):
+  def load(p, n, slot, reuse):
+    """Load step n into `slot`; `reuse` (a bool, static or traced): the slot held an earlier step,
+    so wait for its release first. K is refilled as soon as both consumers have used the old K
+    (after their Q K^T), before they release the old V (after P V): the next K load starts about
+    half a step earlier than a whole-slot release would allow."""
     block = p.list_at(n)
     rows = pl.ds(block * g.block_k, g.block_k)
+    pl.when(reuse)(lambda: plgpu.barrier_wait(k_free.at[slot]))
     plgpu.copy_gmem_to_smem(k_ref.at[p.batch, rows, p.kv_head], k_smem.at[slot], k_bar.at[slot])
     if g.causal:
       plgpu.copy_gmem_to_smem(kv_pos_ref.at[p.batch, rows], pos_smem.at[slot], k_bar.at[slot])
     if g.has_seg:
       plgpu.copy_gmem_to_smem(kv_seg_ref.at[p.batch, rows], seg_smem.at[slot], k_bar.at[slot])
+    pl.when(reuse)(lambda: plgpu.barrier_wait(v_free.at[slot]))
     plgpu.copy_gmem_to_smem(v_ref.at[p.batch, rows, p.kv_head], v_smem.at[slot], v_bar.at[slot])
 
   if g.programs:
@@ -386,22 +392,18 @@ def _producer(g: _Geometry, work: _Work, refs, bufs, bars):
 
       @pl.loop(0, p.count)
       def _step(n):
-        slot = lax.rem(base + n, g.stages)
-        pl.when(base + n >= g.stages)(functools.partial(wait_free, slot))
-        load(p, n, slot)
+        load(p, n, lax.rem(base + n, g.stages), base + n >= g.stages)
       return base + p.count
     total = lax.fori_loop(0, work.count, item, jnp.int32(0))
   else:
     p = work.at(0)
     total = p.count
     for n in range(g.stages):
-      pl.when(n < p.count)(functools.partial(load, p, n, n))
+      pl.when(n < p.count)(functools.partial(load, p, n, n, False))
 
     @pl.loop(g.stages, jnp.maximum(p.count, g.stages))
     def _refill(n):
-      slot = lax.rem(n, g.stages)
-      wait_free(slot)
-      load(p, n, slot)
+      load(p, n, lax.rem(n, g.stages), True)
 
   @pl.loop(jnp.maximum(total - g.stages, 0), total)
   def _drain(n):

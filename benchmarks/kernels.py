@@ -534,6 +534,7 @@ def main():
   args = p.parse_args()
   global INTERPRET
   INTERPRET = args.interpret
+  timing.SMOKE = args.interpret
   timing.run_sections(SECTIONS, args, RESULTS)
 
 

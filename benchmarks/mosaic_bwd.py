@@ -406,6 +406,7 @@ def main():
   args = p.parse_args()
   global INTERPRET, OUT_PATH
   INTERPRET, OUT_PATH = args.interpret, args.out
+  timing.SMOKE = args.interpret
   if INTERPRET:
     args.lengths, args.check_length, args.variant_length = [256], 256, 256
   timing.run_sections(SECTIONS, args, RESULTS)

@@ -354,6 +354,7 @@ def main():
   args = p.parse_args()
   global INTERPRET
   INTERPRET = args.interpret
+  timing.SMOKE = args.interpret
   if INTERPRET:
     args.lengths, args.check_length, args.sparse_length, args.variant_length = [256], 256, 256, 256
     args.no_tokamax = True

@@ -21,12 +21,18 @@ import traceback
 
 import jax
 
+# Set by a script's CPU smoke test (--interpret): every timing takes one warm-up and one timed call,
+# every profile one call; the numbers are meaningless there, only the code path is exercised.
+SMOKE = False
+
 
 def bench(fn, *args, reps: int = 10, warmup: int = 2, max_s: float = 20.0) -> tuple[float, float]:
     """(median wall time in ms, seconds of the first call) of the jitted `fn(*args)`.
 
     The first call (compilation included) counts as the first of `warmup` untimed calls; every call
     is synchronised with `block_until_ready`; timing stops early after `max_s` seconds."""
+    if SMOKE:
+        reps, warmup = 1, 1
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     first_call_s = time.perf_counter() - start
@@ -79,6 +85,7 @@ def kernel_profile(fn, *args, calls: int = 2, top: int = 30) -> dict:
     "plane"}. Overlapping streams add up, so gpu_ms can exceed the wall time."""
     from jax.profiler import ProfileData
 
+    calls = 1 if SMOKE else calls
     jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):

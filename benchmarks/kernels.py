@@ -17,7 +17,7 @@ Sections (select with --sections, default check,a,b,c):
          (block 0 and the token's own block always, the rest random causal), T in --nsa-lengths;
          and the same kernels on the community NSA benchmark's selections (`anchor_layout`: top-16
          of random scores over all blocks, block 0 put in, future blocks dropped), the pattern
-         behind gpu-anchors.md's figures for its Triton kernel.
+         behind gpu-anchors.md's figures for its Triton kernel. Wall and GPU kernel times.
   tune   launch-parameter sweep of the three kernels at the dense 32k shape.
   tune_nsa  the same at the NSA shape (--tune-nsa-length).
   tune_density  launch-parameter variants at section b's layouts (L = --tune-length), each timed at
@@ -293,13 +293,16 @@ def section_nsa(args):
         flops = 4 * visited * 16 * 64 * 128        # useful work: kept blocks x 16 heads x 64 keys
         t_f, t_fb = median_ms(fwd, q, k, v, do), median_ms(fwd_bwd, q, k, v, do)
         return dict(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=flops / t_f / 1e9,
-                    fwd_bwd_tflops=3.5 * flops / t_fb / 1e9, blocks_per_token=visited / (4 * t))
+                    fwd_bwd_tflops=3.5 * flops / t_fb / 1e9, blocks_per_token=visited / (4 * t),
+                    fwd_gpu_ms=timing.kernel_profile(fwd, q, k, v, do, calls=3)["gpu_ms"],
+                    fwd_bwd_gpu_ms=timing.kernel_profile(fwd_bwd, q, k, v, do, calls=3)["gpu_ms"])
       r = guarded(f"c/{pattern}/{t}", run)
       if r:
         rows.append(dict(T=t, pattern=pattern, **r))
         print(f"  T={t:6d} {pattern:9s} fwd {r['fwd_ms']:8.2f} ms ({r['fwd_tflops']:.0f} TF/s useful)   "
               f"fwd+bwd {r['fwd_bwd_ms']:8.2f} ms ({r['fwd_bwd_tflops']:.0f} TF/s)  "
-              f"blocks/token {r['blocks_per_token']:.2f}", flush=True)
+              f"blocks/token {r['blocks_per_token']:.2f}  GPU {r['fwd_gpu_ms']:.2f} / "
+              f"{r['fwd_bwd_gpu_ms']:.2f} ms", flush=True)
 
       def triton_dkv(t=t, make=make):
         """A/B in the same run: forward+backward with the Triton dK/dV kernel (on Hopper the default

@@ -12,7 +12,8 @@ Sections (select with --sections, default check,a,b,c):
          (64: the Triton kernels; 128: the Mosaic GPU kernels on Hopper) per head with the diagonal
          kept) at --density-lengths, relative to the dense causal layout of the same blocks: the
          wall time of a synchronised call (which includes the host's dispatch, ~0.3 ms) and the GPU
-         kernels' time per call (`timing.kernel_profile`).
+         kernels' time per call (`timing.kernel_profile`); with 128-blocks also forward+backward
+         with the Mosaic backward's `split_at_run_time` (GPU time).
   c      NSA-shaped selection: 64 query heads, 4 KV heads, D=128, KV block 64, 16 blocks per token
          (block 0 and the token's own block always, the rest random causal), T in --nsa-lengths;
          and the same kernels on the community NSA benchmark's selections (`anchor_layout`: top-16
@@ -257,10 +258,17 @@ def section_density(args):
         visited = float(layout.kv_counts.sum()) / (16 * (l // bl) * (l // bl + 1) / 2)
         fwd, fwd_bwd = sparse_fns(layout)
         reps = 10 if l <= 32768 else 5
-        return dict(fwd_ms=median_ms(fwd, q, k, v, do, reps=reps),
-                    fwd_bwd_ms=median_ms(fwd_bwd, q, k, v, do, reps=reps), causal_fraction=visited,
-                    fwd_gpu_ms=timing.kernel_profile(fwd, q, k, v, do, calls=3)["gpu_ms"],
-                    fwd_bwd_gpu_ms=timing.kernel_profile(fwd_bwd, q, k, v, do, calls=3)["gpu_ms"])
+        prof = timing.kernel_profile(fwd_bwd, q, k, v, do, calls=3, top=6)
+        row = dict(fwd_ms=median_ms(fwd, q, k, v, do, reps=reps),
+                   fwd_bwd_ms=median_ms(fwd_bwd, q, k, v, do, reps=reps), causal_fraction=visited,
+                   fwd_gpu_ms=timing.kernel_profile(fwd, q, k, v, do, calls=3)["gpu_ms"],
+                   fwd_bwd_gpu_ms=prof["gpu_ms"], fwd_bwd_kernels=prof["kernels"])
+        if bl == 128:   # the Mosaic backward with its dK/dV split decided on the device (A/B)
+          with timing.mosaic_bwd_config(split_at_run_time=True):
+            _, fb_run = sparse_fns(layout)
+            row["fwd_bwd_gpu_ms_split_at_run_time"] = timing.kernel_profile(
+                fb_run, q, k, v, do, calls=3)["gpu_ms"]
+        return row
       r = guarded(f"b/{l}/{dens}", run)
       if r is None:
         continue
@@ -276,6 +284,11 @@ def section_density(args):
             f"({r.get('fwd_gpu_rel', nan):.3f})  fwd+bwd {r['fwd_bwd_ms']:8.2f} ms "
             f"({r.get('fwd_bwd_rel', nan):.3f}), GPU {r['fwd_bwd_gpu_ms']:8.2f} ms "
             f"({r.get('fwd_bwd_gpu_rel', nan):.3f})", flush=True)
+      print("    fwd+bwd GPU kernels: " + ", ".join(f"{x['name'][:40]} {x['ms']:.3f}"
+                                                  for x in r["fwd_bwd_kernels"]), flush=True)
+      if "fwd_bwd_gpu_ms_split_at_run_time" in r:
+        print(f"    fwd+bwd GPU with the dK/dV split decided at run time: "
+              f"{r['fwd_bwd_gpu_ms_split_at_run_time']:.2f} ms", flush=True)
   RESULTS["density"] = rows
 
 

@@ -159,6 +159,20 @@ def kernel_configs(kernels=("fwd", "dq", "dkv"), **fields):
         pallas_gpu.default_configs = defaults
 
 
+@contextlib.contextmanager
+def mosaic_bwd_config(**fields):
+    """Inside: `mosaic_gpu_bwd.default_config` (the Hopper backward's launch parameters as the
+    dispatch picks them) with `fields` replaced (e.g. `split_at_run_time=True`). Functions must be
+    traced inside to see it."""
+    from pallas_kernels.block_sparse import mosaic_gpu_bwd
+    defaults = mosaic_gpu_bwd.default_config
+    mosaic_gpu_bwd.default_config = lambda *args: dataclasses.replace(defaults(*args), **fields)
+    try:
+        yield
+    finally:
+        mosaic_gpu_bwd.default_config = defaults
+
+
 def parser(doc: str, sections: dict, default: str, out_name: str) -> argparse.ArgumentParser:
     """An argument parser with the options of every sectioned script: --sections (a comma list of
     names of `sections`; `default` when not given) and --out (the JSON file, default $OUT/out_name)."""

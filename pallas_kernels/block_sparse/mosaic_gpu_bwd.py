@@ -117,6 +117,12 @@ class BwdConfig:
     (`mosaic_gpu.MosaicConfig.stagger`); 0: at entry 0.
   list_chunk: dK/dV list entries per program (`split`): None picks by shape (`list_chunk`), 0
     never splits.
+  split_at_run_time: where `list_chunk` splits only because one list *can* be far longer than
+    the mean (`runs_split_test`), look at the lists' real lengths on the device and run the whole
+    lists (one program per KV block, the deeper ring of `default_config` without a split) unless
+    one of them is longer than twice the chunk (`lax.cond`; both paths are compiled). Random
+    sparse layouts and sliding windows then skip the split's float32 partials and sum; NSA-like
+    lists (block 0 in every list) keep it. Off until measured (benchmarks/notes_kernels.md, 30).
   """
   dq_stages: int = 2
   dkv_stages: int = 2
@@ -126,6 +132,7 @@ class BwdConfig:
   registers: tuple[int, int] = (240, 24)
   stagger: int = STAGGER
   list_chunk: int | None = None
+  split_at_run_time: bool = False
 
   def __post_init__(self):
     for name in ("dq_stages", "dkv_stages"):
@@ -197,6 +204,22 @@ def list_chunk(layout, num_kv_heads: int, batch: int, config: BwdConfig) -> int:
     chunk = max(_MIN_CHUNK, -(-entries // _SPLIT_PROGRAMS))
     return chunk if nq > chunk else 0
   return 0
+
+
+def runs_split_test(layout, num_kv_heads: int, batch: int, config: BwdConfig) -> bool:
+  """Whether `backward` picks between the split and the whole lists on the device: the config asks
+  for it (`split_at_run_time`, `list_chunk` None) and `list_chunk` splits only for the lists' possible
+  length, while whole lists would give enough programs."""
+  if not config.split_at_run_time or config.list_chunk is not None:
+    return False
+  nq, cap = layout.kv_indices.shape[2:]
+  return (nq > 4 * -(-nq * cap // layout.num_kv_blocks)
+          and layout.num_kv_blocks * num_kv_heads * batch >= _SPLIT_BELOW_PROGRAMS)
+
+
+def longest_list(layout) -> jax.Array:
+  """The longest KV-major list of the layout (int32 scalar; on the device, from the CSR offsets)."""
+  return jnp.max(layout.kv_offsets[..., 1:] - layout.kv_offsets[..., :-1])
 
 
 def check_supported(q, k, v, layout, config: BwdConfig | None = None, has_seg: bool = True,
@@ -837,22 +860,37 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
     )(layout.kv_indices.astype(jnp.int32), layout.kv_counts.astype(jnp.int32), q_range, kv_range_dq,
       *aux, *acts)[:, :tq]
   if "dkv" in kernels:
-    dkv = functools.partial(plgpu.kernel, functools.partial(_dkv_kernel, g=g),
-                            grid_names=("k", "heads", "batch"), num_threads=g.dkv_consumers + 1,
-                            **params)
     ins = (layout.q_indices.astype(jnp.int32), q_range, kv_range_dkv, *aux, *acts)
-    if chunk:
+
+    def dkv(geometry):
+      return functools.partial(plgpu.kernel, functools.partial(_dkv_kernel, g=geometry),
+                               grid_names=("k", "heads", "batch"),
+                               num_threads=geometry.dkv_consumers + 1, **params)
+
+    def split_lists():
       programs = split.num_programs(layout, hkv, chunk)
       table, first = split.chunk_table(layout, hkv, chunk, programs)
       part = jax.ShapeDtypeStruct((b, hkv, programs * g.block_k, d), jnp.float32)
-      dk, dv = dkv(out_type=(part, part), grid=(programs, hkv, b),
-                   kernel_name="block_sparse_dkv_partial_mosaic")(table, *ins)
-      dk, dv = (split.sum_partials(x, first, g.block_k, y.dtype, interpret=bool(interpret))
-                for x, y in ((dk, k), (dv, v)))
+      dk, dv = dkv(g)(out_type=(part, part), grid=(programs, hkv, b),
+                      kernel_name="block_sparse_dkv_partial_mosaic")(table, *ins)
+      return tuple(split.sum_partials(x, first, g.block_k, y.dtype, interpret=bool(interpret))
+                   for x, y in ((dk, k), (dv, v)))
+
+    def whole_lists(geometry):
+      return dkv(geometry)(
+          out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+          grid=(g.nk, hkv, b), kernel_name="block_sparse_dkv_mosaic",
+      )(layout.kv_offsets.astype(jnp.int32), *ins)
+
+    if not chunk:
+      dk, dv = whole_lists(g)
+    elif runs_split_test(layout, hkv, b, cfg):
+      stages = max(cfg.dkv_stages, default_config(q, layout).dkv_stages)   # no staging tiles
+      whole = dataclasses.replace(g, split=False, cfg=dataclasses.replace(cfg, dkv_stages=stages))
+      dk, dv = lax.cond(longest_list(layout) > 2 * chunk, split_lists,
+                        functools.partial(whole_lists, whole))
     else:
-      dk, dv = dkv(out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-                   grid=(g.nk, hkv, b), kernel_name="block_sparse_dkv_mosaic",
-                   )(layout.kv_offsets.astype(jnp.int32), *ins)
+      dk, dv = split_lists()
     dk, dv = dk[:, :tk], dv[:, :tk]
   return dq, dk, dv
 

@@ -142,6 +142,26 @@ def test_lowers_for_cuda_without_gpu(causal, segments, block_k, d, dtype, config
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
 
 
+def test_split_at_run_time_lowers_for_cuda():
+  """With the split decided on the device: the dQ kernel, and both dK/dV kernels (whole lists, the
+  split's partials) in the two branches of one conditional, lower for CUDA."""
+  t, nq = 512 * 128, 512
+  q = jax.ShapeDtypeStruct((1, t, 1, 64), jnp.bfloat16)
+  lse = jax.ShapeDtypeStruct((1, 1, t), jnp.float32)
+  layout = BlockLayout.from_block_mask(jnp.eye(nq, dtype=bool)[None, None], block_q=128,
+                                       block_k=128, max_kv_blocks=2)
+  cfg = Cfg(split_at_run_time=True)
+  assert mosaic_gpu_bwd.runs_split_test(layout, 1, 1, cfg)
+  pos = jnp.arange(t, dtype=jnp.int32)[None]
+
+  def f(q, k, v, do, lse, delta):
+    return mosaic_gpu_bwd.backward(q, k, v, None, lse, delta, do, layout, pos, pos, None, None,
+                                   sm_scale=0.1, causal=True, config=cfg)
+
+  text = jax.jit(f).trace(q, q, q, q, lse, lse).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 3 and "stablehlo.case" in text
+
+
 def test_attention_grad_lowers_for_cuda():
   """mosaic fwd + mosaic bwd under `attention`'s custom_vjp: jax.grad lowers (3 Mosaic calls)."""
   t = 256
@@ -214,6 +234,68 @@ def test_list_chunk_by_shape():
   # the split's staging tiles take shared memory: one ring slot fewer than unsplit (4 -> 3)
   q = jax.ShapeDtypeStruct((1, 65536, 16, 128), jnp.bfloat16)
   assert mosaic_gpu_bwd.default_config(q, cmp, 4).dkv_stages < mosaic_gpu_bwd.default_config(q, cmp).dkv_stages
+
+
+def test_split_at_run_time_decision():
+  """`split_at_run_time` applies only where the split comes from the lists' possible length with
+  enough programs for whole lists; the device-side test reads the real longest list."""
+  on = Cfg(split_at_run_time=True)
+  nq = 512                                     # 512 KV blocks x 1 KV head: enough whole programs
+  diagonal = BlockLayout.from_block_mask(jnp.eye(nq, dtype=bool)[None, None], block_q=128,
+                                         block_k=128, max_kv_blocks=2)
+  long = BlockLayout.from_block_mask(jnp.eye(nq, dtype=bool).at[:, 0].set(True)[None, None],
+                                     block_q=128, block_k=128, max_kv_blocks=2)
+  for layout in (diagonal, long):
+    assert mosaic_gpu_bwd.list_chunk(layout, 1, 1, on) == 8
+    assert mosaic_gpu_bwd.runs_split_test(layout, 1, 1, on)
+    assert not mosaic_gpu_bwd.runs_split_test(layout, 1, 1, Cfg())               # off by default
+    assert not mosaic_gpu_bwd.runs_split_test(layout, 1, 1, Cfg(split_at_run_time=True, list_chunk=8))
+  assert int(mosaic_gpu_bwd.longest_list(diagonal)) == 1
+  assert int(mosaic_gpu_bwd.longest_list(long)) == nq
+  # few programs (NSA's compression attention): always split, the lists' lengths do not matter
+  cmp = BlockLayout.causal(65536, 4096, block_q=128, block_k=128, num_head_units=4)
+  assert not mosaic_gpu_bwd.runs_split_test(cmp, 4, 1, on)
+
+
+def test_split_at_run_time_grads_interpreted(monkeypatch):
+  """Both paths of the run-time choice (thresholds lowered so that 5 query units decide), against
+  the float32 reference: one-entry lists run whole; block 0 listed by all 5 units runs split, its
+  dK equal bit for bit to a forced split's and not to the whole lists' (a different summation
+  order), so the device-side test took the split branch."""
+  monkeypatch.setattr(mosaic_gpu_bwd, "_MIN_CHUNK", 1)
+  monkeypatch.setattr(mosaic_gpu_bwd, "_SPLIT_BELOW_PROGRAMS", 1)
+  on = Cfg(split_at_run_time=True)
+  nq = 5
+  case = random_case(np.random.SeedSequence().entropy % 2**31, **{
+      **_BASE, "seq_len_q": nq * 128, "seq_len_k": nq * 128, "block_k": 128,
+      "layout_kind": "diagonal", "dqk": 64, "dv": 64})
+  block0 = BlockLayout.from_block_mask(jnp.zeros((1, 1, nq, nq), bool).at[..., 0].set(True),
+                                       block_q=128, block_k=128, max_kv_blocks=1)
+
+  def dkv(c, cfg):
+    out, lse, want = _reference(c)
+    q_pos, kv_pos, q_seg, kv_seg, scale, causal = _inputs(c)
+    row = jnp.einsum("bqhd,bqhd->bhq", c.d_out.astype(jnp.float32), out.astype(jnp.float32))
+    delta = jnp.where(jnp.isneginf(lse), 0.0, row - c.d_lse)
+    with extended_interpreter():
+      _, dk, dv = jax.block_until_ready(mosaic_gpu_bwd.backward(
+          c.q, c.k, c.v, out.astype(c.q.dtype), lse, delta, c.d_out, c.layout, q_pos, kv_pos,
+          q_seg, kv_seg, sm_scale=scale, causal=causal, interpret=InterpretGPUParams(), config=cfg,
+          kernels=("dkv",)))
+    return dk, dv, want
+
+  for layout, longest in ((case.layout, 1), (block0, nq)):
+    c = dataclasses.replace(case, layout=layout)
+    chunk = mosaic_gpu_bwd.list_chunk(layout, 1, 1, on)
+    assert chunk == 2 and mosaic_gpu_bwd.runs_split_test(layout, 1, 1, on)
+    assert int(mosaic_gpu_bwd.longest_list(layout)) == longest
+    dk, dv, want = dkv(c, on)
+    for label, x, w in (("dk", dk, want[1]), ("dv", dv, want[2])):
+      _close(label, x, w, 2e-2, c)
+    if longest > 2 * chunk:
+      forced_split, forced_whole = dkv(c, Cfg(list_chunk=chunk))[0], dkv(c, Cfg(list_chunk=0))[0]
+      assert np.array_equal(np.asarray(dk), np.asarray(forced_split))
+      assert not np.array_equal(np.asarray(dk), np.asarray(forced_whole))
 
 
 def test_default_config_fits_shared_memory():

@@ -261,13 +261,12 @@ def section_density(args):
         prof = timing.kernel_profile(fwd_bwd, q, k, v, do, calls=3, top=6)
         row = dict(fwd_ms=median_ms(fwd, q, k, v, do, reps=reps),
                    fwd_bwd_ms=median_ms(fwd_bwd, q, k, v, do, reps=reps), causal_fraction=visited,
-                   fwd_gpu_ms=timing.kernel_profile(fwd, q, k, v, do, calls=3)["gpu_ms"],
+                   fwd_gpu_ms=timing.gpu_ms(fwd, q, k, v, do),
                    fwd_bwd_gpu_ms=prof["gpu_ms"], fwd_bwd_kernels=prof["kernels"])
         if bl == 128:   # the Mosaic backward with its dK/dV split decided on the device (A/B)
           with timing.mosaic_bwd_config(split_at_run_time=True):
             _, fb_run = sparse_fns(layout)
-            row["fwd_bwd_gpu_ms_split_at_run_time"] = timing.kernel_profile(
-                fb_run, q, k, v, do, calls=3)["gpu_ms"]
+            row["fwd_bwd_gpu_ms_split_at_run_time"] = timing.gpu_ms(fb_run, q, k, v, do)
         return row
       r = guarded(f"b/{l}/{dens}", run)
       if r is None:
@@ -307,8 +306,8 @@ def section_nsa(args):
         t_f, t_fb = median_ms(fwd, q, k, v, do), median_ms(fwd_bwd, q, k, v, do)
         return dict(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=flops / t_f / 1e9,
                     fwd_bwd_tflops=3.5 * flops / t_fb / 1e9, blocks_per_token=visited / (4 * t),
-                    fwd_gpu_ms=timing.kernel_profile(fwd, q, k, v, do, calls=3)["gpu_ms"],
-                    fwd_bwd_gpu_ms=timing.kernel_profile(fwd_bwd, q, k, v, do, calls=3)["gpu_ms"])
+                    fwd_gpu_ms=timing.gpu_ms(fwd, q, k, v, do),
+                    fwd_bwd_gpu_ms=timing.gpu_ms(fwd_bwd, q, k, v, do))
       r = guarded(f"c/{pattern}/{t}", run)
       if r:
         rows.append(dict(T=t, pattern=pattern, **r))

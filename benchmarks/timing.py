@@ -120,6 +120,11 @@ def kernel_profile(fn, *args, calls: int = 2, top: int = 30) -> dict:
             "plane": plane.name}
 
 
+def gpu_ms(fn, *args, calls: int = 3) -> float:
+    """`kernel_profile`'s GPU kernel time per call alone."""
+    return kernel_profile(fn, *args, calls=calls)["gpu_ms"]
+
+
 def print_profile(profile: dict, title: str) -> None:
     """The table of `kernel_profile`'s result."""
     print(f"# GPU kernels of {title}: {profile['gpu_ms']:.2f} ms per call ({profile['plane']})", flush=True)

@@ -97,6 +97,13 @@ def random_layout(seed, t, heads, block_k, density, causal, empty_rows=0.0):
   return BlockLayout.from_block_mask(mask, block_q=128, block_k=block_k, max_kv_blocks=cap)
 
 
+def sink_layout(t, heads):
+  """Every 128-block query unit lists block 0 and its own block."""
+  i, j = jnp.arange(t // 128)[:, None], jnp.arange(t // 128)[None, :]
+  mask = jnp.broadcast_to((j == 0) | (j == i), (1, heads, t // 128, t // 128))
+  return BlockLayout.from_block_mask(mask, block_q=128, block_k=128, max_kv_blocks=2)
+
+
 def attention_fn(impl, layout, causal=True, bwd_config=None, window=None, stride=None):
   """(q, k, v, q_seg, kv_seg) -> (out, lse), default positions, differentiable: impl is
   "mosaic" (mosaic fwd + mosaic bwd), "mosaic+pallas_gpu" (mosaic fwd + pallas_gpu bwd),
@@ -220,6 +227,16 @@ def section_check(args):
       ("window 512 bk128 GQA4 Hl=Hkv segments", dict(hq=8, hkv=2, d=128, window=512),
        lambda: BlockLayout.sliding_window(t, t, 512, block_q=128, block_k=128, num_head_units=2),
        True, True, None),
+      # `split_at_run_time` (lax.cond on the longest KV-major list): 4,096 tokens and 16 heads give
+      # the whole-list programs it needs. Random 10%: short real lists, the whole branch; block 0 in
+      # every list (a sink, as NSA's forced block): the split branch.
+      ("random causal 10% bk128 16 heads [split at run time: whole]",
+       dict(hq=16, hkv=16, d=128, tq=4096, tk=4096),
+       lambda: random_layout(9, 4096, 16, 128, 0.1, causal=True), True, False,
+       dict(split_at_run_time=True)),
+      ("sink + diagonal bk128 16 heads [split at run time: split]",
+       dict(hq=16, hkv=16, d=128, tq=4096, tk=4096), lambda: sink_layout(4096, 16), True, False,
+       dict(split_at_run_time=True)),
   ]
   if args.check_only:
     cases = [c for c in cases if any(part in c[0] for part in args.check_only.split(","))]
@@ -248,6 +265,9 @@ def section_check(args):
         return dict(lowered=True)
       want = grad_fn(reference)(q, k, v, d_out, d_lse, *seg)
       row = grad_errors(got, want)
+      if cfg is not None and mosaic_gpu_bwd.runs_split_test(layout, k.shape[2], b, cfg):
+        chunk = mosaic_gpu_bwd.list_chunk(layout, k.shape[2], b, cfg)
+        row["split_branch"] = bool(mosaic_gpu_bwd.longest_list(layout) > 2 * chunk)
       # the forward's out too (lse enters the gradients through d_lse), and how much of the reference
       # is nonzero (a case whose rows all see nothing would check nothing)
       out = jax.jit(mosaic)(q, k, v, *seg)[0]
@@ -263,7 +283,8 @@ def section_check(args):
     if r and "ok" in r:
       errs = f"rows {r['nonzero_rows']:.2f} out {r['out_err']:.1e}  " + "  ".join(
           f"{g} {r[f'{g}_err']:.1e} ({r[f'{g}_rel']:.1e})" for g in ("dq", "dk", "dv"))
-      print(f"  {name:48s} {errs}  {'OK' if r['ok'] else 'FAIL'}", flush=True)
+      branch = {True: "  (split branch)", False: "  (whole branch)"}.get(r.get("split_branch"), "")
+      print(f"  {name:48s} {errs}  {'OK' if r['ok'] else 'FAIL'}{branch}", flush=True)
     elif r:
       print(f"  {name:48s} lowered for CUDA", flush=True)
 

@@ -248,7 +248,8 @@ def test_split_at_run_time_decision():
   for layout in (diagonal, long):
     assert mosaic_gpu_bwd.list_chunk(layout, 1, 1, on) == 8
     assert mosaic_gpu_bwd.runs_split_test(layout, 1, 1, on)
-    assert not mosaic_gpu_bwd.runs_split_test(layout, 1, 1, Cfg())               # off by default
+    assert mosaic_gpu_bwd.runs_split_test(layout, 1, 1, Cfg())                   # on by default
+    assert not mosaic_gpu_bwd.runs_split_test(layout, 1, 1, Cfg(split_at_run_time=False))
     assert not mosaic_gpu_bwd.runs_split_test(layout, 1, 1, Cfg(split_at_run_time=True, list_chunk=8))
   assert int(mosaic_gpu_bwd.longest_list(diagonal)) == 1
   assert int(mosaic_gpu_bwd.longest_list(long)) == nq

@@ -12,9 +12,9 @@ Sections (select with --sections, default check,a,b,c):
          (64: the Triton kernels; 128: the Mosaic GPU kernels on Hopper) per head with the diagonal
          kept) at --density-lengths, relative to the dense causal layout of the same blocks: the
          wall time of a synchronised call (which includes the host's dispatch, ~0.3 ms) and the GPU
-         kernels' time per call (`timing.kernel_profile`); with 128-blocks also forward+backward
-         with the Mosaic backward's dK/dV split decided by shape alone (`split_at_run_time` off;
-         GPU time).
+         kernels' time per call (`timing.kernel_profile`); also forward+backward with the dK/dV
+         list split decided by shape alone (`split_at_run_time` off in the Mosaic backward,
+         128-blocks, or the Triton one, 64-blocks; GPU time).
   c      NSA-shaped selection: 64 query heads, 4 KV heads, D=128, KV block 64, 16 blocks per token
          (block 0 and the token's own block always, the rest random causal), T in --nsa-lengths;
          and the same kernels on the community NSA benchmark's selections (`anchor_layout`: top-16
@@ -264,10 +264,11 @@ def section_density(args):
                    fwd_bwd_ms=median_ms(fwd_bwd, q, k, v, do, reps=reps), causal_fraction=visited,
                    fwd_gpu_ms=timing.gpu_ms(fwd, q, k, v, do),
                    fwd_bwd_gpu_ms=prof["gpu_ms"], fwd_bwd_kernels=prof["kernels"])
-        if bl == 128:   # A/B: the Mosaic backward's dK/dV split decided by shape alone
-          with timing.mosaic_bwd_config(split_at_run_time=False):
-            _, fb_static = sparse_fns(layout)
-            row["fwd_bwd_gpu_ms_static_split"] = timing.gpu_ms(fb_static, q, k, v, do)
+        # A/B: the dK/dV list split decided by shape alone (Mosaic backward for 128-blocks, Triton's for 64)
+        with (timing.mosaic_bwd_config(split_at_run_time=False) if bl == 128 else
+              timing.kernel_configs(("dkv",), split_at_run_time=False)):
+          _, fb_static = sparse_fns(layout)
+          row["fwd_bwd_gpu_ms_static_split"] = timing.gpu_ms(fb_static, q, k, v, do)
         return row
       r = guarded(f"b/{l}/{dens}", run)
       if r is None:

@@ -39,7 +39,7 @@ import numpy as np
 import timing
 
 from pallas_kernels import BlockLayout, block_sparse_attention
-from pallas_kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd, pallas_gpu
+from pallas_kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd, pallas_gpu, split
 from sparsejax.attention import compressed as cmp_lib
 
 RESULTS: dict = {}
@@ -267,7 +267,7 @@ def section_check(args):
       row = grad_errors(got, want)
       if cfg is not None and mosaic_gpu_bwd.runs_split_test(layout, k.shape[2], b, cfg):
         chunk = mosaic_gpu_bwd.list_chunk(layout, k.shape[2], b, cfg)
-        row["split_branch"] = bool(mosaic_gpu_bwd.longest_list(layout) > 2 * chunk)
+        row["split_branch"] = bool(split.longest_list(layout) > 2 * chunk)
       # the forward's out too (lse enters the gradients through d_lse), and how much of the reference
       # is nonzero (a case whose rows all see nothing would check nothing)
       out = jax.jit(mosaic)(q, k, v, *seg)[0]

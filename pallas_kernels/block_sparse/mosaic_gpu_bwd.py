@@ -218,11 +218,6 @@ def runs_split_test(layout, num_kv_heads: int, batch: int, config: BwdConfig) ->
           and layout.num_kv_blocks * num_kv_heads * batch >= _SPLIT_BELOW_PROGRAMS)
 
 
-def longest_list(layout) -> jax.Array:
-  """The longest KV-major list of the layout (int32 scalar; on the device, from the CSR offsets)."""
-  return jnp.max(layout.kv_offsets[..., 1:] - layout.kv_offsets[..., :-1])
-
-
 def check_supported(q, k, v, layout, config: BwdConfig | None = None, has_seg: bool = True,
                     causal: bool = False) -> None:
   """Raise ValueError naming the values this backward cannot run (the caller falls back to Triton).
@@ -888,7 +883,7 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
     elif runs_split_test(layout, hkv, b, cfg):
       stages = max(cfg.dkv_stages, default_config(q, layout).dkv_stages)   # no staging tiles
       whole = dataclasses.replace(g, split=False, cfg=dataclasses.replace(cfg, dkv_stages=stages))
-      dk, dv = lax.cond(longest_list(layout) > 2 * chunk, split_lists,
+      dk, dv = lax.cond(split.longest_list(layout) > 2 * chunk, split_lists,
                         functools.partial(whole_lists, whole))
     else:
       dk, dv = split_lists()

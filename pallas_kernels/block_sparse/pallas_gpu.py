@@ -56,6 +56,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -90,6 +91,11 @@ class KernelConfig:
     block's list can be much longer than the mean, e.g. NSA's always-selected block 0, which would
     otherwise serialise the whole backward on one program); 0 never splits. Split lists write
     float32 partial tiles that a second kernel sums in a fixed order (deterministic).
+  split_at_run_time: dK/dV only: where `list_chunk` (None) splits only because one list *can* be
+    far longer than the mean, compare the lists' real longest length with twice the chunk on the
+    device and run whole lists unless it is longer (`lax.cond`, both paths compiled): random
+    sparse layouts and sliding windows skip the partial tiles and their sum, NSA-like lists keep
+    the split (as `mosaic_gpu_bwd.BwdConfig.split_at_run_time`).
   stagger: spread where the programs start walking their lists over the first `stagger` entries:
     each program starts at entry (program id mod min(stagger, list length)), wrapping around; 0:
     every program starts at entry 0. Programs that run together then read different K/V (or Q)
@@ -113,6 +119,7 @@ class KernelConfig:
   num_stages: int
   skip_full_masks: bool = False
   list_chunk: int | None = None
+  split_at_run_time: bool = True
   stagger: int = 0
   mosaic: bool = False
 
@@ -723,8 +730,14 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
 
   g = _geometry(q, k, v, layout, cfgs["dkv"], sm_scale, causal, has_seg, window)
   chunk = _list_chunk(g, layout, cfgs["dkv"], b)
-  dkv = _dkv_split if chunk else _dkv_whole
-  dk, dv = dkv(g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk)
+  if not chunk:
+    dk, dv = _dkv_whole(g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk)
+  elif runs_split_test(g, layout, cfgs["dkv"], b):
+    dk, dv = lax.cond(split.longest_list(layout) > 2 * chunk,
+                      lambda: _dkv_split(g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk),
+                      lambda: _dkv_whole(g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk))
+  else:
+    dk, dv = _dkv_split(g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk)
   return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape))
 
 
@@ -756,16 +769,33 @@ def _list_chunk(g: _Geometry, layout, cfg: KernelConfig, batch: int) -> int:
   if cfg.list_chunk is not None:
     return int(cfg.list_chunk)
   nq, cap = layout.kv_indices.shape[2:]
-  per = _per_step(g)
-  mean = -(-nq * cap // layout.num_kv_blocks)
-  chunk = per * -(-2 * mean // per)
+  chunk = _long_list_chunk(g, layout)
   if nq > 2 * chunk:
     return chunk
   if layout.num_kv_blocks * g.hkv * batch < _DKV_MIN_PROGRAMS:
+    per = _per_step(g)
     entries = nq * cap * layout.kv_indices.shape[1] * batch  # bound on the list entries of all heads
     chunk = per * max(_DKV_MIN_CHUNK_STEPS, -(-entries // (_DKV_SPLIT_PROGRAMS * per)))
     return chunk if nq > chunk else 0
   return 0
+
+
+def _long_list_chunk(g: _Geometry, layout) -> int:
+  """The chunk of the long-list test: twice the mean list entries, in whole steps."""
+  nq, cap = layout.kv_indices.shape[2:]
+  per = _per_step(g)
+  mean = -(-nq * cap // layout.num_kv_blocks)
+  return per * -(-2 * mean // per)
+
+
+def runs_split_test(g: _Geometry, layout, cfg: KernelConfig, batch: int) -> bool:
+  """Whether `backward` picks between the split and the whole lists on the device: the config asks
+  for it (`split_at_run_time`, `list_chunk` None), `_list_chunk` splits for the lists' possible
+  length, and whole lists would give enough programs."""
+  if not cfg.split_at_run_time or cfg.list_chunk is not None:
+    return False
+  return (layout.kv_indices.shape[2] > 2 * _long_list_chunk(g, layout)
+          and layout.num_kv_blocks * g.hkv * batch >= _DKV_MIN_PROGRAMS)
 
 
 def _dkv_split(g, layout, aux, acts, b, cfg, interpret, chunk):

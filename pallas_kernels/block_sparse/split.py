@@ -18,6 +18,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 
+def longest_list(layout) -> jax.Array:
+  """The longest KV-major list of the layout (int32 scalar; on the device, from the CSR offsets).
+  The kernels' `split_at_run_time` options split only when it exceeds twice the chunk."""
+  return jnp.max(layout.kv_offsets[..., 1:] - layout.kv_offsets[..., :-1])
+
+
 def num_programs(layout, hkv: int, chunk: int) -> int:
   """A static bound on the split programs of one (layout batch, KV head): every (KV block, head unit)
   pair may end in a partial chunk, plus the chunks of all entries (nq · K per head unit)."""

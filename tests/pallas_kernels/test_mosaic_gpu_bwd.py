@@ -251,8 +251,8 @@ def test_split_at_run_time_decision():
     assert mosaic_gpu_bwd.runs_split_test(layout, 1, 1, Cfg())                   # on by default
     assert not mosaic_gpu_bwd.runs_split_test(layout, 1, 1, Cfg(split_at_run_time=False))
     assert not mosaic_gpu_bwd.runs_split_test(layout, 1, 1, Cfg(split_at_run_time=True, list_chunk=8))
-  assert int(mosaic_gpu_bwd.longest_list(diagonal)) == 1
-  assert int(mosaic_gpu_bwd.longest_list(long)) == nq
+  assert int(split.longest_list(diagonal)) == 1
+  assert int(split.longest_list(long)) == nq
   # few programs (NSA's compression attention): always split, the lists' lengths do not matter
   cmp = BlockLayout.causal(65536, 4096, block_q=128, block_k=128, num_head_units=4)
   assert not mosaic_gpu_bwd.runs_split_test(cmp, 4, 1, on)
@@ -282,7 +282,7 @@ def test_split_at_run_time_grads_interpreted(monkeypatch):
     c = dataclasses.replace(case, layout=layout)
     assert mosaic_gpu_bwd.list_chunk(layout, 1, 1, on) == 2
     assert mosaic_gpu_bwd.runs_split_test(layout, 1, 1, on)
-    assert int(mosaic_gpu_bwd.longest_list(layout)) == longest
+    assert int(split.longest_list(layout)) == longest
     out, lse, want = _reference(c)
     q_pos, kv_pos, q_seg, kv_seg, scale, causal = _inputs(c)
     row = jnp.einsum("bqhd,bqhd->bhq", c.d_out.astype(jnp.float32), out.astype(jnp.float32))

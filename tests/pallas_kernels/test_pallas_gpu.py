@@ -6,6 +6,8 @@ layout: the shared hypothesis cases of kernel_cases.py plus fixed cases for the 
 treats specially (NSA's one-token units with 16 heads and 192/128 head dims, row tiling, units packed
 into dK/dV tiles, split KV lists). Sizes are tiny: interpret mode runs the grid one program at a time.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 
 from kernel_cases import assert_matches_reference, cases, random_case
 from pallas_kernels import BlockLayout, block_sparse_attention
-from pallas_kernels.block_sparse import pallas_gpu
+from pallas_kernels.block_sparse import pallas_gpu, split
 
 
 def _case(seed, *, batch, tq, tk, hq, hkv, hl, dqk, dv, block_q, block_k, density, dtype,
@@ -173,6 +175,54 @@ def test_split_is_chosen_for_skewed_lists_and_few_programs():
     cfg = pallas_gpu.default_configs(q, k, k, layout)["dkv"]
     g = pallas_gpu._geometry(q, k, k, layout, cfg, 1.0, True, False)
     assert pallas_gpu._list_chunk(g, layout, cfg, batch=1) == chunk
+
+
+def test_split_at_run_time_decision():
+  """`split_at_run_time` (the default) applies where the split comes from the lists' possible length
+  with enough programs for whole lists; not when the config fixes the chunk or switches it off."""
+  nq = 1024                                    # 1024 KV blocks x 1 KV head: enough whole programs
+  diagonal = BlockLayout.from_block_mask(jnp.eye(nq, dtype=bool)[None, None], block_q=64,
+                                         block_k=64, max_kv_blocks=2)
+  q = jax.ShapeDtypeStruct((1, nq * 64, 1, 64), jnp.bfloat16)
+  cfg = pallas_gpu.default_configs(q, q, q, diagonal)["dkv"]
+  g = pallas_gpu._geometry(q, q, q, diagonal, cfg, 1.0, True, False)
+  assert cfg.split_at_run_time and pallas_gpu._list_chunk(g, diagonal, cfg, batch=1) > 0
+  assert pallas_gpu.runs_split_test(g, diagonal, cfg, batch=1)
+  off = dataclasses.replace(cfg, split_at_run_time=False)
+  assert not pallas_gpu.runs_split_test(g, diagonal, off, batch=1)
+  assert not pallas_gpu.runs_split_test(g, diagonal, dataclasses.replace(cfg, list_chunk=4), batch=1)
+  small = BlockLayout.from_block_mask(jnp.eye(512, dtype=bool)[None, None], block_q=64, block_k=64,
+                                      max_kv_blocks=2)     # 512 whole programs: split by shape alone
+  assert not pallas_gpu.runs_split_test(g, small, cfg, batch=1)
+
+
+def test_split_at_run_time_both_branches(monkeypatch):
+  """The run-time choice (programs threshold lowered so that 5 KV blocks decide), both paths against
+  the float32 reference: one-entry lists run whole; block 0 listed by all 5 units runs split. The
+  split branch is counted at run time (a debug callback inside the conditional)."""
+  monkeypatch.setattr(pallas_gpu, "_DKV_MIN_PROGRAMS", 1)
+  configs = pallas_gpu.default_configs
+  monkeypatch.setattr(pallas_gpu, "default_configs", lambda *a: dict(
+      configs(*a), dkv=pallas_gpu.KernelConfig(rows=16, num_warps=4, num_stages=2)))
+  splits = []
+  dkv_split = pallas_gpu._dkv_split
+
+  def counted(*args):
+    jax.debug.callback(lambda: splits.append(1))
+    return dkv_split(*args)
+  monkeypatch.setattr(pallas_gpu, "_dkv_split", counted)
+  nq = 5
+  q, k, v, _, kw, cot = _case(13, batch=1, tq=nq * 16, tk=nq * 16, hq=2, hkv=2, hl=2, dqk=16, dv=16,
+                              block_q=16, block_k=16, density=1.0, dtype=jnp.float32)
+  eye = jnp.eye(nq, dtype=bool)
+  for mask, longest, ran_split in ((eye, 1, False), (jnp.zeros_like(eye).at[:, 0].set(True), nq, True)):
+    layout = BlockLayout.from_block_mask(jnp.broadcast_to(mask, (1, 2, nq, nq)), block_q=16,
+                                         block_k=16, max_kv_blocks=1)
+    assert int(split.longest_list(layout)) == longest
+    splits.clear()
+    _check((q, k, v, layout, kw, cot))
+    jax.effects_barrier()
+    assert bool(splits) == ran_split, (longest, splits)
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))

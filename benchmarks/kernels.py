@@ -146,6 +146,14 @@ def random_causal_layout(seed, l, h, block, density):
   return BlockLayout.from_block_mask(mask, block_q=block, block_k=block, max_kv_blocks=cap)
 
 
+def sink_layout(l, h, block):
+  """Every query block lists block 0 and its own block (a sink, like NSA's forced block 0)."""
+  n = l // block
+  i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+  mask = jnp.broadcast_to((j == 0) | (j == i), (1, h, n, n))
+  return BlockLayout.from_block_mask(mask, block_q=block, block_k=block, max_kv_blocks=2)
+
+
 def nsa_layout(seed, t, hkv, block_k=64, top=16):
   """Per token and KV head: block 0, the token's own block and random other causal blocks, `top` in
   all (fewer where fewer are causal)."""
@@ -190,6 +198,14 @@ def section_check(args):
       ("NSA 1-token units G16 128/128 bf16", dict(t=t, hq=32, hkv=2, dqk=128, dv=128,
                                                    dtype=jnp.bfloat16),
        lambda: nsa_layout(3, t, 2)),
+      # 4t tokens, 16 heads of 64-blocks: enough dK/dV programs for the Triton backward's
+      # `split_at_run_time`. Random 10%: whole lists; block 0 in every list: split
+      ("random 64-blocks 10% 16 heads bf16 (whole at run time)",
+       dict(t=4 * t, hq=16, hkv=16, dqk=64, dv=64, dtype=jnp.bfloat16),
+       lambda: random_causal_layout(4, 4 * t, 16, 64, 0.1)),
+      ("sink + diagonal 64-blocks 16 heads bf16 (split at run time)",
+       dict(t=4 * t, hq=16, hkv=16, dqk=64, dv=64, dtype=jnp.bfloat16),
+       lambda: sink_layout(4 * t, 16, 64)),
   ]
   out = {}
   for name, sh, make_layout in cases:

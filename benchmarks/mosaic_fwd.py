@@ -7,8 +7,7 @@ Sections (select with --sections, default check,dense,sparse,variants):
             the finite lse, and whether the -inf rows agree. Cases: dense causal (block_k 64 and
             128), a random non-causal layout with empty rows, GQA with one list per KV head
             (Hl = Hkv), segment ids with causal masking, float16 with D = 64, and a layout of batch
-            1 broadcast over batch 2; four of them again on a persistent grid of 5 programs, three
-            with a 3-slot K ring (`key_stages`).
+            1 broadcast over batch 2; four of them again on a persistent grid of 5 programs.
   dense     dense causal layout, bf16, B=1, H=16 q heads, 16 KV heads, D=128, L in --lengths:
             forward time and TFLOP/s (FLOPs 4*B*H*L^2*D/2) of mosaic_gpu (default config),
             pallas_gpu (`block_sparse_attention(..., implementation="pallas_gpu", return_lse=True)`)
@@ -16,15 +15,13 @@ Sections (select with --sections, default check,dense,sparse,variants):
             tokamax's Mosaic kernel where it imports (--no-tokamax: not), with the max abs
             difference of mosaic_gpu's out and lse to pallas_gpu's.
   sparse    a random causal layout of 128x128 blocks at --density (each query unit's own block
-            kept), L = --sparse-length: mosaic_gpu (default and with a 3-slot K ring,
-            `key_stages=3`, each twice; a persistent grid of one program per SM) vs pallas_gpu,
-            TFLOP/s over the listed blocks (4*D*128*128 per listed block and head), wall time and
-            GPU kernel time; and, as a control, lists of the same mean length that are contiguous
-            (a sliding window of blocks).
+            kept), L = --sparse-length: mosaic_gpu (default, and a persistent grid of one program
+            per SM; each twice) vs pallas_gpu, TFLOP/s over the listed blocks (4*D*128*128 per
+            listed block and head), wall time and GPU kernel time; and, as a control, lists of the
+            same mean length that are contiguous (a sliding window of blocks).
   variants  launch variants of mosaic_gpu at the dense causal shape, L = --variant-length:
             block_k 64/128 x pipeline stages 2/3/4 (those that fit shared memory: block_k 128 takes
-            2), a 3-slot K ring next to the 2-slot V ring of block_k 128 (`key_stages`), pingpong
-            off, stagger off, softmax fence on, a persistent grid (one program per SM).
+            2), pingpong off, stagger off, softmax fence on, a persistent grid (one program per SM).
 
 With --interpret (a CPU smoke test of the script, tiny sizes) pallas_gpu runs in interpret mode and
 mosaic_gpu, which jax cannot interpret, is only lowered for CUDA (its rows say "lowered").
@@ -164,11 +161,8 @@ def section_check(args):
        lambda: causal_layout(t, 128, 2), True, False),
   ]
   persistent = mosaic_gpu.MosaicConfig(num_stages=2, programs=5)  # several items per program
-  keys = mosaic_gpu.MosaicConfig(num_stages=2, key_stages=3)   # K one step ahead of V
   cases += [(f"{name}, programs=5", sh, make_layout, causal, segments, persistent)
             for name, sh, make_layout, causal, segments in (cases[0], cases[2], cases[3], cases[4])]
-  cases += [(f"{name}, key_stages=3", sh, make_layout, causal, segments, keys)
-            for name, sh, make_layout, causal, segments in (cases[0], cases[3], cases[5])]
   out = {}
   for name, sh, make_layout, causal, segments, *config in cases:
     def run(sh=sh, make_layout=make_layout, causal=causal, segments=segments, config=config):
@@ -285,14 +279,12 @@ def section_sparse(args):
 
   persistent = dataclasses.replace(mosaic_gpu.default_config(q, layout), programs=sm_count())
   p_name = f"mosaic_gpu programs={persistent.programs}"
-  keys = dataclasses.replace(mosaic_gpu.default_config(q, layout), key_stages=3)
-  k_name = "mosaic_gpu key_stages=3"
   window_blocks = int(window.kv_counts.sum())
   entries = [("pallas_gpu", pallas, blocks), ("mosaic_gpu", mosaic, blocks),
-             (k_name, lambda: mosaic(keys), blocks), ("mosaic_gpu (again)", mosaic, blocks),
-             (f"{k_name} (again)", lambda: mosaic(keys), blocks), (p_name, lambda: mosaic(persistent), blocks),
+             (p_name, lambda: mosaic(persistent), blocks),
+             ("mosaic_gpu (again)", mosaic, blocks), (f"{p_name} (again)", lambda: mosaic(persistent), blocks),
              (f"mosaic_gpu contiguous {span}", lambda: mosaic(lay=window), window_blocks),
-             (f"{k_name} contiguous {span}", lambda: mosaic(keys, window), window_blocks)]
+             (f"{p_name} contiguous {span}", lambda: mosaic(persistent, window), window_blocks)]
   for name, run, nblocks in entries:
     r = guarded(f"sparse/{name}", run)
     if r is None:
@@ -320,8 +312,7 @@ def section_variants(args):
               if fits(bk, s)]
   skipped = [f"bk={bk} stages={s}" for bk in (128, 64) for s in (2, 3, 4) if not fits(bk, s)]
   print(f"  (not run, over shared memory: {', '.join(skipped) or 'none'})")
-  variants += [(128, mosaic_gpu.MosaicConfig(num_stages=2, key_stages=3)),
-               (128, mosaic_gpu.MosaicConfig(num_stages=2, pingpong=False)),
+  variants += [(128, mosaic_gpu.MosaicConfig(num_stages=2, pingpong=False)),
                (64, mosaic_gpu.MosaicConfig(num_stages=4, pingpong=False)),
                (128, mosaic_gpu.MosaicConfig(num_stages=2, stagger=0)),
                (128, mosaic_gpu.MosaicConfig(num_stages=2, softmax_fence=True)),
@@ -329,8 +320,7 @@ def section_variants(args):
                (128, mosaic_gpu.MosaicConfig(num_stages=2, programs=sm_count()))]
   rows = []
   for bk, cfg in variants:
-    label = (f"bk={bk:3d} stages={cfg.num_stages} key_stages={cfg.key_stages} pingpong={int(cfg.pingpong)} "
-             f"stagger={cfg.stagger:2d} "
+    label = (f"bk={bk:3d} stages={cfg.num_stages} pingpong={int(cfg.pingpong)} stagger={cfg.stagger:2d} "
              f"fence={int(cfg.softmax_fence)} programs={cfg.programs}")
 
     def run(bk=bk, cfg=cfg):

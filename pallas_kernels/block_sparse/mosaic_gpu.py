@@ -12,9 +12,9 @@ One program (CTA) per (query unit of 128 tokens, query head, batch), three warpg
   folded into one multiply-add per logit). A schedule barrier makes the two warpgroups take turns
   on the tensor cores (one runs its softmax while the other multiplies);
 * one producer warpgroup that walks the unit's list (`kv_indices`, read with scalar loads) and
-  TMA-loads the listed K/V blocks, with their key positions (and segment ids), into rings of
-  shared-memory slots (`num_stages` for V, `key_stages` for K and its positions); per slot one
-  barrier says "K (V) loaded" and one "K (V) consumed by both consumers".
+  TMA-loads the listed K/V blocks, with their key positions (and segment ids), into a ring of
+  `num_stages` shared-memory slots; per slot one barrier says "K loaded", one "V loaded", and two
+  say "K (V) consumed by both consumers".
 
 With a list per KV head (Hl = Hkv) each query head of the group still runs its own program over the
 group's list. Every program walks its list starting at entry (program index along the query axis
@@ -75,10 +75,6 @@ class MosaicConfig:
   """Launch parameters.
 
   num_stages: K/V blocks in flight (slots of the shared-memory ring), >= 2.
-  key_stages: K blocks in flight (slots of the K ring), 0 (num_stages) or more than num_stages:
-    the producer then loads each K (key_stages - num_stages) steps further ahead than its V,
-    which hides more of a scattered K load's latency where shared memory has no room for a
-    deeper K/V ring (128-key blocks of D = 128). Not with a persistent grid (`programs`).
   stagger: starts spread over the first `stagger` list entries (`pallas_gpu.KernelConfig.stagger`);
     0: every program starts at entry 0.
   pingpong: the two consumer warpgroups alternate on the tensor cores (a schedule barrier);
@@ -94,7 +90,6 @@ class MosaicConfig:
     query tile's load), which short lists otherwise pay once per program.
   """
   num_stages: int = 2
-  key_stages: int = 0
   stagger: int = STAGGER
   pingpong: bool = True
   softmax_fence: bool = False
@@ -107,17 +102,12 @@ class MosaicConfig:
       raise ValueError(f"stagger={self.stagger} must be >= 0 (0: no stagger)")
     if self.programs < 0:
       raise ValueError(f"programs={self.programs} must be >= 0 (0: one program per query unit and head)")
-    if self.key_stages and (self.key_stages < self.num_stages or self.programs):
-      raise ValueError(f"key_stages={self.key_stages} must be 0 or >= num_stages={self.num_stages}, "
-                       f"and 0 with a persistent grid (programs={self.programs})")
 
 
-def smem_bytes(d: int, block_k: int, num_stages: int, itemsize: int, has_seg: bool,
-               key_stages: int = 0) -> int:
-  """Shared memory of one program: Q/O tiles, the K and V rings, positions (and segment ids), lse."""
-  key_stages = key_stages or num_stages
-  tiles = _BLOCK_Q * d * itemsize + (key_stages + num_stages) * block_k * d * itemsize
-  ints = (1 + has_seg) * 4 * (_BLOCK_Q + key_stages * block_k)
+def smem_bytes(d: int, block_k: int, num_stages: int, itemsize: int, has_seg: bool) -> int:
+  """Shared memory of one program: Q/O tiles, the K/V ring, positions (and segment ids), lse."""
+  tiles = _BLOCK_Q * d * itemsize + num_stages * 2 * block_k * d * itemsize
+  ints = (1 + has_seg) * 4 * (_BLOCK_Q + num_stages * block_k)
   return tiles + ints + 4 * _BLOCK_Q + _SMEM_RESERVED
 
 
@@ -137,9 +127,8 @@ def check_supported(q, k, v, layout, config: MosaicConfig | None = None, has_seg
   _check_tiles("mosaic_gpu", q, k, v, layout, causal)
   cfg = config or default_config(q, layout)
   d = q.shape[-1]
-  _check_smem("mosaic_gpu", f"num_stages={cfg.num_stages}, key_stages={cfg.key_stages}",
-              layout.block_k, d, smem_bytes(d, layout.block_k, cfg.num_stages,
-                                            jnp.dtype(q.dtype).itemsize, has_seg, cfg.key_stages))
+  _check_smem("mosaic_gpu", f"num_stages={cfg.num_stages}", layout.block_k, d,
+              smem_bytes(d, layout.block_k, cfg.num_stages, jnp.dtype(q.dtype).itemsize, has_seg))
 
 
 def check_dtypes_and_head_dims(kernel: str, q, k, v) -> None:
@@ -214,12 +203,7 @@ class _Geometry:
 
   @property
   def stages(self):
-    """Slots of the V ring (and of the K ring unless `key_stages`)."""
     return self.cfg.num_stages
-
-  @property
-  def key_stages(self):
-    return self.cfg.key_stages or self.cfg.num_stages
 
   @property
   def items(self):
@@ -339,7 +323,6 @@ class _Program:
   entry: object     # step -> list entry
   kv_head: object
   list_at: object   # step -> KV block index
-  base: object = 0  # ring steps of the program's earlier items (persistent grid)
 
 
 def _program(g: _Geometry, kv_idx_ref, kv_cnt_ref, item=None) -> _Program:
@@ -377,64 +360,55 @@ def _work(g: _Geometry, kv_idx_ref, kv_cnt_ref) -> _Work:
 
 def _producer(g: _Geometry, work: _Work, refs, bufs, bars):
   """Walk the lists of the program's items and TMA-load each K/V block (and its key positions /
-  segment ids) into ring slots (step mod stages), steps counted over all the program's items, once
+  segment ids) into ring slot (step mod stages), steps counted over all the program's items, once
   both consumers have released the slot."""
   k_ref, v_ref, kv_pos_ref, kv_seg_ref = refs
   k_smem, v_smem, pos_smem, seg_smem = bufs
   k_bar, v_bar, k_free, v_free = bars
-  ks, vs = g.key_stages, g.stages
 
-  def load_k(p, n, reuse):
-    """K of step n (with its positions / segment ids) into K slot n mod key_stages; `reuse` (a
-    bool, static or traced): the slot held an earlier step, so wait for its release first. A K
-    slot is released once both consumers have done their Q K^T, before they release its V (after
-    P V): K loads start about half a step earlier than a whole-slot release would allow."""
-    slot, rows = lax.rem(n, ks), pl.ds(p.list_at(n - p.base) * g.block_k, g.block_k)
+  def wait_free(slot):
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
+
+  def load(p, n, slot, reuse):
+    """Load step n into `slot`; `reuse` (a bool, static or traced): the slot held an earlier step,
+    so wait for its release first. K is refilled as soon as both consumers have used the old K
+    (after their Q K^T), before they release the old V (after P V): the next K load starts about
+    half a step earlier than a whole-slot release would allow."""
+    block = p.list_at(n)
+    rows = pl.ds(block * g.block_k, g.block_k)
     pl.when(reuse)(lambda: plgpu.barrier_wait(k_free.at[slot]))
     plgpu.copy_gmem_to_smem(k_ref.at[p.batch, rows, p.kv_head], k_smem.at[slot], k_bar.at[slot])
     if g.causal:
       plgpu.copy_gmem_to_smem(kv_pos_ref.at[p.batch, rows], pos_smem.at[slot], k_bar.at[slot])
     if g.has_seg:
       plgpu.copy_gmem_to_smem(kv_seg_ref.at[p.batch, rows], seg_smem.at[slot], k_bar.at[slot])
-
-  def load_v(p, n, reuse):
-    slot, rows = lax.rem(n, vs), pl.ds(p.list_at(n - p.base) * g.block_k, g.block_k)
     pl.when(reuse)(lambda: plgpu.barrier_wait(v_free.at[slot]))
     plgpu.copy_gmem_to_smem(v_ref.at[p.batch, rows, p.kv_head], v_smem.at[slot], v_bar.at[slot])
 
-  if g.programs:   # key_stages == stages: K and V of one step together, item after item
+  if g.programs:
     def item(i, base):
-      p = dataclasses.replace(work.at(i), base=base)
+      p = work.at(i)
 
       @pl.loop(0, p.count)
       def _step(n):
-        load_k(p, base + n, base + n >= ks)
-        load_v(p, base + n, base + n >= vs)
+        load(p, n, lax.rem(base + n, g.stages), base + n >= g.stages)
       return base + p.count
     total = lax.fori_loop(0, work.count, item, jnp.int32(0))
   else:
-    # K runs `lead` steps ahead of V. Step n of the loop waits for the consumers' release of step
-    # n - stages: its Q K^T frees K slot (n + lead) mod key_stages, its P V frees V slot n mod stages.
     p = work.at(0)
-    total, lead = p.count, ks - vs
-    for n in range(ks):
-      pl.when(n < p.count)(functools.partial(load_k, p, n, False))
-    for n in range(vs):
-      pl.when(n < p.count)(functools.partial(load_v, p, n, False))
+    total = p.count
+    for n in range(g.stages):
+      pl.when(n < p.count)(functools.partial(load, p, n, n, False))
 
-    @pl.loop(vs, jnp.maximum(p.count, vs))
+    @pl.loop(g.stages, jnp.maximum(p.count, g.stages))
     def _refill(n):
-      pl.when(n + lead < p.count)(lambda: load_k(p, n + lead, True))
-      load_v(p, n, True)
+      load(p, n, lax.rem(n, g.stages), True)
 
-  # Observe the consumers' last releases: no barrier phase is left unobserved at exit.
-  @pl.loop(jnp.maximum(total - ks, 0), total)
-  def _drain_k(n):
-    plgpu.barrier_wait(k_free.at[lax.rem(n, ks)])
-
-  @pl.loop(jnp.maximum(total - vs, 0), total)
-  def _drain_v(n):
-    plgpu.barrier_wait(v_free.at[lax.rem(n, vs)])
+  @pl.loop(jnp.maximum(total - g.stages, 0), total)
+  def _drain(n):
+    """Observe the consumers' last releases: no barrier phase is left unobserved at exit."""
+    wait_free(lax.rem(n, g.stages))
 
 
 def _consumer(g: _Geometry, work: _Work, wg, refs, bufs, bars, q_range_ref, kv_range_ref):
@@ -507,7 +481,7 @@ def _consume_item(g: _Geometry, p: _Program, base, wg, refs, bufs, bars, q_range
 
   def step(n, carry):
     acc, m_prev, l_prev, *need = carry
-    slot, v_slot = lax.rem(base + n, g.key_stages), lax.rem(base + n, g.stages)
+    slot = lax.rem(base + n, g.stages)
     if g.mask_mode == "skip":   # look the next block up while this one computes
       need, nxt = need[0], [needs_mask(p.list_at(jnp.minimum(n + 1, p.count - 1)))]
     else:
@@ -525,25 +499,25 @@ def _consume_item(g: _Geometry, p: _Program, base, wg, refs, bufs, bars, q_range
       acc, m_new, l_new, prob = lax.optimization_barrier((acc, m_new, l_new, prob))
     if g.cfg.pingpong:
       plgpu.barrier_arrive(turn)
-    plgpu.barrier_wait(v_bar.at[v_slot])
+    plgpu.barrier_wait(v_bar.at[slot])
     if g.cfg.pingpong:
       plgpu.barrier_wait(turn)
 
     def pv(acc_ref):
       acc_ref[...] = acc
-      plgpu.wgmma(acc_ref, prob, v_smem.at[v_slot])
-      nxt_slot = lax.rem(base + n + 1, g.key_stages)
+      plgpu.wgmma(acc_ref, prob, v_smem.at[slot])
+      nxt_slot = lax.rem(base + n + 1, g.stages)
       pl.when(n + 1 < p.count)(lambda: plgpu.barrier_wait(k_bar.at[nxt_slot]))
       return acc_ref[...]
     acc = pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
-    plgpu.barrier_arrive(v_free.at[v_slot])
+    plgpu.barrier_arrive(v_free.at[slot])
     return (acc, m_new, l_new, *nxt)
 
   acc = plgpu.layout_cast(jnp.zeros((_WG_ROWS, g.d), jnp.float32), plgpu.Layout.WGMMA)
   m = plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, jnp.float32), row_layout)
   l = plgpu.layout_cast(jnp.zeros((_WG_ROWS,), jnp.float32), row_layout)
   need0 = [needs_mask(p.list_at(0))] if g.mask_mode == "skip" else []
-  first = 0 if isinstance(base, int) else lax.rem(base, g.key_stages)
+  first = 0 if isinstance(base, int) else lax.rem(base, g.stages)
   pl.when(p.count > 0)(lambda: plgpu.barrier_wait(k_bar.at[first]))
   pl.when(wg == 1)(take_turn)   # the second warpgroup starts half a step behind the first
   acc, m, l, *_ = lax.fori_loop(0, p.count, step, (acc, m, l, *need0))
@@ -571,18 +545,18 @@ def _kernel(kv_idx_ref, kv_cnt_ref, q_range_ref, kv_range_ref, q_pos_ref, kv_pos
   ints = lambda *shape: plgpu.SMEM(shape, jnp.int32)
   scratch = dict(
       q=plgpu.SMEM((_CONSUMERS, _WG_ROWS, g.d), g.dtype, transforms=swizzled),
-      k=plgpu.SMEM((g.key_stages, g.block_k, g.d), g.dtype, transforms=swizzled),
+      k=plgpu.SMEM((g.stages, g.block_k, g.d), g.dtype, transforms=swizzled),
       v=plgpu.SMEM((g.stages, g.block_k, g.d), g.dtype, transforms=swizzled),
       qpos=ints(_CONSUMERS, _WG_ROWS) if g.causal else None,
       qseg=ints(_CONSUMERS, _WG_ROWS) if g.has_seg else None,
-      pos=ints(g.key_stages, g.block_k) if g.causal else None,
-      seg=ints(g.key_stages, g.block_k) if g.has_seg else None,
+      pos=ints(g.stages, g.block_k) if g.causal else None,
+      seg=ints(g.stages, g.block_k) if g.has_seg else None,
       lse=plgpu.SMEM((_CONSUMERS, _WG_ROWS), jnp.float32))
   barriers = dict(
       q=plgpu.Barrier(num_arrivals=g.query_copies, num_barriers=_CONSUMERS),
-      k=plgpu.Barrier(num_arrivals=g.key_copies, num_barriers=g.key_stages),
+      k=plgpu.Barrier(num_arrivals=g.key_copies, num_barriers=g.stages),
       v=plgpu.Barrier(num_barriers=g.stages),
-      k_free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=g.key_stages),
+      k_free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=g.stages),
       v_free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=g.stages),
       turn=plgpu.Barrier(num_arrivals=_CONSUMERS))
 

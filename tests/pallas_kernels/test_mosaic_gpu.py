@@ -189,17 +189,6 @@ CASES = {
     "persistent_gqa_segments": (dict(seq_len_q=512, seq_len_k=512, block_k=64, layout_kind="random",
                                      group=2, head_unit="kv", segments=True, density=0.6),
                                 mosaic_gpu.MosaicConfig(num_stages=3, stagger=1, programs=3)),
-    # a K ring deeper than the V ring (K loaded one step ahead of its V): random causal 128-key
-    # blocks, lists up to 4 long wrapping both rings, segments, no stagger
-    "key_lead_random_segments": (dict(seq_len_q=512, seq_len_k=512, block_k=128, layout_kind="random",
-                                      segments=True, density=0.8),
-                                 mosaic_gpu.MosaicConfig(num_stages=2, key_stages=3, stagger=0)),
-    # K two steps ahead (4 K slots, 2 V slots), causal 64-key blocks (up to 6 per unit) in a
-    # window, stagger 1, no pingpong
-    "key_lead2_window_bk64": (dict(seq_len_q=384, seq_len_k=384, block_k=64, layout_kind="causal",
-                                   window=300),
-                              mosaic_gpu.MosaicConfig(num_stages=2, key_stages=4, stagger=1,
-                                                      pingpong=False)),
     # float16, D = 64, batch 2 with a list per batch row, segments without causal masking
     "f16_d64_batch2": (dict(seq_len_q=128, seq_len_k=256, block_k=64, layout_kind="top_k", batch=2,
                             layout_batch=2, dqk=64, dv=64, dtype="float16", segments=True,
@@ -265,26 +254,6 @@ def test_lowers_for_cuda_without_gpu(causal, segments, block_k, d, dtype, progra
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
 
 
-def test_key_ring_lowers_for_cuda_and_fits():
-  """A K ring of 3 slots next to a V ring of 2 fits 128-key blocks of D = 128 with segment ids
-  (where a 3-slot K/V ring does not) and lowers to one Mosaic GPU custom call."""
-  t = 512
-  q = jax.ShapeDtypeStruct((1, t, 2, 128), jnp.bfloat16)
-  ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
-  layout = BlockLayout.causal(t, t, block_q=128, block_k=128)
-  config = mosaic_gpu.MosaicConfig(num_stages=2, key_stages=3)
-  mosaic_gpu.check_supported(q, q, q, layout, config)
-  with pytest.raises(ValueError, match="shared memory"):
-    mosaic_gpu.check_supported(q, q, q, layout, mosaic_gpu.MosaicConfig(num_stages=3))
-
-  def f(q, k, v, pos, seg):
-    return mosaic_gpu.forward(q, k, v, layout, pos, pos, seg, seg, sm_scale=0.1, causal=True,
-                              config=config)
-
-  text = jax.jit(f).trace(q, q, q, ids, ids).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
-
-
 def _shapes(tq=256, tk=256, d=128, dv=None, dtype=jnp.bfloat16):
   return (jax.ShapeDtypeStruct((1, tq, 2, d), dtype), jax.ShapeDtypeStruct((1, tk, 2, d), dtype),
           jax.ShapeDtypeStruct((1, tk, 2, dv or d), dtype))
@@ -342,7 +311,3 @@ def test_config_validation():
     dataclasses.replace(mosaic_gpu.MosaicConfig(), stagger=-1)
   with pytest.raises(ValueError, match="programs=-1"):
     mosaic_gpu.MosaicConfig(programs=-1)
-  with pytest.raises(ValueError, match="key_stages=2 must be 0 or >= num_stages=3"):
-    mosaic_gpu.MosaicConfig(num_stages=3, key_stages=2)
-  with pytest.raises(ValueError, match="programs=4"):
-    mosaic_gpu.MosaicConfig(key_stages=3, programs=4)

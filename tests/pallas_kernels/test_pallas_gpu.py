@@ -226,6 +226,31 @@ def test_split_at_run_time_both_branches(monkeypatch):
     assert bool(splits) == ran_split, (longest, splits)
 
 
+def test_split_at_run_time_lowers_for_cuda(monkeypatch):
+  """With the run-time choice the backward lowers to one conditional holding both dK/dV paths: the
+  whole-list kernel in one branch, the partial and reduction kernels in the other (5 Triton calls
+  with the forward and dQ)."""
+  monkeypatch.setattr(pallas_gpu, "_DKV_MIN_PROGRAMS", 1)
+  nq = 5
+  q, k, v, _, kw, _ = _case(0, batch=1, tq=nq * 16, tk=nq * 16, hq=2, hkv=2, hl=2, dqk=16, dv=16,
+                            block_q=16, block_k=16, density=1.0, dtype=jnp.bfloat16)
+  layout = BlockLayout.from_block_mask(jnp.broadcast_to(jnp.eye(nq, dtype=bool), (1, 2, nq, nq)),
+                                       block_q=16, block_k=16, max_kv_blocks=1)
+  cfg = pallas_gpu.KernelConfig(rows=16, num_warps=4, num_stages=2)
+  g = pallas_gpu._geometry(q, k, v, layout, cfg, 1.0, True, False)
+  assert pallas_gpu.runs_split_test(g, layout, cfg, batch=1)
+  configs = pallas_gpu.default_configs
+  monkeypatch.setattr(pallas_gpu, "default_configs", lambda *a: dict(configs(*a), dkv=cfg))
+
+  def loss(q, k, v):
+    out, lse = block_sparse_attention(q, k, v, layout, implementation="pallas_gpu", **kw)
+    return out.astype(jnp.float32).sum() + jnp.where(jnp.isneginf(lse), 0.0, lse).sum()
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 5 and "stablehlo.case" in text
+
+
 @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=cases(block_k=st.sampled_from([16, 32]), dqk=st.sampled_from([16, 32]),
                   dv=st.sampled_from([16, 32])))

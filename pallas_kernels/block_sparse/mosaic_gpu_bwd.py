@@ -197,7 +197,7 @@ def list_chunk(layout, num_kv_heads: int, batch: int, config: BwdConfig) -> int:
   if config.list_chunk is not None:
     return config.list_chunk
   nq, cap = layout.kv_indices.shape[2:]
-  mean = -(-nq * cap // layout.num_kv_blocks)
+  mean = _mean_list(layout)
   if nq > 4 * mean:
     return max(_MIN_CHUNK, 2 * mean)
   if layout.num_kv_blocks * num_kv_heads * batch < _SPLIT_BELOW_PROGRAMS:
@@ -213,9 +213,14 @@ def runs_split_test(layout, num_kv_heads: int, batch: int, config: BwdConfig) ->
   length, while whole lists would give enough programs."""
   if not config.split_at_run_time or config.list_chunk is not None:
     return False
-  nq, cap = layout.kv_indices.shape[2:]
-  return (nq > 4 * -(-nq * cap // layout.num_kv_blocks)
+  return (layout.kv_indices.shape[2] > 4 * _mean_list(layout)
           and layout.num_kv_blocks * num_kv_heads * batch >= _SPLIT_BELOW_PROGRAMS)
+
+
+def _mean_list(layout) -> int:
+  """A static bound on the mean KV-major list: the query-major entries' capacity over the KV blocks."""
+  nq, cap = layout.kv_indices.shape[2:]
+  return -(-nq * cap // layout.num_kv_blocks)
 
 
 def check_supported(q, k, v, layout, config: BwdConfig | None = None, has_seg: bool = True,

@@ -730,14 +730,14 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
 
   g = _geometry(q, k, v, layout, cfgs["dkv"], sm_scale, causal, has_seg, window)
   chunk = _list_chunk(g, layout, cfgs["dkv"], b)
+  args = (g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk)
   if not chunk:
-    dk, dv = _dkv_whole(g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk)
+    dk, dv = _dkv_whole(*args)
   elif runs_split_test(g, layout, cfgs["dkv"], b):
-    dk, dv = lax.cond(split.longest_list(layout) > 2 * chunk,
-                      lambda: _dkv_split(g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk),
-                      lambda: _dkv_whole(g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk))
+    dk, dv = lax.cond(split.longest_list(layout) > 2 * chunk, lambda: _dkv_split(*args),
+                      lambda: _dkv_whole(*args))
   else:
-    dk, dv = _dkv_split(g, layout, aux, acts, b, cfgs["dkv"], interpret, chunk)
+    dk, dv = _dkv_split(*args)
   return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape))
 
 

@@ -91,6 +91,21 @@ def test_attention_benchmarks_run_on_cpu(tmp_path, script, args):
     assert len(json.dumps(result)) > 200
 
 
+def test_l2_gather_runs_on_cpu(tmp_path):
+    """benchmarks/l2_gather.py at 256 tokens: its Triton gather kernel (interpreted) sums exactly the
+    blocks the selection lists name, for both list patterns; its TMA kernel lowers for CUDA."""
+    out = tmp_path / "l2.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "l2_gather.py"), "--interpret",
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=400,
+                          env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["gather"]
+    assert set(rows) == {"anchor_256", "causal16_256"}
+    for row in rows.values():
+        assert row["check_max_abs"] < 1e-4 and row["kv_gbytes"] > 0
+        assert {"gather_w2s2", "gather_k_only_w2s2", "gather_shared_w2s2"} <= set(row)
+
+
 def test_kernels_lists_section_runs_on_cpu(tmp_path):
     """benchmarks/kernels.py --sections lists at T=256 (two 128-blocks, kernels in interpret mode):
     every list shape timed forward and forward+backward with no stagger and two stagger spans, over

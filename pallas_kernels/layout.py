@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +142,9 @@ class BlockLayout:
         if mask.dtype != jnp.bool_:
             raise ValueError(f"block mask must be bool, got {mask.dtype}")
         nk = mask.shape[3]
+        if max_kv_blocks is not None and (isinstance(max_kv_blocks, bool)
+                                          or not isinstance(max_kv_blocks, numbers.Integral)):
+            raise ValueError(f"max_kv_blocks must be None or an int in [1, nk={nk}], got {max_kv_blocks!r}")
         cap = nk if max_kv_blocks is None else int(max_kv_blocks)
         if not 1 <= cap <= nk:
             raise ValueError(f"max_kv_blocks must lie in [1, nk={nk}], got {max_kv_blocks!r}")
@@ -270,6 +274,7 @@ class BlockLayout:
             raise ValueError("layout.kv_offsets must be non-decreasing and end at the total count")
         if qi.size and (qi.min() < 0 or qi.max() >= idx.shape[2]):
             raise ValueError(f"layout.q_indices must lie in [0, nq={idx.shape[2]})")
+        _check_inverse(idx, cnt, qi, off, nk)
 
     def dense_block_mask(self) -> jax.Array:
         """bool [B, Hl, nq, nk]: the visited blocks as a mask. O(nq·nk) memory: for tests and debugging."""
@@ -288,6 +293,22 @@ jax.tree_util.register_dataclass(
     data_fields=["kv_indices", "kv_counts", "q_indices", "kv_offsets"],
     meta_fields=["block_q", "block_k", "num_kv_blocks"],
 )
+
+
+def _check_inverse(idx, cnt, qi, off, nk) -> None:
+    """The KV-major inverse (q_indices, kv_offsets) must list exactly the query-major lists' entries
+    (the Pallas backwards read dK/dV's work from it alone). numpy values, shapes as in the contract."""
+    nq, cap = idx.shape[2:]
+    used = np.arange(cap) < cnt[..., None]
+    units = np.broadcast_to(np.arange(nq)[:, None], (nq, cap))
+    for b, h in np.ndindex(*idx.shape[:2]):
+        blocks, q = idx[b, h][used[b, h]], units[used[b, h]]
+        order = np.lexsort((q, blocks))                          # by block, then query unit
+        want_off = np.concatenate([[0], np.cumsum(np.bincount(blocks, minlength=nk))])
+        if not np.array_equal(off[b, h], want_off) or not np.array_equal(qi[b, h, :len(q)], q[order]):
+            raise ValueError(
+                f"layout.q_indices / kv_offsets (batch {b}, head unit {h}) are not the inverse of "
+                "kv_indices / kv_counts; build layouts with the BlockLayout constructors")
 
 
 @functools.partial(jax.jit, static_argnums=1)

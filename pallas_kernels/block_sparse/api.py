@@ -13,6 +13,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.layout import BlockLayout
 
@@ -86,12 +87,8 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, sm_scale=None, causa
             raise
         raise ValueError(f"{e} (implementation=None chose {name!r} for the {jax.default_backend()!r} backend; "
                          f"implementation='xla' serves every valid call, more slowly)") from e
-    try:
-        scale = 1.0 / math.sqrt(dqk) if sm_scale is None else float(sm_scale)
-        causal = bool(causal)
-    except jax.errors.ConcretizationTypeError as e:
-        raise ValueError("sm_scale and causal must be Python values (static), got a traced value; "
-                         "scale q instead for a learned or traced scale") from e
+    scale = 1.0 / math.sqrt(dqk) if sm_scale is None else _check_scale(sm_scale)
+    causal = _check_causal(causal)
     window = _check_window(window, causal)
     attend = _attention_fn(name, scale, causal, window, bool(interpret))
     out, lse = attend(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)
@@ -116,10 +113,39 @@ def _check_inputs(q, k, v, layout) -> None:
         raise ValueError(f"k {k.shape} and v {v.shape} must agree in [B, Tk, Hkv]")
     if dqk != dk:
         raise ValueError(f"q and k head dims differ: Dqk {dqk} vs {dk}")
+    for name, n in (("Hq", hq), ("Hkv", hkv), ("Dqk", dqk), ("Dv", v.shape[3])):
+        if n < 1:
+            raise ValueError(f"{name} must be >= 1, got {name}={n} (q {q.shape}, k {k.shape}, v {v.shape})")
     if hq % hkv:
         raise ValueError(f"query heads Hq={hq} must be a multiple of KV heads Hkv={hkv}")
     layout.check_shapes(tq, tk, hq, hkv, b)
     layout.check_values()
+
+
+def _static_scalar(x, name: str, kind: str):
+    """x itself, or the Python value of a concrete 0-d jax array; a traced value is refused."""
+    if not isinstance(x, jax.Array):
+        return x
+    try:
+        return x.item() if x.ndim == 0 else x
+    except jax.errors.ConcretizationTypeError as e:
+        raise ValueError(f"{name} must be a Python {kind} (static), got a traced value"
+                         + ("; scale q instead for a learned or traced scale" if name == "sm_scale" else "")) from e
+
+
+def _check_scale(sm_scale) -> float:
+    """sm_scale as a finite Python float (it is static, like `causal`)."""
+    sm_scale = _static_scalar(sm_scale, "sm_scale", "number")
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real) or not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale must be None or a finite real number, got {sm_scale!r}")
+    return float(sm_scale)
+
+
+def _check_causal(causal) -> bool:
+    causal = _static_scalar(causal, "causal", "bool")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise ValueError(f"causal must be a bool (True or False), got {causal!r}")
+    return bool(causal)
 
 
 def _check_window(window, causal: bool) -> int | None:

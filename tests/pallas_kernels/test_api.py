@@ -55,8 +55,20 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="kv_indices must lie in"):
         bad = BlockLayout(lay.kv_indices + 9, lay.kv_counts, lay.q_indices, lay.kv_offsets, 4, 4, 4)
         block_sparse_attention(q, k, v, bad)
-    with pytest.raises(ValueError, match="must be Python values"):
+    with pytest.raises(ValueError, match=r"sm_scale must be a Python number \(static\), got a traced"):
         jax.jit(lambda s: block_sparse_attention(q, k, v, lay, sm_scale=s))(1.0)
+    for bad_scale in (float("nan"), float("inf"), "a", True, [1.0]):
+        with pytest.raises(ValueError, match=r"sm_scale must be None or a finite real number, got"):
+            block_sparse_attention(q, k, v, lay, sm_scale=bad_scale)
+    for bad_causal in ("False", 0, None):
+        with pytest.raises(ValueError, match=r"causal must be a bool \(True or False\), got"):
+            block_sparse_attention(q, k, v, lay, causal=bad_causal)
+    out, lse = block_sparse_attention(q, k, v, lay, causal=np.bool_(True), sm_scale=np.float32(0.5))
+    assert out.shape == (1, 12, 4, 8) and lse.shape == (1, 4, 12)
+    with pytest.raises(ValueError, match=r"Hkv must be >= 1, got Hkv=0"):
+        block_sparse_attention(q, k[:, :, :0], v[:, :, :0], lay)
+    with pytest.raises(ValueError, match=r"Dqk must be >= 1, got Dqk=0"):
+        block_sparse_attention(q[..., :0], k[..., :0], v, lay)
     for bad_window in (0, -3, 2.5, True, jnp.int32(4)):
         with pytest.raises(ValueError, match=r"window must be None or a Python int >= 1 \(static\), got"):
             block_sparse_attention(q, k, v, lay, window=bad_window)

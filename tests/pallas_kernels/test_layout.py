@@ -198,3 +198,24 @@ def test_check_values_rejects_hand_built_layout():
     bad = BlockLayout(good.kv_indices[..., ::-1], good.kv_counts, good.q_indices, good.kv_offsets, 4, 4, 2)
     with pytest.raises(ValueError, match="strictly ascending"):
         bad.check_values()
+
+
+def test_check_values_rejects_an_inverse_that_disagrees():
+    """The Pallas backwards take dK/dV's work from the inverse alone: a hand-built layout whose
+    q_indices / kv_offsets are not the inverse of its lists is refused, not silently wrong."""
+    mask = jnp.zeros((1, 2, 3, 3), bool).at[0, :, 0, 0].set(True).at[0, :, 2, :].set(True)
+    good = BlockLayout.from_block_mask(mask, block_q=4, block_k=4)
+    good.check_values()
+    swapped = BlockLayout.from_block_mask(mask[:, :, ::-1], block_q=4, block_k=4)   # units 0 and 2 swapped
+    for q_indices, kv_offsets in ((swapped.q_indices, good.kv_offsets),          # same offsets
+                                  (good.q_indices, good.kv_offsets.at[0, 1, 1].add(1))):
+        bad = BlockLayout(good.kv_indices, good.kv_counts, q_indices, kv_offsets, 4, 4, 3)
+        with pytest.raises(ValueError, match=r"head unit \d\) are not the inverse of kv_indices / kv_counts"):
+            bad.check_values()
+
+
+def test_max_kv_blocks_must_be_an_int():
+    mask = jnp.ones((1, 1, 2, 2), bool)
+    for bad in (1.7, "2", True):
+        with pytest.raises(ValueError, match=r"max_kv_blocks must be None or an int in \[1, nk=2\], got"):
+            BlockLayout.from_block_mask(mask, block_q=4, block_k=4, max_kv_blocks=bad)

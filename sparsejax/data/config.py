@@ -19,6 +19,10 @@ Fields:
   checkpointed iterator state depend on it: resume with the same value.
 - `read_threads`: threads that read and tokenize documents ahead of the packer.
 - `max_documents`: optional cap on the number of documents (first ones in sorted order), for tiny runs.
+- `document_alignment`: a document piece that starts inside a packed row starts at a multiple of this
+  many tokens (filler before it: token 0, segment 0, no loss). 0 = the attention variant's own grid
+  (`document_alignment(config)` of its class: NSA's selection block l', so a packed document sees the
+  paper's per-document compression and selection blocks, as if it were alone; 1 for dense); 1 = none.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
       "worker_count": 0,
       "read_threads": 4,
       "max_documents": config_dict.placeholder(int),
+      "document_alignment": 0,
   })
 
 
@@ -100,6 +105,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_int("data.read_threads", data.read_threads, 1)
   if data.max_documents is not None:
     _check_int("data.max_documents", data.max_documents, 1)
+  _check_int("data.document_alignment", data.document_alignment, 0, data.seq_len)
 
   mix = data.synthetic_mixture
   _check_float("data.synthetic_mixture.fraction", mix.fraction, 0.0, 1.0)

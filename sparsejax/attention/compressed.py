@@ -20,7 +20,11 @@ Packed documents (our decision; the paper trains on unpacked sequences). Compres
 the grid of the packed row, not of each document. A block inside one document carries that
 document's segment id; a block that straddles a document boundary carries segment −1, which no query
 has (documents are ≥ 1, padding 0), so it is never visible: nothing of one document leaks into
-another, at the price of the (at most l/d − 1) compressed tokens across each boundary.
+another. A document that starts on the selection grid (a multiple of l', which d divides) therefore
+gets exactly the compressed tokens and selection blocks it would have alone, and the same outputs;
+one that starts elsewhere loses up to l/d − 1 compressed tokens at its start and gets a partial
+initial block, so its outputs depend on its offset in the row. The data pipeline aligns document
+starts for NSA (`config.data.document_alignment`, `NSAAttention.document_alignment`).
 
 Selection importance (Eq. 8–10). p_cmp = softmax of the compression logits per query head; summed
 over the G heads of a KV group (probabilities, not logits); mapped to selection blocks of length l'
@@ -51,6 +55,7 @@ and xla elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -105,10 +110,14 @@ def compress(x: jax.Array, params: CompressionParams, *, block: int, stride: int
 
 
 def compressed_segments(segment_ids: jax.Array, n: int, block: int, stride: int) -> jax.Array:
-    """Segment of each compressed token: [B, T] -> [B, N]; −1 for a block that straddles documents."""
-    first = segment_ids[:, : n * stride: stride]
-    last = segment_ids[:, block - 1: block - 1 + n * stride: stride]
-    return jnp.where(first == last, last, -1).astype(jnp.int32)
+    """Segment of each compressed token: [B, T] -> [B, N]; −1 for a block whose tokens are not all of
+    one segment (ids need not be monotonic: filler between aligned documents is segment 0)."""
+    b, shifts = segment_ids.shape[0], block // stride
+    chunks = segment_ids[:, : (n + shifts - 1) * stride].reshape(b, n + shifts - 1, stride)
+    lo, hi = chunks.min(-1), chunks.max(-1)                                    # per stride chunk
+    lo = functools.reduce(jnp.minimum, [lo[:, i: i + n] for i in range(shifts)])
+    hi = functools.reduce(jnp.maximum, [hi[:, i: i + n] for i in range(shifts)])
+    return jnp.where(lo == hi, hi, -1).astype(jnp.int32)
 
 
 def compressed_positions(n: int, block: int, stride: int) -> jax.Array:

@@ -337,6 +337,13 @@ class NSAAttention(nnx.Module):
         self.out = OutputProjection(config, rngs=rngs)
 
     @staticmethod
+    def document_alignment(config) -> int:
+        """Where packed documents should start (`config.data.document_alignment` = 0 reads it): on the
+        selection grid l' (the compression grid d divides it), so that a document's compression and
+        selection blocks are the ones it would have alone (`compressed.py`, "Packed documents")."""
+        return int(config.attention.nsa.select_block)
+
+    @staticmethod
     def attention_flops(config, seq_len: int) -> float:
         """Forward FLOPs of one layer over one causal sequence of `seq_len` tokens (no packing), of
         everything NSA computes beyond the standard q/k/v/o projections (read by

@@ -79,7 +79,8 @@ def nsa_reference(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k
     ends = np.arange(n) * s + l - 1
     kc = apply_rope(kc, rope_positions[:, ends], rope_theta).astype(jnp.float32)
     complete = ends[None, :] <= np.arange(t)[:, None]                                 # [T, N]
-    cmp_doc = (seg[:, :, None] == seg[:, None, np.arange(n) * s]) & (seg[:, :, None] == seg[:, None, ends])
+    block_seg = seg[:, np.arange(n)[:, None] * s + np.arange(l)[None, :]]              # [B, N, l]
+    cmp_doc = jnp.all(seg[:, :, None, None] == block_seg[:, None], axis=-1)           # [B, T, N]
     cmp_mask = jnp.broadcast_to((complete[None] & cmp_doc)[:, None], (b, h, t, n))
     if n:
         o_cmp, p_cmp = _softmax_attention(q, expand(kc), expand(vc), cmp_mask, scale)

@@ -11,6 +11,12 @@ padding removed, are exactly the concatenated stream.
 `loss_mask[t] = 1` iff `segment_ids` of row tokens t and t+1 are equal and non-zero: the target is
 the next token of the same document piece. The first token of each piece is never a target.
 
+With `align` > 1 a piece that starts inside a row starts at a multiple of `align` (input index):
+the tokens before it are filler (token 0, segment 0, position 0; no loss, never attended by a
+document). Rows still hold every token of the stream once, in order; only filler is added. NSA
+needs it (`config.data.document_alignment`): its compression and selection blocks lie on the row's
+grid, so a document sees the paper's per-document blocks only where it starts on that grid.
+
 grain's `ConcatThenSplitIterDataset` does not give this contract (it passes full-length documents
 through and keeps partly filled rows open), so the packer is a small grain `IterDataset` of its own.
 Its checkpoint state is the parent's state before the document being consumed plus the offset into
@@ -46,9 +52,10 @@ def padding_example(seq_len: int) -> dict[str, np.ndarray]:
 
 class _PackIterator(grain.DatasetIterator):
 
-  def __init__(self, parent, seq_len: int):
+  def __init__(self, parent, seq_len: int, align: int):
     super().__init__(parent)
     self._row_len = seq_len + 1
+    self._align = align
     self._doc = None            # int32 [N] document being consumed, or None
     self._doc_state = None      # parent state before that document was read
     self._offset = 0            # tokens of _doc already emitted
@@ -79,6 +86,9 @@ class _PackIterator(grain.DatasetIterator):
           break
         if len(self._doc) == 0:
           continue
+      fill = -(-fill // self._align) * self._align     # filler up to the grid (zeros already there)
+      if fill >= length:
+        break
       n = min(length - fill, len(self._doc) - self._offset)
       tokens[fill:fill + n] = self._doc[self._offset:self._offset + n]
       segments[fill:fill + n] = segment
@@ -109,17 +119,19 @@ class PackIterDataset(grain.IterDataset):
   format: dicts of `inputs, targets, positions, segment_ids` int32 [T] and `loss_mask` float32 [T],
   T = seq_len. See the module docstring for the exact contract."""
 
-  def __init__(self, parent: grain.IterDataset, seq_len: int):
+  def __init__(self, parent: grain.IterDataset, seq_len: int, *, align: int = 1):
     super().__init__(parent)
     if seq_len < 1:
       raise ValueError(f"seq_len={seq_len} must be >= 1")
-    self._seq_len = seq_len
+    if not 1 <= align <= seq_len:
+      raise ValueError(f"align={align} must be in [1, seq_len={seq_len}]")
+    self._seq_len, self._align = seq_len, align
 
   def __iter__(self):
-    return _PackIterator(self._parent.__iter__(), self._seq_len)
+    return _PackIterator(self._parent.__iter__(), self._seq_len, self._align)
 
   def __str__(self):
-    return f"PackIterDataset(seq_len={self._seq_len})"
+    return f"PackIterDataset(seq_len={self._seq_len}, align={self._align})"
 
 
 class _PadRowsIterator(grain.DatasetIterator):

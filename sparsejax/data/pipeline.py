@@ -4,7 +4,8 @@ Training (`make_train_iterator`):
 
     documents of the train split ─ [process_index::process_count] ─ shuffle(seed, new order every
     epoch) ─ repeat forever ─ tokenize (BOS + tokens + EOS) ─ to_iter_dataset (read threads)
-    ─ pack into rows ─ [mix with synthetic task rows] ─ batch(B / process_count)
+    ─ pack into rows (document starts aligned: `document_alignment`) ─ [mix with synthetic task
+    rows] ─ batch(B / process_count)
     ─ [mp_prefetch(worker_count)]
 
 Evaluation (`make_eval_iterator`): the same without shuffle, repeat or mixture; one pass over the
@@ -65,7 +66,24 @@ def _synthetic_rows(data, tokenizer, split, process_index, process_count) -> gra
   return ds.to_iter_dataset(_read_options(data))
 
 
-def _document_rows(data, tokenizer, split, process_index, process_count, *, train: bool) -> grain.IterDataset:
+def document_alignment(config) -> int:
+  """The packer's alignment of document starts: `data.document_alignment`, or for 0 the attention
+  variant's own (`document_alignment(config)` of its class; 1 without one, or for a config that is
+  only a data section)."""
+  data = _data_section(config)
+  align = int(data.get("document_alignment", 0))
+  if align:
+    return align
+  if "attention" not in config or "model" not in config:
+    return 1
+  from sparsejax.attention import get_attention  # pylint: disable=g-import-not-at-top
+
+  variant = get_attention(config.attention.kind)
+  return int(variant.document_alignment(config)) if hasattr(variant, "document_alignment") else 1
+
+
+def _document_rows(config, tokenizer, split, process_index, process_count, *, train: bool) -> grain.IterDataset:
+  data = _data_section(config)
   docs = sources.load_documents(data, split)
   ds = grain.MapDataset.source(docs)[process_index::process_count]
   if train:
@@ -74,7 +92,8 @@ def _document_rows(data, tokenizer, split, process_index, process_count, *, trai
                        f"(the train split has {len(docs)}); use fewer processes or more documents")
     ds = ds.shuffle(seed=data.shuffle_seed).repeat()
   ds = ds.map(_Tokenize(tokenizer))
-  return packing.PackIterDataset(ds.to_iter_dataset(_read_options(data)), data.seq_len)
+  return packing.PackIterDataset(ds.to_iter_dataset(_read_options(data)), data.seq_len,
+                                align=min(document_alignment(config), data.seq_len))
 
 
 def _data_section(config):
@@ -100,7 +119,7 @@ def make_train_iterator(config, *, process_index: int = 0, process_count: int = 
   if fraction >= 1.0:
     rows = _synthetic_rows(data, tokenizer, "train", process_index, process_count)
   else:
-    rows = _document_rows(data, tokenizer, "train", process_index, process_count, train=True)
+    rows = _document_rows(config, tokenizer, "train", process_index, process_count, train=True)
     if fraction > 0.0:
       synth = _synthetic_rows(data, tokenizer, "train", process_index, process_count)
       rows = grain.IterDataset.mix([rows, synth], [1.0 - fraction, fraction])
@@ -135,7 +154,7 @@ def make_eval_iterator(config, split: str = "validation", *, num_batches: int | 
       raise ValueError("data.source='synthetic' has endless evaluation rows: pass num_batches")
     rows = _synthetic_rows(data, tokenizer, split, process_index, process_count)
   else:
-    rows = _document_rows(data, tokenizer, split, process_index, process_count, train=False)
+    rows = _document_rows(config, tokenizer, split, process_index, process_count, train=False)
   total = None if num_batches is None else num_batches * batch
   rows = packing.PadRowsIterDataset(rows, data.seq_len, multiple=batch, total=total)
   return iter(rows.batch(batch, drop_remainder=True))

@@ -161,6 +161,60 @@ def test_packing_state_restores_mid_document():
       np.testing.assert_array_equal(a["segment_ids"], b["segment_ids"])
 
 
+def test_packing_aligns_document_starts():
+  docs = [np.array([10, 11, 12]), np.array([20, 21, 22, 23, 24, 25, 26]), np.array([30, 31])]
+  rows = list(D.PackIterDataset(grain.MapDataset.source(docs).to_iter_dataset(), 7, align=4))
+  # Row tokens (8 per row): [10 11 12 _ 20 21 22 23] [24 25 26 _ 30 31 _ _]; _ = filler (0, segment 0).
+  assert len(rows) == 2
+  np.testing.assert_array_equal(rows[0]["inputs"], [10, 11, 12, 0, 20, 21, 22])
+  np.testing.assert_array_equal(rows[0]["segment_ids"], [1, 1, 1, 0, 2, 2, 2])
+  np.testing.assert_array_equal(rows[0]["positions"], [0, 1, 2, 0, 0, 1, 2])
+  np.testing.assert_array_equal(rows[0]["loss_mask"], [1, 1, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(rows[1]["inputs"], [24, 25, 26, 0, 30, 31, 0])
+  np.testing.assert_array_equal(rows[1]["segment_ids"], [1, 1, 1, 0, 2, 2, 0])
+  np.testing.assert_array_equal(rows[1]["loss_mask"], [1, 1, 0, 0, 1, 0, 0])
+
+
+@pytest.mark.parametrize("align", [3, 16])
+def test_aligned_packing_keeps_the_stream_and_restores(align):
+  rng = np.random.default_rng(align)
+  docs = [rng.integers(1, 50, size=n).astype(np.int32) for n in rng.integers(1, 60, size=30)]
+  ds = D.PackIterDataset(grain.MapDataset.source(docs).to_iter_dataset(), 32, align=align)
+  full = list(ds)
+  for row in full:      # every piece starts at a multiple of `align` (input index) or at the row start
+    seg = row["segment_ids"]
+    starts = np.flatnonzero((seg > 0) & (np.concatenate([[0], seg[:-1]]) != seg))
+    assert not (starts % align).any(), starts
+  # Without the filler (segment 0 inside rows) the rows read in order are the stream, once.
+  tokens = np.concatenate([np.concatenate([r["inputs"], r["targets"][-1:]]) for r in full])
+  segs = np.concatenate([np.concatenate([r["segment_ids"], [0]]) for r in full])
+  np.testing.assert_array_equal(tokens[tokens > 0], np.concatenate(docs))
+  for k in (1, len(full) // 2, len(full) - 1):
+    it = iter(ds)
+    for _ in range(k):
+      next(it)
+    fresh = iter(ds)
+    fresh.set_state(it.get_state())
+    for a, b in zip(fresh, full[k:]):
+      np.testing.assert_array_equal(a["inputs"], b["inputs"])
+      np.testing.assert_array_equal(a["segment_ids"], b["segment_ids"])
+  assert (segs == 0).any()
+
+
+def test_document_alignment_follows_the_attention_variant():
+  from configs import dense_tiny, nsa_tiny
+  from sparsejax.data.pipeline import document_alignment
+  nsa, dense = nsa_tiny.get_config(), dense_tiny.get_config()
+  assert document_alignment(nsa) == nsa.attention.nsa.select_block
+  assert document_alignment(dense) == 1
+  assert document_alignment(dense.data) == 1
+  dense.data.document_alignment = 8
+  assert document_alignment(dense) == 8
+  dense.attention.kind = "nsa"
+  dense.data.document_alignment = 0
+  assert document_alignment(dense) == dense.attention.nsa.select_block
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizers
 
@@ -526,7 +580,7 @@ def test_synthetic_examples_too_short():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"source": "files", "paths": ["/nonexistent/dir"]}, r"data.paths\[0\]='/nonexistent/dir' does not exist"),
-    ({"source": "files", "paths": []}, r"data.paths=\[\] is empty"),
+    ({"source": "files", "paths": []}, r"data.paths=\(\) is empty"),
     ({"source": "array_record", "paths": ["/tmp/*.no_such_extension_here"]}, "matches no files"),
     ({"source": "web"}, r"data.source='web' is not one of \('embedded', 'files', 'array_record', 'synthetic'\)"),
     ({"tokenizer": "wordpiece"}, r"data.tokenizer='wordpiece' is not one of \('byte', 'sentencepiece'\)"),

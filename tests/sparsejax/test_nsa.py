@@ -231,6 +231,38 @@ def test_packed_documents_do_not_see_each_other():
         np.testing.assert_array_equal(out_a[0], out_m[0])
 
 
+@pytest.mark.parametrize("attention", [fast, reference])
+def test_a_document_on_the_selection_grid_gives_the_outputs_it_has_alone(attention):
+    """A packed document that starts at a multiple of l' (after another document and segment-0 filler,
+    as the packer aligns them) gets the outputs it gets alone at offset 0: the same compressed tokens,
+    selection blocks and window. Started off the grid (offset 41), it does not."""
+    doc, ls = 40, SPEC.select_block
+    alone = make_inputs(21, segment_ids=np.where(np.arange(T) < doc, 1, 0)[None].repeat(B, 0))
+    alone["rope_positions"] = jnp.where(jnp.arange(T) < doc, jnp.arange(T), 0)[None].repeat(B, 0).astype(jnp.int32)
+    want = attention(alone)[0][0, :doc]
+    for start, aligned in ((3 * ls, True), (41, False)):
+        seg = np.zeros((B, T), np.int32)
+        seg[:, :37], seg[:, start:start + doc] = 1, 2                # filler (segment 0) in between
+        packed = dict(make_inputs(22, segment_ids=seg), compress_k=alone["compress_k"],
+                      compress_v=alone["compress_v"])
+        for name in ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"):
+            packed[name] = packed[name].at[:, start:start + doc].set(alone[name][:, :doc])
+        packed["rope_positions"] = packed["rope_positions"].at[:, start:start + doc].set(jnp.arange(doc))
+        got = attention(packed)[0][0, start:start + doc]
+        if aligned:
+            np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+        else:
+            assert float(jnp.abs(got - want).max()) > 1e-2
+
+
+def test_compressed_segments_need_every_token_of_the_block():
+    """Ids need not be monotonic (filler 0 between documents): a block is in a document only if all
+    its tokens are; first and last alone would put block [0, 2, 2, 0] in segment 0."""
+    from sparsejax.attention.compressed import compressed_segments
+    seg = jnp.asarray([[1, 1, 1, 1, 0, 2, 2, 0, 0, 0, 0, 0]], jnp.int32)
+    np.testing.assert_array_equal(compressed_segments(seg, 5, 4, 2), [[1, -1, -1, -1, 0]])
+
+
 def test_never_nan_with_padding_rows_and_extreme_logits():
     seg = packed_segments()
     seg[0] = 0                                                                     # a row of padding only

@@ -16,7 +16,8 @@ Sections (select with --sections, default check,dense,sparse,variants):
             difference of mosaic_gpu's out and lse to pallas_gpu's.
   sparse    a random causal layout of 128x128 blocks at --density (each query unit's own block
             kept), L = --sparse-length: mosaic_gpu (default, and a persistent grid of one program
-            per SM; each twice) vs pallas_gpu, TFLOP/s over the listed blocks (4*D*128*128 per
+            per SM; each twice; with stagger 0; the same blocks listed as 64-key halves with a ring
+            of 2 and of 4 slots) vs pallas_gpu, TFLOP/s over the listed blocks (4*D*128*128 per
             listed block and head), wall time and GPU kernel time; and, as a control, lists of the
             same mean length that are contiguous (a sliding window of blocks).
   variants  launch variants of mosaic_gpu at the dense causal shape, L = --variant-length:
@@ -31,6 +32,7 @@ mosaic_gpu, which jax cannot interpret, is only lowered for CUDA (its rows say "
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -273,16 +275,24 @@ def section_sparse(args):
     row = dict(ms=ms, first_call_s=first)
     if ms is not None:
       row.update(device_ms(fn, q, k, v))
-    if ms is not None and "out" in base and lay is layout:
+    if ms is not None and "out" in base and lay is not window:
       row.update(max_diffs(*fn(q, k, v), *base["out"]))
     return row
 
   persistent = dataclasses.replace(mosaic_gpu.default_config(q, layout), programs=sm_count())
   p_name = f"mosaic_gpu programs={persistent.programs}"
   window_blocks = int(window.kv_counts.sum())
+  unstaggered = dataclasses.replace(mosaic_gpu.default_config(q, layout), stagger=0)
+  # the same blocks as 64-key halves (two list entries per 128-key block), with a deeper ring
+  halves = BlockLayout.from_block_mask(jnp.repeat(layout.dense_block_mask(), 2, axis=-1), block_q=128,
+                                       block_k=64)
+  half_configs = [dataclasses.replace(mosaic_gpu.default_config(q, halves), num_stages=n) for n in (2, 4)]
   entries = [("pallas_gpu", pallas, blocks), ("mosaic_gpu", mosaic, blocks),
              (p_name, lambda: mosaic(persistent), blocks),
              ("mosaic_gpu (again)", mosaic, blocks), (f"{p_name} (again)", lambda: mosaic(persistent), blocks),
+             ("mosaic_gpu stagger=0", lambda: mosaic(unstaggered), blocks),
+             *[(f"mosaic_gpu as 64-key halves, {c.num_stages} stages",
+                functools.partial(mosaic, c, halves), blocks) for c in half_configs],
              (f"mosaic_gpu contiguous {span}", lambda: mosaic(lay=window), window_blocks),
              (f"{p_name} contiguous {span}", lambda: mosaic(persistent, window), window_blocks)]
   for name, run, nblocks in entries:

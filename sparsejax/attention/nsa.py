@@ -383,6 +383,8 @@ class NSAAttention(nnx.Module):
         else:
             o, (indices, counts) = nsa_attention(*args, spec=self.spec, rope_theta=self.rope_theta)
             aux = attention_statistics(indices, counts, segment_ids, self.spec)
+        real = (segment_ids > 0).astype(jnp.float32)                # [B, T]: not padding or filler
         for i, name in enumerate(BRANCHES):
-            aux[f"stats/nsa_gate_{name}"] = gates[..., i].mean()
+            per_token = gates[..., i].astype(jnp.float32).mean(-1)    # [B, T], mean over heads
+            aux[f"stats/nsa_gate_{name}"] = (per_token * real).sum() / jnp.maximum(real.sum(), 1.0)
         return self.out(o), aux

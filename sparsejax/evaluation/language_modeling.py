@@ -13,8 +13,9 @@ ForwardFn = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[jax.Array, dict
 
 
 def make_sums_fn(forward: ForwardFn, token_bytes: np.ndarray):
-    """`sums(batch) -> (nll_sum, token_count, byte_count, stats)` for one batch (contracts §3): float32
-    scalars, and `stats` the model's "stats/<name>" auxiliaries keyed by <name>, from the same pass.
+    """`sums(batch) -> (nll_sum, token_count, byte_count, stats, real_count)` for one batch (contracts
+    §3): float32 scalars; `stats` the model's "stats/<name>" auxiliaries keyed by <name>, from the same
+    pass (each a mean over the batch's real tokens, segment > 0), and `real_count` those tokens.
 
     token_bytes: int [V], the bytes of text each token stands for (tokenizer.token_bytes)."""
     token_bytes = jnp.asarray(token_bytes, jnp.float32)
@@ -26,29 +27,29 @@ def make_sums_fn(forward: ForwardFn, token_bytes: np.ndarray):
         targets = batch["targets"]
         nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         stats = {k[len("stats/"):]: v for k, v in aux.items() if k.startswith("stats/")}
-        return jnp.sum(nll * mask), jnp.sum(mask), jnp.sum(token_bytes[targets] * mask), stats
+        real = jnp.sum(jnp.asarray(batch["segment_ids"]) > 0, dtype=jnp.float32)
+        return jnp.sum(nll * mask), jnp.sum(mask), jnp.sum(token_bytes[targets] * mask), stats, real
 
     return sums
 
 
 def evaluate(sums_fn, batches: Iterable[dict]) -> tuple[dict[str, float], dict[str, float]]:
     """(metrics, stats) over `batches`: mean token loss (nats), perplexity and bits per byte, and the
-    attention statistics averaged over the batches.
+    attention statistics as means over the real tokens of all batches (each batch's mean weighted by
+    its real tokens: padding rows and batches count for nothing).
 
     Bits per byte = total nats / ln 2 / total bytes of the predicted tokens: comparable across
     tokenizers, unlike the per-token loss."""
-    nll = tokens = nbytes = 0.0
+    nll = tokens = nbytes = real = 0.0
     stats: dict[str, float] = {}
-    count = 0
     for batch in batches:
-        a, b, c, batch_stats = sums_fn(batch)
-        nll, tokens, nbytes = nll + float(a), tokens + float(b), nbytes + float(c)
+        a, b, c, batch_stats, n_real = sums_fn(batch)
+        nll, tokens, nbytes, real = nll + float(a), tokens + float(b), nbytes + float(c), real + float(n_real)
         for key, value in batch_stats.items():
-            stats[key] = stats.get(key, 0.0) + float(value)
-        count += 1
+            stats[key] = stats.get(key, 0.0) + float(value) * float(n_real)
     if tokens == 0:
         raise ValueError("the validation batches hold no predicted tokens (every loss_mask is 0)")
     loss = nll / tokens
     metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
                "bits_per_byte": nll / math.log(2) / max(nbytes, 1.0), "tokens": tokens, "bytes": nbytes}
-    return metrics, {key: value / count for key, value in stats.items()}
+    return metrics, {key: value / max(real, 1.0) for key, value in stats.items()}

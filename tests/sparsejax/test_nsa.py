@@ -343,6 +343,21 @@ def test_registered_module_forward_backward_and_statistics():
     np.testing.assert_allclose(aux["stats/nsa_selected_density"], 1.0, rtol=1e-6)
 
 
+def test_gate_statistics_are_means_over_real_tokens():
+    """Padding (and the packer's filler) is segment 0: the gate means skip it, as the key counts do."""
+    layer = get_attention("nsa")(tiny_config(), rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(2), (2, 40, 64))
+    x = x.at[1, 25:].multiply(100.0)                # padding far from the real tokens' gate values
+    positions = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
+    seg = jnp.ones((2, 40), jnp.int32).at[1, 25:].set(0)
+    _, aux = layer(x, positions, seg)
+    gates = np.asarray(layer.gate(x), np.float32).mean(-1)          # [B, T, 3], mean over heads
+    real = np.asarray(seg) > 0
+    for i, name in enumerate(nsa_lib.BRANCHES):
+        np.testing.assert_allclose(aux[f"stats/nsa_gate_{name}"], gates[..., i][real].mean(), atol=5e-4)
+        assert abs(float(aux[f"stats/nsa_gate_{name}"]) - gates[..., i].mean()) > 2e-3   # padding differs
+
+
 def test_attention_flops_fall_below_dense_at_long_context():
     from configs import common
     config = common.base_config()

@@ -33,9 +33,19 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     return schedule
 
 
+_NOT_DECAYED = ("scale", "bias", "b1", "b2")     # norm scales and biases, whatever their rank
+
+
 def decay_mask(params):
-    """Weight decay applies to matrices (embeddings, projections), not to norm scales or biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay applies to matrices (embeddings, projections, the NSA compression MLPs' weights
+    and position encodings), not to norm scales or biases. A parameter's own rank decides, so that
+    scanned layers (params["layers"], stacked on a leading layer axis) decay exactly what the list
+    layout (params["blocks"][i]) decays; biases of rank 2 (NSA's gate bias [H, 3]) are not decayed."""
+    def decays(path, p):
+        names = [getattr(k, "key", None) for k in path]
+        own_ndim = p.ndim - (names[0] == "layers")
+        return own_ndim >= 2 and names[-1] not in _NOT_DECAYED
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:

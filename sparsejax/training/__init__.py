@@ -17,7 +17,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.learning_rate = 3e-4        # peak learning rate, reached at the end of the warm-up
     c.warmup_steps = 100          # linear warm-up from learning_rate / warmup_steps
     c.end_lr_ratio = 0.1          # cosine decay ends at learning_rate * end_lr_ratio at num_steps
-    c.weight_decay = 0.1          # decoupled (AdamW); applied to matrices only (ndim >= 2)
+    c.weight_decay = 0.1          # decoupled (AdamW); matrices only, not norm scales or biases
     c.b1 = 0.9
     c.b2 = 0.95
     c.eps = 1e-8

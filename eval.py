@@ -2,7 +2,7 @@
 
     python eval.py --config=configs/dense_tiny.py --workdir=runs/tiny
     python eval.py --config=configs/dense_tiny.py --workdir=runs/tiny --step=400 \
-        --config.eval.context_lengths='(256,512)'
+        --config.eval.context_lengths='(512,1024)'
 
 Reports validation loss, perplexity and bits per byte, the attention variant's statistics, and
 passkey / needle-in-a-haystack accuracy over `config.eval`'s grid of context lengths and depths;

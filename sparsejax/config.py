@@ -101,8 +101,9 @@ def _type_name(value) -> str:
 
 
 def check_structure(config, defaults, path: str = "config") -> None:
-    """Unknown or missing keys and wrong types, recursively (ints are accepted for float fields;
-    a None default accepts any value of the placeholder's type or None)."""
+    """Unknown or missing keys and wrong types, recursively (ints are accepted for float fields).
+    Only a field whose default is None (a placeholder: an optional value) accepts None; its section
+    validator checks the type of any other value."""
     keys, valid = set(config.keys()), set(defaults.keys())
     unknown = sorted(keys - valid)
     if unknown:
@@ -117,7 +118,7 @@ def check_structure(config, defaults, path: str = "config") -> None:
             if not isinstance(value, ml_collections.ConfigDict):
                 raise ValueError(f"{where} = {value!r} must be a section (ConfigDict) with keys {sorted(default.keys())}")
             check_structure(value, default, where)
-        elif default is None or value is None:
+        elif default is None:
             continue  # placeholders (optional values); the section validator checks them
         elif isinstance(default, bool):
             if not isinstance(value, bool):

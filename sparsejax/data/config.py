@@ -5,8 +5,9 @@ Fields:
   follows the Python version, so runs compare across machines only on the same version), "files" (text
   files, one document per file), "array_record" (one UTF-8 document per record), "synthetic" (only
   passkey / needle rows, see `synthetic_mixture`).
-- `paths`: files, directories (read recursively, hidden entries skipped) or glob patterns (`**`
-  allowed) for "files" and "array_record".
+- `paths`: a tuple of files, directories (read recursively, hidden entries skipped) or glob
+  patterns (`**` allowed) for "files" and "array_record"; from the command line
+  `--config.data.paths='("/data/books/*.txt",)'`.
 - `tokenizer`: "byte" (258 ids: bytes, BOS, EOS) or "sentencepiece" (`sentencepiece_model` path).
 - `seq_len` (T), `global_batch_size` (B summed over processes).
 - `val_fraction`: fraction of documents held out for validation (deterministic, by document).
@@ -38,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   """The defaults of `config.data`."""
   return ml_collections.ConfigDict({
       "source": "embedded",
-      "paths": [],
+      "paths": (),
       "tokenizer": "byte",
       "sentencepiece_model": config_dict.placeholder(str),
       "seq_len": 512,
@@ -116,19 +117,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_int("data.synthetic_mixture.needle_value_digits", mix.needle_value_digits, 1, 18)
 
   if data.source != "synthetic":
-    count = len(sources.all_documents(data))  # resolves the paths: a missing or empty one fails here
+    try:
+      count = len(sources.all_documents(data))  # resolves the paths: a missing or empty one fails here
+    except (RuntimeError, OSError) as e:  # e.g. an "array_record" path that is not an ArrayRecord file
+      read_from = f" from data.paths={tuple(data.paths)!r}" if data.paths else ""
+      raise ValueError(f"data.source={data.source!r} cannot read its documents{read_from}: {e}") from e
     if data.val_fraction > 0 and count < 2:
       raise ValueError(f"data.val_fraction={data.val_fraction} needs at least 2 documents to hold one out, "
                        f"data.source={data.source!r} has {count}; add documents or set data.val_fraction=0.0")
-  if data.source not in ("files", "array_record") and list(data.paths):
-    raise ValueError(f"data.paths={list(data.paths)!r} is only read by data.source in ('files', 'array_record'), "
+  if data.source not in ("files", "array_record") and data.paths:
+    raise ValueError(f"data.paths={tuple(data.paths)!r} is only read by data.source in ('files', 'array_record'), "
                      f"not {data.source!r}; leave it empty")
 
   if data.tokenizer == "sentencepiece":
     if not data.sentencepiece_model or not os.path.isfile(data.sentencepiece_model):
       raise ValueError(f"data.sentencepiece_model={data.sentencepiece_model!r} must be an existing "
                        ".model file when data.tokenizer='sentencepiece'")
-  tokenizer = tokenizers.make_tokenizer(data)
+  try:
+    tokenizer = tokenizers.make_tokenizer(data)
+  except (RuntimeError, OSError) as e:  # sentencepiece: an empty or damaged model file
+    raise ValueError(f"data.sentencepiece_model={data.sentencepiece_model!r} is not a valid SentencePiece "
+                     f"model: {e}") from e
   if "model" in config and "vocab_size" in config.model and config.model.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the vocabulary of "
                      f"data.tokenizer={data.tokenizer!r} ({tokenizer.vocab_size})")

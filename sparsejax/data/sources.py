@@ -40,10 +40,10 @@ def resolve_paths(paths, *, key: str = "data.paths") -> list[str]:
   unique regular files. Raises ValueError naming the entry when one does not exist or matches
   nothing, or when the list is empty."""
   if isinstance(paths, (str, bytes)) or paths is None:
-    raise ValueError(f"{key}={paths!r} must be a list of files, directories or glob patterns")
+    raise ValueError(f"{key}={paths!r} must be a tuple of files, directories or glob patterns")
   paths = list(paths)
   if not paths:
-    raise ValueError(f"{key}=[] is empty; give at least one file, directory or glob pattern")
+    raise ValueError(f"{key}=() is empty; give at least one file, directory or glob pattern")
   files = set()
   for i, entry in enumerate(paths):
     if not isinstance(entry, str) or not entry:
@@ -169,7 +169,7 @@ def all_documents(data) -> FileDocuments | ArrayRecordDocuments:
   elif data.source == "array_record":
     docs = ArrayRecordDocuments(resolve_paths(data.paths))
     if len(docs) == 0:
-      raise ValueError(f"data.paths={list(data.paths)!r}: the ArrayRecord files hold no records")
+      raise ValueError(f"data.paths={tuple(data.paths)!r}: the ArrayRecord files hold no records")
   else:
     raise ValueError(f"data.source={data.source!r} has no documents; choose one of {SOURCES[:3]}")
   if data.max_documents is not None and data.max_documents < len(docs):

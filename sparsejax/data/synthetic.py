@@ -34,6 +34,7 @@ PASSKEY_INSTRUCTION = ("There is an important info hidden inside a lot of irrele
                        "Find it and memorize them. I will quiz you about the important information there. ")
 PASSKEY_FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
                   "There and back again. ")
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
 NEEDLE_INSTRUCTION = ("Some special magic numbers are hidden inside the following text. "
                       "Remember them; you will be asked about one of them.\n")
 
@@ -44,6 +45,7 @@ _KEY_NOUNS = ("harbor", "meadow", "lantern", "falcon", "canyon", "orchard", "gla
               "anchor", "beacon", "cedar", "delta", "ember", "forest", "garden", "island", "jungle", "kettle",
               "ladder", "mirror", "pepper", "river", "saddle")
 _LONGEST_KEY = max(_KEY_ADJECTIVES, key=len) + "-" + max(_KEY_NOUNS, key=len)
+LENGTH_SLACK = 8  # added to the computed minimum lengths: SentencePiece lengths vary with the digits and keys
 
 
 def _passkey_needle(passkey) -> str:
@@ -134,7 +136,7 @@ def _passkey(rng, depth, tokenizer, *, passkey, passkey_max, context_len=None, t
     passkey = int(rng.integers(1, passkey_max + 1))
   head = np.concatenate([[tokenizer.bos_id], tokenizer.encode(PASSKEY_INSTRUCTION)]).astype(np.int32)
   needle = tokenizer.encode(_passkey_needle(passkey))
-  tail = tokenizer.encode("What is the pass key? The pass key is")
+  tail = tokenizer.encode(PASSKEY_QUESTION)
   answer = tokenizer.encode(_answer(passkey))
   prompt_len = context_len if context_len is not None else total_len - len(answer)
   budget = _fill_budget(prompt_len, len(head) + len(needle) + len(tail), "passkey")
@@ -231,20 +233,42 @@ def synthetic_example(prompt_ids, answer_ids, seq_len: int) -> dict[str, np.ndar
   return row
 
 
+def _passkey_fixed_tokens(tokenizer, passkey_max: int) -> tuple[int, int]:
+  """(prompt, answer) tokens of a passkey example without filler, for the largest pass key."""
+  prompt = 1 + sum(len(tokenizer.encode(s)) for s in (PASSKEY_INSTRUCTION, _passkey_needle(passkey_max),
+                                                      PASSKEY_QUESTION))
+  return prompt, len(tokenizer.encode(_answer(passkey_max)))
+
+
+def _needle_fixed_tokens(tokenizer, num_distractors: int, value_digits: int) -> tuple[int, int]:
+  """(prompt, answer) tokens of a needle example without filler, for the longest key and value."""
+  value = "9" * value_digits
+  prompt = (1 + len(tokenizer.encode(NEEDLE_INSTRUCTION))
+            + (1 + num_distractors) * len(tokenizer.encode(_needle_sentence(_LONGEST_KEY, value)))
+            + len(tokenizer.encode(_needle_question(_LONGEST_KEY))))
+  return prompt, len(tokenizer.encode(_answer(value)))
+
+
+def min_context_len(task: str, tokenizer, *, num_distractors: int = 3, passkey_max: int = 50000,
+                    value_digits: int = 7) -> int:
+  """The shortest `context_len` that `make_passkey_example` / `make_needle_example` (same keyword
+  defaults) accept for `task`: the fixed text of its prompt, plus `LENGTH_SLACK`."""
+  if task == "passkey":
+    prompt, _ = _passkey_fixed_tokens(tokenizer, passkey_max)
+  else:
+    prompt, _ = _needle_fixed_tokens(tokenizer, num_distractors, value_digits)
+  return prompt + LENGTH_SLACK
+
+
 def min_row_tokens(data, tokenizer) -> int:
   """The fewest tokens (prompt + answer) a synthetic row of the configured tasks needs (no filler)."""
   mix = data.synthetic_mixture
   need = []
   if mix.passkey_weight > 0:
-    big = mix.passkey_max
-    need.append(1 + sum(len(tokenizer.encode(s)) for s in (
-        PASSKEY_INSTRUCTION, _passkey_needle(big), "What is the pass key? The pass key is", _answer(big))))
+    need.append(sum(_passkey_fixed_tokens(tokenizer, mix.passkey_max)))
   if mix.needle_weight > 0:
-    value = "9" * mix.needle_value_digits
-    need.append(1 + len(tokenizer.encode(NEEDLE_INSTRUCTION))
-                + (1 + mix.needle_distractors) * len(tokenizer.encode(_needle_sentence(_LONGEST_KEY, value)))
-                + len(tokenizer.encode(_needle_question(_LONGEST_KEY))) + len(tokenizer.encode(_answer(value))))
-  return max(need) + 8  # a little slack: SentencePiece lengths vary with the digits
+    need.append(sum(_needle_fixed_tokens(tokenizer, mix.needle_distractors, mix.needle_value_digits)))
+  return max(need) + LENGTH_SLACK
 
 
 class SyntheticRows:

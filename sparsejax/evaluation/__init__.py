@@ -17,7 +17,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.validation_batches = 16               # batches of the validation split for loss / bits per byte
     c.tasks = ("passkey", "needle")         # retrieval tasks to run (subset of TASKS)
-    c.context_lengths = (512, 1024, 2048)   # prompt lengths in tokens (the needle task needs >= ~450)
+    c.context_lengths = (512, 1024, 2048)   # prompt lengths in tokens (bytes: passkey >= 254, needle >= 454)
     c.depths = (0.0, 0.25, 0.5, 0.75, 1.0)  # needle position as a fraction of the filler
     c.samples_per_cell = 8                  # examples per (task, length, depth)
     c.num_distractors = 3                   # needle task: other needles with other keys
@@ -31,8 +31,29 @@ def _positive_int(key, value):
         raise ValueError(f"config.eval.{key}={value!r} is invalid; valid values: an integer >= 1")
 
 
+def _check_context_lengths(config: ml_collections.ConfigDict) -> None:
+    """Every context length holds the fixed text (instruction, needles, question) of every task in
+    `config.eval.tasks`, tokenized with `config.data`'s tokenizer (needle: with eval.num_distractors)."""
+    from sparsejax.data import synthetic, tokenizers
+
+    ev = config.eval
+    tokenizer = tokenizers.make_tokenizer(config.data)
+    minimums = {task: synthetic.min_context_len(task, tokenizer, num_distractors=ev.num_distractors)
+                for task in ev.tasks}
+    if not minimums:
+        return
+    task = max(minimums, key=minimums.get)
+    short = [length for length in ev.context_lengths if length < minimums[task]]
+    if short:
+        distractors = f", config.eval.num_distractors={ev.num_distractors}" if task == "needle" else ""
+        raise ValueError(f"config.eval.context_lengths contains {short[0]}, too short for the {task} task (its "
+                         f"prompts need >= {minimums[task]} tokens with data.tokenizer={config.data.tokenizer!r}"
+                         f"{distractors}); valid values: integers >= {minimums[task]}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks `config.eval`; raises ValueError naming the key, the bad value and the valid values."""
+    """Checks `config.eval` (the context lengths against the retrieval tasks' fixed text, tokenized
+    with `config.data`'s tokenizer); raises ValueError naming the key, the bad value and the valid values."""
     ev = config.eval
     for key in ("validation_batches", "samples_per_cell", "batch_size"):
         _positive_int(key, ev[key])
@@ -43,8 +64,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if bad or len(set(tasks)) != len(tasks):
         raise ValueError(f"config.eval.tasks={tasks!r} is invalid; valid values: distinct names from {TASKS}")
     for length in ev.context_lengths:
-        if isinstance(length, bool) or not isinstance(length, int) or length < 256:
-            raise ValueError(f"config.eval.context_lengths contains {length!r}; valid values: integers >= 256 (the fixed text of a passkey example alone is ~250 tokens)")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"config.eval.context_lengths contains {length!r}; valid values: integers >= 1")
+    _check_context_lengths(config)
     for depth in ev.depths:
         if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
             raise ValueError(f"config.eval.depths contains {depth!r}; valid values: floats in [0, 1]")

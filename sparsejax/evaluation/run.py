@@ -45,7 +45,7 @@ def load_model_state(config: ml_collections.ConfigDict, workdir: str, step: int 
         step = steps[-1]
     elif step not in steps:
         raise CheckpointError(f"step={step} has no checkpoint in {checkpointer.directory}; valid steps: {steps}")
-    checkpointer.check_compatible(step, config)
+    checkpointer.check_compatible(step, config, resuming=False)
     state = checkpointer.restore_state(step, factory.abstract_with_shardings())
     checkpointer.close()
     return factory.graphdef, state.params, state.rest, step

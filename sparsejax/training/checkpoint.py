@@ -38,17 +38,31 @@ _EXECUTION_KEYS = ("implementation", "fused_topn", "score_chunk_elements", "comp
                    "compress_kernel_block_k", "window_block")
 
 
+# Keys of `config.model` that choose how the model is computed, not its parameters: `remat` (what the
+# backward pass recomputes, applied at call time) and `dtype` (the compute dtype; parameters are stored
+# in `param_dtype` and cast when used).
+_MODEL_EXECUTION_KEYS = ("remat", "dtype")
+
+# Keys (dotted, under `config.`) whose change on resume alters the training that follows: the learning
+# rate schedule is a function of `train.num_steps`, and the restored data-iterator position belongs to
+# the pipeline these `data` keys define. They are resumed with, but logged as warnings.
+_TRAINING_KEYS = ("train.num_steps", "data.source", "data.paths", "data.tokenizer", "data.sentencepiece_model",
+                  "data.seq_len", "data.global_batch_size", "data.val_fraction", "data.shuffle_seed",
+                  "data.synthetic_mixture", "data.worker_count", "data.max_documents", "data.document_alignment")
+
+
 def _model_defining(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a config (JSON dict) whose change makes an old checkpoint unusable (different
-    parameter shapes or meaning): `model`, `attention.kind` and the chosen variant's sub-section
-    without its execution keys (`_EXECUTION_KEYS`). The other variants' sub-sections do not describe
-    the saved model. `model.scan_layers` records the parameter layout; configs saved before it existed
-    had one entry per layer (False)."""
+    parameter shapes or meaning): `model` without its execution keys (`_MODEL_EXECUTION_KEYS`),
+    `attention.kind` and the chosen variant's sub-section without its execution keys
+    (`_EXECUTION_KEYS`). The other variants' sub-sections do not describe the saved model.
+    `model.scan_layers` records the parameter layout; configs saved before it existed had one entry
+    per layer (False)."""
     attention = config.get("attention") or {}
     kind = attention.get("kind")
     model = config.get("model")
     if isinstance(model, dict):
-        model = {"scan_layers": False, **model}
+        model = {k: v for k, v in {"scan_layers": False, **model}.items() if k not in _MODEL_EXECUTION_KEYS}
     variant = attention.get(kind)
     if isinstance(variant, dict):
         variant = {k: v for k, v in variant.items() if k not in _EXECUTION_KEYS}
@@ -113,9 +127,11 @@ class Checkpointer:
             raise self._error(step, e) from e
         return restored["config"]
 
-    def check_compatible(self, step: int, config: ml_collections.ConfigDict) -> None:
+    def check_compatible(self, step: int, config: ml_collections.ConfigDict, *, resuming: bool = True) -> None:
         """Raises CheckpointError if checkpoint `step` was written by a different model/attention
-        config; logs other differences (e.g. a longer num_steps, which is a legitimate resume)."""
+        config; logs other differences (e.g. a longer num_steps, which is a legitimate resume). When
+        `resuming` training, changes of `_TRAINING_KEYS` are logged as a warning, the rest at INFO;
+        otherwise (evaluation) all at INFO."""
         saved = self.saved_config(step)
         current = config_to_json_dict(config)
         saved_model, current_model = _model_defining(saved), _model_defining(current)
@@ -126,8 +142,19 @@ class Checkpointer:
                 f"({'; '.join(diffs[:5])}); use a fresh --workdir or the checkpoint's config"
                 f"{_layout_hint(saved_model, current_model)}")
         other = [d for d in _differences(saved, current, "config") if d not in diffs]
-        if other:
-            logging.info("resuming with config changes: %s", "; ".join(other))
+        if not resuming:
+            if other:
+                logging.info("config changes since checkpoint %d: %s", step, "; ".join(other))
+            return
+        altering = [d for key in _TRAINING_KEYS
+                    for d in _differences(_at(saved, key), _at(current, key), f"config.{key}")]
+        if altering:
+            logging.warning("resuming with config changes that alter training (the learning-rate schedule follows "
+                            "train.num_steps; the restored data position belongs to the data pipeline it was "
+                            "saved with): %s", "; ".join(altering))
+        rest = [d for d in other if d not in altering]
+        if rest:
+            logging.info("resuming with config changes: %s", "; ".join(rest))
 
     def restore(self, step: int, abstract_state: TrainState, iterator) -> TrainState:
         """Restores checkpoint `step` into arrays shaped and sharded like `abstract_state`
@@ -164,6 +191,13 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _at(config: dict[str, Any], dotted: str) -> Any:
+    """The value at `dotted` ("data.seq_len") of a JSON config dict; None where it is missing."""
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def _differences(saved: Any, current: Any, path: str) -> list[str]:

@@ -11,10 +11,12 @@ except at steps that log, validate, save or stop (those are checked at once).
   losses then continue exactly as without the interruption (bitwise on CPU).
 - A non-finite loss or gradient norm, or non-finite parameters after the update, at step s stop the run with
   `TrainingDivergedError` naming s and the last good checkpoint; the bad state is never saved.
-- SIGTERM / SIGINT (preemption, Ctrl-C) set a flag; at the end of the current step (multi-process:
-  of the next step that is a multiple of log_every, where the processes agree) the loop saves a
-  checkpoint, waits for it, and returns with `stopped_by="preempted"`. A second SIGINT aborts at once.
-- Outputs in the workdir: `config.json`, `metrics.jsonl` (train lines: step, loss, total_loss,
+- SIGTERM / SIGINT (preemption, Ctrl-C) set a flag, checked before the next step is dispatched: the
+  step in flight when the signal arrives is the last (multi-process: the next step that is a multiple
+  of log_every, where the processes agree); the loop saves a checkpoint of it, waits for it, and
+  returns with `stopped_by="preempted"`. A second SIGINT aborts at once.
+- Outputs in the workdir: `config.json` (written once the checkpoint, if any, was found compatible
+  and restored), `metrics.jsonl` (train lines: step, loss, total_loss,
   learning_rate, grad_norm, param_norm, tokens_per_sec, step_time, mfu, variant auxiliaries; validation
   lines: step, split, eval_loss, eval_tokens), `tensorboard/` event files, `checkpoints/<step>/`.
 """
@@ -165,7 +167,6 @@ class _Trainer:
         self.is_chief = jax.process_index() == 0
         if self.is_chief:
             os.makedirs(workdir, exist_ok=True)
-            _write_json_atomic(os.path.join(workdir, "config.json"), config_to_json_dict(config))
         self.mesh = make_mesh(config)
         self.batch_sharding = batch_sharding(self.mesh, rules_from_config(config))
         self.global_batch = config.data.global_batch_size
@@ -215,6 +216,8 @@ class _Trainer:
         except BaseException:
             self.checkpointer.close()
             raise
+        if self.is_chief:  # only now: a resume refused by check_compatible leaves the run's config.json
+            _write_json_atomic(os.path.join(self.workdir, "config.json"), config_to_json_dict(self.config))
         num_steps = self.train_cfg.num_steps
         self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=start)
         self._log_setup(start)
@@ -225,15 +228,17 @@ class _Trainer:
             with jax.set_mesh(self.mesh), StopRequest() as stop_request:
                 self.throughput.reset()
                 while step < num_steps:
+                    if stop_request.requested(step, self.train_cfg.log_every):  # before dispatching the next step
+                        stopped_by = "preempted"
+                        break
                     batch = make_global_batch(next(iterator), self.batch_sharding, self.global_batch)
                     state, metrics = self.train_step(state, batch)
                     step += 1
                     if pending is not None:
                         self._finish(*pending, start, progress)
                     pending = (step, metrics)
-                    stop = stop_request.requested(step, self.train_cfg.log_every)
                     save = (self.train_cfg.checkpoint_every and step % self.train_cfg.checkpoint_every == 0) \
-                        or step == num_steps or stop
+                        or step == num_steps
                     evaluate = self.train_cfg.eval_every and (step % self.train_cfg.eval_every == 0 or step == num_steps)
                     if save or evaluate or step % self.train_cfg.log_every == 0:
                         self._finish(*pending, start, progress)
@@ -242,14 +247,13 @@ class _Trainer:
                         self._evaluate(step, state)
                     if save:
                         self._save(step, state, iterator)
-                    if stop:
-                        stopped_by = "preempted"
-                        logging.warning("stopped by %s after step %d; checkpoint %s",
-                                        stop_request.signal_name or "a signal to another process", step,
-                                        self.checkpointer.step_dir(step))
-                        break
                 if pending is not None:
                     self._finish(*pending, start, progress)
+                if stopped_by == "preempted":
+                    self._save(step, state, iterator)
+                    logging.warning("stopped by %s after step %d; checkpoint %s",
+                                    stop_request.signal_name or "a signal to another process", step,
+                                    self.checkpointer.step_dir(step))
         finally:
             if progress is not None:
                 progress.close()

@@ -101,7 +101,9 @@ class MetricWriter:
     event files under `workdir/tensorboard`. Only process 0 writes; other processes no-op.
 
     On a resumed run, records of steps after `resume_step` (written by the interrupted run after its
-    last checkpoint) are dropped first, so the file holds one consistent history.
+    last checkpoint) are dropped first, so the file holds one consistent history; the TensorBoard
+    writer starts with `purge_step=resume_step + 1`, so TensorBoard hides those steps of the older
+    event files in the same way.
     """
 
     def __init__(self, workdir: str, resume_step: int = 0):
@@ -130,7 +132,7 @@ class MetricWriter:
             os.replace(tmp, self.path)
         self._file = open(self.path, "a")
         from tensorboardX import SummaryWriter  # imported late: only process 0 needs it
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, record: dict[str, Any], tb_prefix: str = "") -> None:
         """Appends `record` (must contain `step`) to metrics.jsonl and logs its numbers to TensorBoard."""

@@ -1,4 +1,5 @@
-"""Checkpoints: round trip, exact resume, damaged and partial checkpoints, a diverged loss, and
+"""Checkpoints: round trip, exact resume, damaged and partial checkpoints, a diverged loss, a stop on
+SIGTERM after the step in flight, the config changes a resume accepts, refuses or warns about, and
 train.py killed with SIGKILL in the middle of a save, resumed, then stopped with SIGTERM."""
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 from configs import dense_tiny
 from sparsejax.parallel.mesh import batch_sharding, make_mesh, rules_from_config
+from sparsejax.training import metrics as metrics_lib
 from sparsejax.training.checkpoint import Checkpointer, CheckpointError
 from sparsejax.training.loop import TrainingDivergedError, train
 from sparsejax.training.optimizer import make_optimizer
@@ -142,15 +144,22 @@ def test_exact_resume_and_damaged_checkpoints(tmp_path):
         train(config, str(resumed))
     assert sorted(os.listdir(resumed / "checkpoints")) == ["3", "6"]
 
-    # A checkpoint of a different model is refused by name.
+    # A checkpoint of a different model is refused by name, and the run's config.json is left as it was.
+    saved_config = (full / "config.json").read_bytes()
     other = tiny_config(checkpoint_every=3)
     other.model.mlp_dim = 128
     with pytest.raises(CheckpointError, match="config.model.mlp_dim was 64, now 128"):
         train(other, str(full))
+    assert (full / "config.json").read_bytes() == saved_config
     # Another variant's hyper-parameters do not describe this (dense) model: the run resumes.
     unrelated = tiny_config(checkpoint_every=3)
     unrelated.attention.nsa.window = 1024
     assert train(unrelated, str(full)).step == 6
+    # Nor do the remat policy and the compute dtype (parameters are stored in param_dtype).
+    recomputed = tiny_config(checkpoint_every=3)
+    recomputed.model.update(remat="full", dtype="bfloat16")
+    assert train(recomputed, str(full)).step == 6
+    assert json.load(open(full / "config.json"))["model"]["remat"] == "full"
 
 
 def test_partial_checkpoint_is_ignored_and_cleaned(tmp_path):
@@ -182,6 +191,61 @@ def test_diverged_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     saved = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
     assert saved and saved[-1] == step - 1
     assert f"last good checkpoint is step {step - 1}" in str(info.value)
+
+
+def test_sigterm_stops_after_the_step_in_flight_and_resumes_exactly(tmp_path, monkeypatch):
+    """SIGTERM arriving during step 3 (sent when its metrics are written): step 3 is the last, its
+    checkpoint is saved, no step 4 is dispatched; the resumed run repeats an uninterrupted one."""
+    config = tiny_config()
+    assert train(config, str(tmp_path / "reference")).step == 6
+    reference = read_metrics(tmp_path / "reference")
+
+    write, sent = metrics_lib.MetricWriter.write, []
+
+    def write_then_signal(self, record, tb_prefix=""):
+        write(self, record, tb_prefix)
+        if record["step"] == 3 and not sent:
+            sent.append(os.getpid())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(metrics_lib.MetricWriter, "write", write_then_signal)
+    workdir = tmp_path / "preempted"
+    result = train(config, str(workdir))
+    assert (result.stopped_by, result.step, result.last_checkpoint) == ("preempted", 3, 3)
+    assert sorted(read_metrics(workdir)) == [1, 2, 3]
+    assert os.listdir(workdir / "checkpoints") == ["3"]
+
+    result = train(config, str(workdir))
+    assert (result.stopped_by, result.step) == ("completed", 6)
+    resumed = read_metrics(workdir)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert resumed[step]["loss"] == reference[step]["loss"], step
+
+
+def test_training_changes_are_warnings_on_resume(tmp_path, caplog):
+    """Changes that alter the training that follows (the schedule's num_steps, the data pipeline of the
+    restored iterator) are logged as a warning naming the keys and values; the rest at INFO."""
+    from sparsejax.data import make_train_iterator
+    config = tiny_config()
+    factory = StateFactory(config, make_mesh(config), make_optimizer(config.train))
+    checkpointer = Checkpointer(str(tmp_path), keep=2, async_save=False)
+    checkpointer.save(0, factory.create(), make_train_iterator(config), config)
+    checkpointer.wait()
+    changed = tiny_config(num_steps=12, log_every=2)
+    changed.data.update(seq_len=64, shuffle_seed=5)
+    changed.model.remat = "full"
+    with caplog.at_level("INFO"):
+        checkpointer.check_compatible(0, changed)
+    checkpointer.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and "config changes" in r.getMessage()]
+    assert len(warnings) == 1 and len(infos) == 1, (warnings, infos)
+    for change in ("config.train.num_steps was 6, now 12", "config.data.seq_len was 32, now 64",
+                   "config.data.shuffle_seed was 0, now 5"):
+        assert change in warnings[0] and change not in infos[0]
+    for change in ("config.train.log_every was 1, now 2", "config.model.remat was 'none', now 'full'"):
+        assert change in infos[0] and change not in warnings[0]
 
 
 # -------------------------------------------------------------------------- train.py processes
@@ -310,5 +374,10 @@ def test_execution_keys_do_not_block_a_resume():
     resumed = {"model": {"d_model": 64}, "attention": {"kind": "nsa", "nsa": {
         "num_selected": 16, "implementation": "pallas_gpu", "fused_topn": True, "score_chunk_elements": 1 << 20}}}
     assert _model_defining(saved) == _model_defining(resumed)
+    resumed["model"].update(remat="full", dtype="bfloat16")  # how it is computed, not its parameters
+    assert _model_defining(saved) == _model_defining(resumed)
+    resumed["model"]["param_dtype"] = "bfloat16"
+    assert _model_defining(saved) != _model_defining(resumed)
+    del resumed["model"]["param_dtype"]
     resumed["attention"]["nsa"]["num_selected"] = 8
     assert _model_defining(saved) != _model_defining(resumed)

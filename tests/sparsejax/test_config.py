@@ -66,6 +66,20 @@ def test_wrong_type(config, key, value, message):
         config_lib.validate(config)
 
 
+def test_none_is_accepted_only_where_the_default_is_none(config):
+    """None is the value of an unset placeholder (data.max_documents, data.sentencepiece_model, workdir);
+    anywhere else it is a wrong type, named like any other."""
+    config.data.max_documents = None
+    config_lib.validate(config)
+    config.seed = None
+    with pytest.raises(ValueError, match=r"config\.seed = None must be an int, got NoneType"):
+        config_lib.validate(config)
+    config.seed = 0
+    config.model.d_model = None
+    with pytest.raises(ValueError, match=r"config\.model\.d_model = None must be an int, got NoneType"):
+        config_lib.validate(config)
+
+
 def test_int_accepted_for_float(config):
     replace_model(config, rope_theta=10000)
     config_lib.validate(config)

@@ -1,12 +1,16 @@
 """Evaluation pieces against hand-computed answers: retrieval scoring, bits per byte, the report."""
+import ast
 import math
+import re
+from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from sparsejax import evaluation
+from sparsejax import config as config_lib
+from sparsejax import data, evaluation
 from sparsejax.data.tokenizers import ByteTokenizer
 from sparsejax.evaluation import language_modeling, plots, retrieval
 
@@ -70,7 +74,7 @@ def test_bits_per_byte_matches_hand_computation():
 
 
 def test_eval_config_errors():
-    config = ml_collections.ConfigDict({"eval": evaluation.default_config()})
+    config = ml_collections.ConfigDict({"eval": evaluation.default_config(), "data": data.default_config()})
     evaluation.validate(config)
     config.eval.tasks = ("passkey", "haystack")
     with pytest.raises(ValueError, match="haystack.*passkey"):
@@ -79,6 +83,39 @@ def test_eval_config_errors():
     config.eval.depths = (0.5, 1.5)
     with pytest.raises(ValueError, match=r"1\.5.*\[0, 1\]"):
         evaluation.validate(config)
+
+
+def test_context_lengths_must_hold_each_tasks_fixed_text():
+    """Lengths too short for a task's instruction, needles and question fail validation naming the
+    length and the minimum (the needle task's grows with eval.num_distractors); examples of every
+    task fit at that minimum."""
+    config = config_lib.default_config()
+    config.eval.context_lengths = (256, 512)
+    with pytest.raises(ValueError, match=r"config\.eval\.context_lengths contains 256, too short for the needle task "
+                                         r"\(its prompts need >= 454 tokens with data\.tokenizer='byte', "
+                                         r"config\.eval\.num_distractors=3\); valid values: integers >= 454"):
+        config_lib.validate(config)
+    config.eval.num_distractors = 0
+    with pytest.raises(ValueError, match=r"contains 256, too short for the needle task.*integers >= 283"):
+        config_lib.validate(config)
+    config.eval.tasks = ("passkey",)
+    config_lib.validate(config)
+    config.eval.context_lengths = (253, 512)
+    with pytest.raises(ValueError, match=r"contains 253, too short for the passkey task.*integers >= 254"):
+        config_lib.validate(config)
+    tok = ByteTokenizer()
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        assert len(retrieval.make_example("passkey", rng, 254, 0.5, tok, 3)[0]) == 254
+        assert len(retrieval.make_example("needle", rng, 454, 0.5, tok, 3)[0]) == 454
+
+
+def test_eval_py_docstring_example_is_valid():
+    text = (Path(__file__).resolve().parents[2] / "eval.py").read_text()
+    lengths = re.search(r"--config\.eval\.context_lengths='(\([0-9, ]+\))'", text).group(1)
+    config = config_lib.default_config()
+    config.eval.context_lengths = ast.literal_eval(lengths)
+    config_lib.validate(config)
 
 
 def test_heatmap_writes_png(tmp_path):

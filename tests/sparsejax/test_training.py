@@ -246,3 +246,36 @@ def test_loss_decreases_and_metrics_are_written(tmp_path):
         assert all(0 < r["mfu"] for r in train_lines[1:])
     assert os.listdir(tmp_path / "tensorboard")
     assert json.load(open(tmp_path / "config.json"))["train"]["num_steps"] == 40
+
+
+def _tensorboard_events(directory) -> list:
+    """Every event of the TFRecord event files in `directory` (length, crc, Event proto, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+    events = []
+    for name in sorted(os.listdir(directory)):
+        data = (directory / name).read_bytes()
+        offset = 0
+        while offset < len(data):
+            length = int.from_bytes(data[offset:offset + 8], "little")
+            events.append(Event.FromString(data[offset + 12:offset + 12 + length]))
+            offset += 12 + length + 4
+    return events
+
+
+def test_resumed_metric_writer_purges_the_later_steps(tmp_path):
+    """Resumed at step 3 after steps 1..5 were logged: metrics.jsonl keeps 1..3, and the new TensorBoard
+    event file starts with a session START at step 4, so TensorBoard hides the old events of steps >= 4."""
+    from tensorboardX.proto.event_pb2 import SessionLog
+    writer = metrics_lib.MetricWriter(str(tmp_path))
+    for step in range(1, 6):
+        writer.write({"step": step, "loss": 1.0 / step}, tb_prefix="train/")
+    writer.close()
+    writer = metrics_lib.MetricWriter(str(tmp_path), resume_step=3)
+    writer.write({"step": 4, "loss": 0.5}, tb_prefix="train/")
+    writer.close()
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    events = _tensorboard_events(tmp_path / "tensorboard")
+    starts = [e.step for e in events if e.HasField("session_log") and e.session_log.status == SessionLog.START]
+    assert starts[-1:] == [4], starts
+    last_start = max(i for i, e in enumerate(events) if e.HasField("session_log"))
+    assert [e.step for e in events[last_start:] if e.HasField("summary")] == [4]

@@ -63,6 +63,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     bad = [t for t in tasks if t not in TASKS]
     if bad or len(set(tasks)) != len(tasks):
         raise ValueError(f"config.eval.tasks={tasks!r} is invalid; valid values: distinct names from {TASKS}")
+    if tasks and not (len(ev.context_lengths) and len(ev.depths)):
+        raise ValueError(f"config.eval.context_lengths={tuple(ev.context_lengths)!r} and config.eval.depths="
+                         f"{tuple(ev.depths)!r} must both be non-empty for the retrieval tasks {tasks!r} "
+                         "(or set config.eval.tasks=() to skip them)")
     for length in ev.context_lengths:
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"config.eval.context_lengths contains {length!r}; valid values: integers >= 1")

@@ -60,9 +60,11 @@ def retrieval_grid(logits_fn: LogitsFn, tokenizer, eval_config, *, pad_multiple:
 
     Returns {task: {"context_lengths": [...], "depths": [...], "accuracy": [[float per depth] per
     length], "samples_per_cell": n}}. Examples are drawn from `eval_config.seed`, so two models are
-    scored on the same examples."""
+    scored on the same examples (a task's examples depend on the seed, its name, the length and the
+    depth, not on which other tasks are evaluated)."""
     report = {}
-    for t, task in enumerate(eval_config.tasks):
+    for task in eval_config.tasks:
+        t = synthetic.TASKS.index(task)
         accuracy = []
         for length in eval_config.context_lengths:
             row = []

@@ -110,9 +110,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     os.makedirs(out_dir, exist_ok=True)
     report_path = os.path.join(out_dir, f"report_{step}.json")
     with open(report_path, "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(_finite_or_null(report), f, indent=1, allow_nan=False)   # strict JSON
     plots.retrieval_heatmap(grid, os.path.join(out_dir, f"retrieval_{step}.png"),
                             title=f"{config.attention.kind} @ step {step}")
     logging.info("evaluation of step %d: loss %.4f, bits/byte %.4f; retrieval %s; report %s", step, lm["loss"],
                  lm["bits_per_byte"], {t: float(np.mean(r["accuracy"])) for t, r in grid.items()}, report_path)
     return report
+
+
+def _finite_or_null(x):
+    """The report with NaN and ±inf floats (a diverged model's loss) as None: strict JSON has neither."""
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

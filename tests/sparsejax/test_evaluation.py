@@ -1,5 +1,6 @@
 """Evaluation pieces against hand-computed answers: retrieval scoring, bits per byte, the report."""
 import ast
+import json
 import math
 import re
 from pathlib import Path
@@ -73,6 +74,60 @@ def test_bits_per_byte_matches_hand_computation():
     np.testing.assert_allclose(result["bits_per_byte"], (nll * mask).sum() / math.log(2) / nbytes, rtol=1e-5)
 
 
+def test_statistics_are_means_over_real_tokens_of_all_batches():
+    """Each batch's statistic (a mean over its real tokens) is weighted by those tokens: a batch of
+    padding rows (segment 0) changes nothing, and a batch with 3x the real tokens weighs 3x."""
+    t, vocab = 8, 258
+
+    def batch(real_rows, stat_value):
+        seg = np.zeros((4, t), np.int32)
+        seg[:real_rows] = 1
+        return {"inputs": np.zeros((4, t), np.int32), "positions": np.zeros((4, t), np.int32),
+                "segment_ids": seg, "targets": np.ones((4, t), np.int32), "loss_mask": seg.astype(np.float32),
+                "stat": np.float32(stat_value)}
+
+    def forward_of(b):
+        return lambda i, p, s: (np.zeros((4, t, vocab), np.float32), {"stats/density": b["stat"]})
+
+    def run(batches):
+        sums = [language_modeling.make_sums_fn(forward_of(b), ByteTokenizer().token_bytes)(b) for b in batches]
+        _, stats = language_modeling.evaluate(lambda s: s, sums)
+        return stats["density"]
+
+    assert run([batch(4, 0.25), batch(0, 0.0), batch(0, 0.0)]) == pytest.approx(0.25)
+    assert run([batch(3, 0.5), batch(1, 0.1)]) == pytest.approx((3 * 0.5 + 1 * 0.1) / 4)
+
+
+def test_a_tasks_examples_do_not_depend_on_the_other_tasks():
+    tok = ByteTokenizer()
+    seen = {}
+    for tasks in (("passkey", "needle"), ("needle",), ("needle", "passkey")):
+        cfg = evaluation.default_config()
+        cfg.context_lengths, cfg.depths, cfg.samples_per_cell, cfg.tasks = (512,), (0.5,), 2, tasks
+        prompts = []
+
+        def record(inputs, positions, segment_ids):
+            prompts.append(np.asarray(inputs).copy())
+            return np.zeros(inputs.shape + (258,), np.float32)
+
+        retrieval.retrieval_grid(record, tok, cfg)
+        needle = prompts[tasks.index("needle")]       # one batch per task (samples 2 <= batch size)
+        seen[tasks] = needle
+    first = seen[("passkey", "needle")]
+    for needle in seen.values():
+        np.testing.assert_array_equal(needle, first)
+
+
+def test_report_is_strict_json():
+    from sparsejax.evaluation.run import _finite_or_null
+    report = {"validation": {"loss": float("nan"), "bits_per_byte": float("inf"), "tokens": 3.0},
+              "retrieval": {"passkey": {"accuracy": [[0.5, float("-inf")]]}}}
+    clean = _finite_or_null(report)
+    assert clean == {"validation": {"loss": None, "bits_per_byte": None, "tokens": 3.0},
+                     "retrieval": {"passkey": {"accuracy": [[0.5, None]]}}}
+    json.loads(json.dumps(clean, allow_nan=False))
+
+
 def test_eval_config_errors():
     config = ml_collections.ConfigDict({"eval": evaluation.default_config(), "data": data.default_config()})
     evaluation.validate(config)
@@ -80,6 +135,9 @@ def test_eval_config_errors():
     with pytest.raises(ValueError, match="haystack.*passkey"):
         evaluation.validate(config)
     config.eval.tasks = ("passkey",)
+    config.eval.depths = ()
+    with pytest.raises(ValueError, match=r"config.eval.context_lengths=.* and config.eval.depths=\(\) must both be"):
+        evaluation.validate(config)
     config.eval.depths = (0.5, 1.5)
     with pytest.raises(ValueError, match=r"1\.5.*\[0, 1\]"):
         evaluation.validate(config)

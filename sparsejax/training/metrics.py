@@ -5,10 +5,13 @@ FLOPs count one multiply-add as 2 FLOPs and a training step as 3 forward passes 
 backward of twice the cost); recomputation under remat is not counted (it is not useful work).
 - Matmul FLOPs per token and layer (forward): q, k, v and output projections
   `2·E·(H·D + 2·K·D + H·D)` plus the SwiGLU MLP `2·3·E·F`; plus the LM head `2·E·V` once.
-- Attention FLOPs are what the attention variant actually computes, reported by the variant class:
-  `attention_flops(config, seq_len) -> float`, the forward FLOPs of one layer's attention matmuls
-  (scores and values) for one sequence of `seq_len` tokens. Dense causal attention computes half of
-  the `T x T` score matrix: `2·(2·T²·H·D)/2`; a sparse variant counts only the blocks it visits.
+- Attention FLOPs are what the attention variant computes on a row that holds one sequence of
+  `seq_len` tokens, reported by the variant class: `attention_flops(config, seq_len) -> float`, the
+  forward FLOPs of one layer's attention matmuls (scores and values). Dense causal attention computes
+  half of the `T x T` score matrix: `2·(2·T²·H·D)/2`; a sparse variant counts only the blocks it
+  visits. This is a nominal count: rows packed with several documents are counted as one sequence,
+  although kernels that skip blocks between documents (cuDNN with segment ids) do less work, so MFU
+  on packed data is somewhat overstated (about 3.5% relative for dense_1b on the embedded corpus).
 """
 from __future__ import annotations
 

@@ -140,6 +140,10 @@ def validate(config, num_devices: int | None = None) -> None:
     if tuple(rules["heads"]) != tuple(rules["kv_heads"]):
         raise ValueError(f"sharding_rules: context parallelism needs heads and kv_heads on the same mesh axes, got "
                          f"heads={rules['heads']} kv_heads={rules['kv_heads']}")
+    if tuple(rules["sequence"]) != ("sequence",):
+        raise ValueError(f"sharding_rules.sequence = {tuple(rules['sequence'])} with config.mesh.sequence = {n}: "
+                         "context parallelism needs the sequence rule on the 'sequence' mesh axis, ('sequence',); "
+                         "otherwise activations are not sharded over the sequence")
 
 
 # ------------------------------------------------------------------------------------------ the call
@@ -172,8 +176,13 @@ class ContextParallel:
         """The data boundary: permute a batch's `[B, T]` arrays (contracts §3), numpy or jax (inside
         `jit` the results keep the batch sharding: batch axes x `sequence`)."""
         out = balance_lib.permute_batch(batch, self.permutation(batch["inputs"].shape[1]))
-        if isinstance(batch["inputs"], np.ndarray) or not self.active():
+        if isinstance(batch["inputs"], np.ndarray):
             return out
+        if not self.active():   # the model would take its single-device path on permuted tokens
+            raise ValueError(
+                f"this config shards the sequence over mesh.sequence={self.num_shards} devices, but no mesh "
+                f"with that sequence axis is set; call the train/eval step inside `with jax.set_mesh(mesh):` "
+                f"(train.py and eval.py do), current mesh: {dict(jax.sharding.get_abstract_mesh().shape)}")
         spec = P(self.batch_axes or None, "sequence")
         return {k: jax.lax.with_sharding_constraint(v, spec) if k in balance_lib.BATCH_SEQUENCE_KEYS else v
                 for k, v in out.items()}

@@ -26,6 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import merge_attention
@@ -71,7 +72,8 @@ def compress_sharded(k, v, params_k, params_v, *, spec, cp: ContextParallel):
         m = k.shape[1] // unit
 
         def one(x, params):
-            units = x.reshape(x.shape[0], m, unit, kv_heads, d_head)
+            local_heads = x.shape[2]                  # kv_heads / tensor: heads are sharded over tensor
+            units = x.reshape(x.shape[0], m, unit, local_heads, d_head)
             if halo:
                 heads = jax.lax.all_gather(units[:, :, :halo], "sequence", axis=1, tiled=True)   # [B, n·m, halo, K, D]
                 nxt = jnp.take(heads, jnp.asarray(next_unit)[r], axis=1)
@@ -79,7 +81,7 @@ def compress_sharded(k, v, params_k, params_v, *, spec, cp: ContextParallel):
                 units = jnp.concatenate([units, nxt.astype(units.dtype)], axis=2)
             out = compress(units.reshape((-1,) + units.shape[2:]), params, block=l, stride=d,
                            activation=spec.compress_activation)                              # [B·m, unit/d, K, D]
-            return out.reshape(x.shape[0], m * unit // d, kv_heads, d_head)
+            return out.reshape(x.shape[0], m * unit // d, local_heads, d_head)
 
         return one(k, pk), one(v, pv)
 
@@ -246,6 +248,8 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, compress_k
         o_cmp = jnp.zeros(q.shape[:3] + v_cmp.shape[3:], q.dtype)
     indices, counts = select_sharded(q, kc, kv_seg, segment_ids, row_index, doc_start, spec=spec, cp=cp,
                                      lse=lse_cmp)
+    # as in `nsa.nsa_attention`: a remat policy that saves this name spares the backward the importance pass
+    indices, counts = checkpoint_name((indices, counts), "nsa_selection")
     o_slc = selected_sharded(q, k_slc, v_slc, segment_ids, segments_original, rows, indices, counts, spec=spec,
                              cp=cp)
     o_win = window_sharded(q, k_win, v_win, segment_ids, rows, window=spec.window, block=spec.window_block, cp=cp)

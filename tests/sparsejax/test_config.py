@@ -157,6 +157,15 @@ def test_shapes_must_divide_over_the_mesh(config, mesh, message):
         config_lib.validate(config, num_devices=8)
 
 
+def test_context_parallelism_needs_the_sequence_rule(config):
+    common.update(config.mesh, data=1, fsdp=1, sequence=8, tensor=1)
+    config.data.seq_len = 2048                       # zigzag over 8 shards of 128-blocks
+    config_lib.validate(config, num_devices=8)
+    config.sharding_rules.sequence = ()
+    with pytest.raises(ValueError, match=r"sharding_rules\.sequence = \(\) with config\.mesh\.sequence = 8: context"):
+        config_lib.validate(config, num_devices=8)
+
+
 def test_batch_must_divide_over_data_and_fsdp(config):
     config.data.global_batch_size = 12
     with pytest.raises(ValueError, match=r"global_batch_size / config\.train\.grad_accum_steps = 12 is not divisible "

@@ -34,7 +34,8 @@ def tiny(kind, scan_layers=False, **mesh):
     config = (nsa_tiny if kind == "nsa" else dense_tiny).get_config()
     config.model.update(d_model=32, num_layers=2 if scan_layers else 1, num_heads=4, num_kv_heads=2, head_dim=8,
                         mlp_dim=64, scan_layers=scan_layers)
-    config.data.update(seq_len=128, global_batch_size=2, max_documents=40)
+    # document_alignment 1: document boundaries at any offset, inside shards and across them
+    config.data.update(seq_len=128, global_batch_size=2, max_documents=40, document_alignment=1)
     config.train.update(num_steps=2, warmup_steps=1, learning_rate=1e-2, log_every=1, eval_every=0,
                         checkpoint_every=0, async_checkpointing=False)
     if kind == "nsa":
@@ -73,6 +74,24 @@ def test_train_step_sequence_4_equals_sequence_1(packed_batches, kind, scheme, b
     # 2e-4 is 2% of one update. A wrong gradient moves whole tensors by a sizeable part of lr.
     for a, r in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, r, atol=2e-4, rtol=1e-4)
+
+
+def test_a_sequence_sharded_step_outside_its_mesh_is_an_error(packed_batches):
+    """Without `jax.set_mesh` the model would take its single-device path on the permuted batch and
+    return a wrong loss: the data boundary refuses instead."""
+    from sparsejax.training.optimizer import make_optimizer
+    from sparsejax.training.state import StateFactory
+    from sparsejax.training.step import make_global_batch, make_train_step
+
+    config = tiny("dense", data=2, sequence=4)
+    mesh = mesh_lib.make_mesh(config, jax.devices())
+    optimizer = make_optimizer(config.train)
+    factory = StateFactory(config, mesh, optimizer)
+    sharding = mesh_lib.batch_sharding(mesh, mesh_lib.rules_from_config(config))
+    step = make_train_step(config, factory.graphdef, optimizer, mesh, factory.shardings, sharding)
+    batch = make_global_batch(packed_batches[0], sharding, config.data.global_batch_size)
+    with pytest.raises(ValueError, match=r"mesh.sequence=4 devices, but no mesh with that sequence axis is set"):
+        step(factory.create(), batch)
 
 
 def test_nsa_1b_long_config_validates_for_four_devices():

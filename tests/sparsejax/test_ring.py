@@ -203,7 +203,8 @@ def packed_rows(b, t):
     return jnp.asarray(pos), jnp.asarray(seg)
 
 
-def test_nsa_ring_zigzag_matches_single_device():
+@pytest.mark.parametrize("data, tensor", [(2, 1), (1, 2)])   # (1, 2): KV heads split over tensor
+def test_nsa_ring_zigzag_matches_single_device(data, tensor):
     b, t, h, kvh, d, f = 2, 512, 4, 2, 16, 32
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -214,8 +215,8 @@ def test_nsa_ring_zigzag_matches_single_device():
                                      0.1 * normal(d)) for _ in range(2))
     pos, seg = packed_rows(b, t)
     config = ml_collections.ConfigDict(dict(
-        mesh=dict(data=2, fsdp=1, sequence=4, tensor=1), parallel=context.default_config(), data=dict(seq_len=t),
-        attention=dict(kind="dense")))
+        mesh=dict(data=data, fsdp=1, sequence=4, tensor=tensor), parallel=context.default_config(),
+        data=dict(seq_len=t), attention=dict(kind="dense")))
     config.parallel.update(block_q=32, block_k=32)
     context.validate(config)
     cp = context.from_config(config)

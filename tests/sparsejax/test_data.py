@@ -205,6 +205,8 @@ def test_document_alignment_follows_the_attention_variant():
   from configs import dense_tiny, nsa_tiny
   from sparsejax.data.pipeline import document_alignment
   nsa, dense = nsa_tiny.get_config(), dense_tiny.get_config()
+  assert document_alignment(dense) == document_alignment(nsa) == 16     # dense_tiny packs on nsa_tiny's grid
+  nsa.data.document_alignment = dense.data.document_alignment = 0        # 0: the variant's own
   assert document_alignment(nsa) == nsa.attention.nsa.select_block
   assert document_alignment(dense) == 1
   assert document_alignment(dense.data) == 1

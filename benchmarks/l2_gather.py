@@ -13,8 +13,9 @@ Mosaic GPU kernel that moves the same blocks by TMA into a shared-memory ring an
 Sections (select with --sections, default gather):
   gather  at each of --lengths: GPU kernel time (`timing.gpu_ms`) and bytes per second of each
           kernel above, for the anchor selections (`kernels.anchor_layout`, the community NSA
-          benchmark's) and causal16 (block 0, the token's own block, 14 random earlier ones), with
-          each (num_warps, num_stages) of --launch and each (tokens, stages) of --tma.
+          benchmark's) and causal16 (`kernels.nsa_layout`: block 0, the token's own block, 14 random
+          earlier ones), with each (num_warps, num_stages) of --launch and each (tokens, stages) of
+          --tma.
 
 With --interpret (a CPU smoke test) the Triton kernels run in Pallas' interpreter at 256 tokens and
 the Mosaic GPU kernel is only lowered for CUDA.
@@ -33,22 +34,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plmgpu
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import anchor_layout
+from kernels import anchor_layout, nsa_layout
 from pallas_kernels import BlockLayout
 from pallas_kernels.block_sparse import pallas_gpu
 
 RESULTS: dict = {}
-HQ, HKV, D, BLOCK_K, N = 64, 4, 128, 64, 16
-
-
-def causal16_layout(seed, t):
-  """Block 0, the token's own block and 14 uniformly random earlier blocks (repeats allowed)."""
-  own = (jnp.arange(t, dtype=jnp.int32) // BLOCK_K)[None, None, :, None]
-  extra = (jax.random.uniform(jax.random.key(seed), (1, HKV, t, N - 2)) * own).astype(jnp.int32)
-  idx = jnp.concatenate([jnp.zeros((1, HKV, t, 1), jnp.int32), jnp.broadcast_to(own, (1, HKV, t, 1)),
-                         extra], axis=-1)
-  return BlockLayout.from_indices(idx, jnp.full((1, HKV, t), N, jnp.int32), block_q=1,
-                                  block_k=BLOCK_K, num_kv_blocks=-(-t // BLOCK_K))
+HQ, HKV, D, BLOCK_K = 64, 4, 128, 64
 
 
 def shared_layout(layout):
@@ -193,7 +184,7 @@ def section_gather(args):
     k = jax.random.normal(keys[1], (1, t, HKV, D), jnp.float32).astype(jnp.bfloat16)
     v = jax.random.normal(keys[2], (1, t, HKV, D), jnp.float32).astype(jnp.bfloat16)
     pos = jnp.arange(t, dtype=jnp.int32)[None]
-    for name, layout in (("anchor", anchor_layout(1, t, HKV)), ("causal16", causal16_layout(2, t))):
+    for name, layout in (("anchor", anchor_layout(1, t, HKV)), ("causal16", nsa_layout(2, t, HKV))):
       row = out.setdefault(f"{name}_{t}", {})
       blocks = int(layout.kv_counts.sum())
       kv_bytes = blocks * BLOCK_K * D * 2 * 2

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 def merge_attention(partials: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
     """Merge [(out_i [B, T, H, Dv], lse_i [B, H, T]), ...] into (out [B, T, H, Dv], lse [B, H, T]).
 
-    Arithmetic in float32; out takes the dtype of the first partial, lse is float32. Rows where every
-    lse_i is -inf give out 0 and lse -inf, with zero (not NaN) gradients.
+    Arithmetic in float32; out takes the dtype of the first partial, lse is float32. A partial whose
+    lse_i is -inf on a row saw no keys there: its out_i on that row is ignored, whatever it holds (0,
+    or NaN from a caller's own 0/0). Rows where every lse_i is -inf give out 0 and lse -inf, with zero
+    (not NaN) gradients.
     """
     partials = list(partials)
     if not partials:
@@ -40,6 +42,9 @@ def merge_attention(partials: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[ja
     seen = total > 0
     lse = jnp.where(seen, peak + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
     weights = jnp.exp(lses - jnp.where(seen, lse, 0.0))                                 # 0 for -inf parts
-    out = sum(jnp.einsum("bht,bthd->bthd", w, o.astype(jnp.float32))
-              for w, (o, _) in zip(weights, partials))
+    def seen_part(o, l):                # out zeroed where the partial saw nothing (before any product)
+        return jnp.where(jnp.moveaxis(l, 1, 2)[..., None] == -jnp.inf, 0.0, o.astype(jnp.float32))
+
+    out = sum(jnp.einsum("bht,bthd->bthd", w, seen_part(o, l))
+              for w, l, (o, _) in zip(weights, lses, partials))
     return out.astype(out0.dtype), lse

@@ -75,6 +75,29 @@ def test_merge_formula_and_empty_rows():
         assert grad[0, 1, 2] == 0
 
 
+def test_merge_ignores_the_out_of_an_empty_partial():
+    """A partial with lse -inf on a row saw nothing there; its out on that row (here NaN and inf, as a
+    caller's own 0/0 gives) must not reach the merged out or the gradients."""
+    rng = np.random.default_rng(1)
+    outs = [jnp.asarray(rng.normal(size=(1, 3, 2, 4)), jnp.float32) for _ in range(2)]
+    lses = [jnp.asarray(rng.normal(size=(1, 2, 3)), jnp.float32) for _ in range(2)]
+    lses[1] = lses[1].at[0, 0, 1].set(-jnp.inf).at[0, 1, 2].set(-jnp.inf)
+    outs[1] = outs[1].at[0, 1, 0].set(jnp.nan).at[0, 2, 1].set(jnp.inf)
+    lses[0] = lses[0].at[0, 1, 2].set(-jnp.inf)                        # row (h=1, t=2): both empty
+    out, lse = merge_attention(list(zip(outs, lses)))
+    np.testing.assert_allclose(out[0, 1, 0], outs[0][0, 1, 0], rtol=1e-6)   # only partial 0 saw keys
+    np.testing.assert_allclose(lse[0, 0, 1], lses[0][0, 0, 1], rtol=1e-6)
+    np.testing.assert_array_equal(out[0, 2, 1], 0.0)
+    assert lse[0, 1, 2] == -np.inf
+
+    def loss(outs, lses):
+        out, lse = merge_attention(list(zip(outs, lses)))
+        return out.sum() + jnp.where(jnp.isneginf(lse), 0, lse).sum()
+
+    for grad in jax.tree.leaves(jax.grad(loss, argnums=(0, 1))(outs, lses)):
+        assert np.isfinite(np.asarray(grad)).all()
+
+
 def test_merge_errors():
     out, lse = jnp.zeros((1, 3, 2, 4)), jnp.zeros((1, 2, 3))
     with pytest.raises(ValueError, match="at least one"):

@@ -21,6 +21,10 @@ grain's `ConcatThenSplitIterDataset` does not give this contract (it passes full
 through and keeps partly filled rows open), so the packer is a small grain `IterDataset` of its own.
 Its checkpoint state is the parent's state before the document being consumed plus the offset into
 it, so restoring costs one document read.
+
+Evaluation's documents come as int [2, N]: the tokens and under them the bytes of text each stands
+for; rows then also carry `target_bytes` (float32 [T], the bytes of each target token; 0 on filler
+and padding), which is not part of the training batch.
 """
 from __future__ import annotations
 
@@ -32,22 +36,27 @@ import numpy as np
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
-def row_to_example(tokens: np.ndarray, segments: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-  """One packed row of L = T + 1 tokens (int [L] each) -> the batch format for one row ([T] each)."""
+def row_to_example(tokens: np.ndarray, segments: np.ndarray, positions: np.ndarray,
+                   nbytes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """One packed row of L = T + 1 tokens (int [L] each; `nbytes` [L]: the bytes of text of each
+  token) -> the batch format for one row ([T] each; with `nbytes`, also `target_bytes`)."""
   seg_in, seg_out = segments[:-1], segments[1:]
-  return {
+  example = {
       "inputs": tokens[:-1].astype(np.int32),
       "targets": tokens[1:].astype(np.int32),
       "positions": positions[:-1].astype(np.int32),
       "segment_ids": seg_in.astype(np.int32),
       "loss_mask": ((seg_in == seg_out) & (seg_in != 0)).astype(np.float32),
   }
+  if nbytes is not None:
+    example["target_bytes"] = nbytes[1:].astype(np.float32)
+  return example
 
 
-def padding_example(seq_len: int) -> dict[str, np.ndarray]:
-  """A row made only of padding (segment 0, loss_mask 0), [T] each."""
+def padding_example(seq_len: int, with_bytes: bool = False) -> dict[str, np.ndarray]:
+  """A row made only of padding (segment 0, loss_mask 0), [T] each (with `target_bytes` 0)."""
   zeros = np.zeros((seq_len + 1,), np.int32)
-  return row_to_example(zeros, zeros, zeros)
+  return row_to_example(zeros, zeros, zeros, zeros if with_bytes else None)
 
 
 class _PackIterator(grain.DatasetIterator):
@@ -56,7 +65,8 @@ class _PackIterator(grain.DatasetIterator):
     super().__init__(parent)
     self._row_len = seq_len + 1
     self._align = align
-    self._doc = None            # int32 [N] document being consumed, or None
+    self._doc = None            # int32 [N, 1] (tokens) or [N, 2] (tokens, bytes) being consumed, or None
+    self._with_bytes = False    # documents come with their bytes (int [2, N]): rows get target_bytes
     self._doc_state = None      # parent state before that document was read
     self._offset = 0            # tokens of _doc already emitted
     self._exhausted = False
@@ -68,14 +78,16 @@ class _PackIterator(grain.DatasetIterator):
     except StopIteration:
       self._exhausted = True
       return False
-    self._doc = np.asarray(doc, dtype=np.int32).reshape(-1)
+    doc = np.asarray(doc, dtype=np.int32)
+    self._with_bytes = doc.ndim == 2
+    self._doc = doc.T if self._with_bytes else doc.reshape(-1, 1)        # [N, 1] or [N, 2] (token, bytes)
     self._doc_state = state
     self._offset = 0
     return True
 
   def __next__(self) -> dict[str, np.ndarray]:
     length = self._row_len
-    tokens = np.zeros((length,), np.int32)
+    tokens = np.zeros((length, 2), np.int32)                            # token, bytes of text
     segments = np.zeros((length,), np.int32)
     positions = np.zeros((length,), np.int32)
     fill, segment = 0, 1
@@ -90,7 +102,7 @@ class _PackIterator(grain.DatasetIterator):
       if fill >= length:
         break
       n = min(length - fill, len(self._doc) - self._offset)
-      tokens[fill:fill + n] = self._doc[self._offset:self._offset + n]
+      tokens[fill:fill + n, :self._doc.shape[1]] = self._doc[self._offset:self._offset + n]
       segments[fill:fill + n] = segment
       positions[fill:fill + n] = np.arange(n, dtype=np.int32)
       fill += n
@@ -98,7 +110,7 @@ class _PackIterator(grain.DatasetIterator):
       self._offset += n
     if fill == 0:
       raise StopIteration
-    return row_to_example(tokens, segments, positions)
+    return row_to_example(tokens[:, 0], segments, positions, tokens[:, 1] if self._with_bytes else None)
 
   def get_state(self) -> dict[str, Any]:
     if self._doc is not None and self._offset < len(self._doc):
@@ -136,9 +148,9 @@ class PackIterDataset(grain.IterDataset):
 
 class _PadRowsIterator(grain.DatasetIterator):
 
-  def __init__(self, parent, seq_len: int, multiple: int, total: int | None):
+  def __init__(self, parent, seq_len: int, multiple: int, total: int | None, with_bytes: bool):
     super().__init__(parent)
-    self._pad = padding_example(seq_len)
+    self._pad = padding_example(seq_len, with_bytes)
     self._multiple = multiple
     self._total = total
     self._count = 0
@@ -172,11 +184,12 @@ class PadRowsIterDataset(grain.IterDataset):
   """Appends padding rows (segment 0, loss_mask 0) to a finite stream of rows: up to a multiple of
   `multiple` rows when `total` is None, else exactly `total` rows (the parent is cut after `total`).
   Evaluation uses it so that every batch has the same shape and every process runs the same number
-  of batches."""
+  of batches. `with_bytes`: the rows carry `target_bytes`, and so do the padding rows."""
 
-  def __init__(self, parent: grain.IterDataset, seq_len: int, *, multiple: int, total: int | None = None):
+  def __init__(self, parent: grain.IterDataset, seq_len: int, *, multiple: int, total: int | None = None,
+               with_bytes: bool = False):
     super().__init__(parent)
-    self._args = (seq_len, multiple, total)
+    self._args = (seq_len, multiple, total, with_bytes)
 
   def __iter__(self):
     return _PadRowsIterator(self._parent.__iter__(), *self._args)

@@ -37,14 +37,25 @@ _STREAM = {"train": 0, "validation": 1}
 
 
 class _Tokenize:
-  """document bytes -> int32 [N + 2] = BOS + tokens + EOS (a picklable class for grain workers)."""
+  """document bytes -> int32 [N + 2] = BOS + tokens + EOS (a picklable class for grain workers).
 
-  def __init__(self, tokenizer):
+  With `with_bytes`: int32 [2, N + 2], the tokens and under each the bytes of the document it
+  stands for (`encode_with_bytes`; BOS 0, EOS the bytes that no piece covers, so that a document's
+  counts sum to its UTF-8 length as tokenized)."""
+
+  def __init__(self, tokenizer, with_bytes: bool = False):
     self._tokenizer = tokenizer
+    self._with_bytes = with_bytes
 
   def __call__(self, document) -> np.ndarray:
     tok = self._tokenizer
-    return np.concatenate([[tok.bos_id], tok.encode(document), [tok.eos_id]]).astype(np.int32)
+    if not self._with_bytes:
+      return np.concatenate([[tok.bos_id], tok.encode(document), [tok.eos_id]]).astype(np.int32)
+    ids, nbytes = tok.encode_with_bytes(document)
+    text = document.decode("utf-8", errors="replace") if isinstance(document, bytes) else document
+    rest = len(text.encode("utf-8")) - int(nbytes.sum())
+    return np.stack([np.concatenate([[tok.bos_id], ids, [tok.eos_id]]),
+                     np.concatenate([[0], nbytes, [rest]])]).astype(np.int32)
 
 
 def _local_batch_size(data, process_index: int, process_count: int) -> int:
@@ -91,7 +102,7 @@ def _document_rows(config, tokenizer, split, process_index, process_count, *, tr
       raise ValueError(f"process {process_index} of {process_count} gets no training documents "
                        f"(the train split has {len(docs)}); use fewer processes or more documents")
     ds = ds.shuffle(seed=data.shuffle_seed).repeat()
-  ds = ds.map(_Tokenize(tokenizer))
+  ds = ds.map(_Tokenize(tokenizer, with_bytes=not train))
   return packing.PackIterDataset(ds.to_iter_dataset(_read_options(data)), data.seq_len,
                                 align=min(document_alignment(config), data.seq_len))
 
@@ -140,8 +151,10 @@ def make_eval_iterator(config, split: str = "validation", *, num_batches: int | 
   With `num_batches=None` it makes one pass and pads the last batch with padding rows (loss_mask 0).
   With `num_batches=n` it yields exactly n batches: the split is cut after n batches, or completed
   with padding batches. In multi-process evaluation give `num_batches`, so that every process runs
-  the same number of steps. For the synthetic source the rows are synthetic tasks from a stream
-  separate from training, and `num_batches` is required."""
+  the same number of steps. Document rows also carry `target_bytes` float32 [B_local, T], the bytes
+  of text each target token stands for (0 on padding and filler; `packing.row_to_example`), for
+  bits per byte. For the synthetic source the rows are synthetic tasks from a stream separate from
+  training, without `target_bytes`, and `num_batches` is required."""
   data = _data_section(config)
   if split not in sources.SPLITS:
     raise ValueError(f"split={split!r} is not one of {sources.SPLITS}")
@@ -156,5 +169,6 @@ def make_eval_iterator(config, split: str = "validation", *, num_batches: int | 
   else:
     rows = _document_rows(config, tokenizer, split, process_index, process_count, train=False)
   total = None if num_batches is None else num_batches * batch
-  rows = packing.PadRowsIterDataset(rows, data.seq_len, multiple=batch, total=total)
+  rows = packing.PadRowsIterDataset(rows, data.seq_len, multiple=batch, total=total,
+                                    with_bytes=data.source != "synthetic")
   return iter(rows.batch(batch, drop_remainder=True))

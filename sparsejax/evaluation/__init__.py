@@ -15,7 +15,7 @@ TASKS = ("passkey", "needle")
 def default_config() -> ml_collections.ConfigDict:
     """Defaults of `config.eval`."""
     c = ml_collections.ConfigDict()
-    c.validation_batches = 16               # batches of the validation split for loss / bits per byte
+    c.validation_batches = 16               # batches of the validation split for loss / bits per byte; 0 = all of it
     c.tasks = ("passkey", "needle")         # retrieval tasks to run (subset of TASKS)
     c.context_lengths = (512, 1024, 2048)   # prompt lengths in tokens (bytes: passkey >= 254, needle >= 454)
     c.depths = (0.0, 0.25, 0.5, 0.75, 1.0)  # needle position as a fraction of the filler
@@ -55,8 +55,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks `config.eval` (the context lengths against the retrieval tasks' fixed text, tokenized
     with `config.data`'s tokenizer); raises ValueError naming the key, the bad value and the valid values."""
     ev = config.eval
-    for key in ("validation_batches", "samples_per_cell", "batch_size"):
+    for key in ("samples_per_cell", "batch_size"):
         _positive_int(key, ev[key])
+    batches = ev.validation_batches
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+        raise ValueError(f"config.eval.validation_batches={batches!r} is invalid; valid values: an integer >= 1, "
+                         "or 0 for the whole validation split")
+    if batches == 0 and config.data.source == "synthetic":
+        raise ValueError("config.eval.validation_batches=0 (the whole split) is invalid with data.source='synthetic', "
+                         "whose validation rows are endless; valid values: an integer >= 1")
     if isinstance(ev.num_distractors, bool) or not isinstance(ev.num_distractors, int) or ev.num_distractors < 0:
         raise ValueError(f"config.eval.num_distractors={ev.num_distractors!r} is invalid; valid values: an integer >= 0")
     tasks = tuple(ev.tasks)

@@ -39,15 +39,17 @@ def evaluate(sums_fn, batches: Iterable[dict]) -> tuple[dict[str, float], dict[s
     its real tokens: padding rows and batches count for nothing).
 
     Bits per byte = total nats / ln 2 / total bytes of the predicted tokens: comparable across
-    tokenizers, unlike the per-token loss, as long as a token's byte count is the bytes of text it
-    stands for. That holds for the byte tokenizer and for SentencePiece models trained with identity
-    normalisation, no dummy prefix and byte fallback; with the trainer's defaults (NFKC, a dummy
-    prefix, unknown pieces of 0 bytes) the piece lengths undercount the text, by ~20% on source code,
-    and bits per byte come out that much too high."""
+    tokenizers, unlike the per-token loss. A batch's bytes are its `target_bytes` (document rows of
+    `make_eval_iterator`: the bytes of text each target stands for, from the tokenizer's alignment to
+    the document, exact for any SentencePiece normalisation) where it has them, else `sums_fn`'s
+    count from the vocabulary (`token_bytes`: exact for bytes; for SentencePiece only for models
+    trained with identity normalisation, no dummy prefix and byte fallback)."""
     nll = tokens = nbytes = real = 0.0
     stats: dict[str, float] = {}
     for batch in batches:
         a, b, c, batch_stats, n_real = sums_fn(batch)
+        if "target_bytes" in batch:
+            c = np.sum(np.asarray(batch["target_bytes"], np.float64) * np.asarray(batch["loss_mask"], np.float64))
         nll, tokens, nbytes, real = nll + float(a), tokens + float(b), nbytes + float(c), real + float(n_real)
         for key, value in batch_stats.items():
             stats[key] = stats.get(key, 0.0) + float(value) * float(n_real)

@@ -97,7 +97,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         with jax.set_mesh(mesh):
             return batch_sums(params, rest, make_global_batch(batch, sharding, batch["inputs"].shape[0]))
 
-    batches = make_eval_iterator(config, "validation", num_batches=config.eval.validation_batches)
+    batches = make_eval_iterator(config, "validation", num_batches=config.eval.validation_batches or None)
     lm, stats = language_modeling.evaluate(sums, batches)
 
     pad = math.lcm(retrieval.PAD_MULTIPLE, context.sequence_multiple(config))

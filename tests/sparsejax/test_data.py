@@ -261,6 +261,40 @@ def test_sentencepiece_tokenizer(tmp_path):
     D.validate(config)
 
 
+def test_sentencepiece_bytes_follow_the_text(tmp_path):
+  """With the trainer's default normalisation (NFKC, collapsed whitespace, a dummy prefix) the piece
+  lengths undercount the text; `encode_with_bytes` and evaluation rows count the text itself."""
+  spm = pytest.importorskip("sentencepiece")
+  files = D.embedded_corpus_files()[:30]
+  text = b"".join(open(f, "rb").read() for f in files)[:150_000].decode("utf-8", "replace")
+  prefix = str(tmp_path / "default_norm")
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_prefix=prefix, vocab_size=400,
+                                 byte_fallback=True, character_coverage=0.995, minloglevel=2)
+  tok = D.SentencePieceTokenizer(prefix + ".model")
+  sample = "  " + open(D.embedded_corpus_files()[40], encoding="utf-8").read()[:3000] + "é😀 ﬁ\t\t \n\n  "
+  ids, nbytes = tok.encode_with_bytes(sample)
+  np.testing.assert_array_equal(ids, tok.encode(sample))
+  assert (nbytes >= 0).all()
+  assert tok.token_bytes[ids].sum() < 0.95 * len(sample.encode("utf-8"))   # the vocabulary's count falls short
+  assert nbytes.sum() == len(sample.strip().encode("utf-8"))               # only the stripped ends are uncovered
+  b_ids, b_bytes = BYTE.encode_with_bytes(sample)
+  assert (b_bytes == 1).all() and len(b_ids) == len(sample.encode("utf-8"))
+
+  docs = {f"d{i}.txt": sample[300 * i:300 * i + 200 + 37 * i] + "  \n" for i in range(6)}
+  for name, body in docs.items():
+    (tmp_path / name).write_text(body, encoding="utf-8")
+  config = make_config(source="files", paths=[str(tmp_path / "*.txt")], seq_len=4096, global_batch_size=2,
+                       val_fraction=0.0, tokenizer="sentencepiece", sentencepiece_model=prefix + ".model",
+                       document_alignment=1)
+  batches = list(D.make_eval_iterator(config, "train"))
+  assert all(b["target_bytes"].dtype == np.float32 and b["target_bytes"].shape == (2, 4096) for b in batches)
+  # One row holds every document whole, so each token after a BOS is a target: the bytes are the texts'.
+  counted = sum(float((b["target_bytes"] * b["loss_mask"]).sum()) for b in batches)
+  assert counted == sum(len(body.encode("utf-8")) for body in docs.values())
+  assert all(not b["target_bytes"][b["segment_ids"] == 0].any() for b in batches)
+  assert "target_bytes" not in next(D.make_train_iterator(config))        # training batches are unchanged
+
+
 # ----------------------------------------------------------------------------------------------
 # Sources and splits
 
@@ -345,8 +379,8 @@ def take(it, n):
 def assert_batches_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    assert set(x) == set(D.BATCH_KEYS)
-    for key in D.BATCH_KEYS:
+    assert set(x) == set(y) and set(x) - {"target_bytes"} == set(D.BATCH_KEYS)
+    for key in x:
       np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 

@@ -72,6 +72,12 @@ def test_bits_per_byte_matches_hand_computation():
     nbytes = ((targets < 256) * mask).sum()
     np.testing.assert_allclose(result["loss"], (nll * mask).sum() / mask.sum(), rtol=1e-5)
     np.testing.assert_allclose(result["bits_per_byte"], (nll * mask).sum() / math.log(2) / nbytes, rtol=1e-5)
+    # Rows with their own byte counts (evaluation's document rows) use those, not the vocabulary's.
+    target_bytes = rng.integers(0, 5, size=(2, t)).astype(np.float32)
+    result, _ = language_modeling.evaluate(sums, [{**batch, "target_bytes": target_bytes}, batch])
+    both = (target_bytes * mask).sum() + nbytes
+    np.testing.assert_allclose(result["bits_per_byte"], 2 * (nll * mask).sum() / math.log(2) / both, rtol=1e-5)
+    np.testing.assert_allclose(result["bytes"], both)
 
 
 def test_statistics_are_means_over_real_tokens_of_all_batches():
@@ -140,6 +146,15 @@ def test_eval_config_errors():
         evaluation.validate(config)
     config.eval.depths = (0.5, 1.5)
     with pytest.raises(ValueError, match=r"1\.5.*\[0, 1\]"):
+        evaluation.validate(config)
+    config.eval.depths = (0.5,)
+    config.eval.validation_batches = 0                                   # the whole split
+    evaluation.validate(config)
+    config.eval.validation_batches = -1
+    with pytest.raises(ValueError, match=r"validation_batches=-1 is invalid; valid values: an integer >= 1, or 0"):
+        evaluation.validate(config)
+    config.eval.validation_batches, config.data.source = 0, "synthetic"
+    with pytest.raises(ValueError, match=r"validation_batches=0 \(the whole split\) is invalid with data.source="):
         evaluation.validate(config)
 
 

@@ -109,12 +109,31 @@ class Haystack:
 
 
 @functools.lru_cache(maxsize=None)
-def embedded_haystack(split: str = "validation") -> Haystack:
-  """The haystack of the embedded corpus' `split` (with the default `val_fraction`). Evaluation
-  uses the validation split so that the haystack text was not trained on."""
+def embedded_haystack(split: str = "validation", val_fraction: float | None = None,
+                      max_documents: int | None = None) -> Haystack:
+  """The haystack of the embedded corpus' `split`, under `val_fraction` and `max_documents` (None:
+  the defaults). Evaluation uses the validation split so that the haystack text was not trained on."""
   data = data_config.default_config()
   data.source = "embedded"
+  if val_fraction is not None:
+    data.val_fraction = float(val_fraction)
+  data.max_documents = max_documents
   return Haystack(sources.load_documents(data, split))
+
+
+def haystack_for(data, split: str) -> Haystack:
+  """The needle haystack of a run on `data` (its `config.data`): for a run on the embedded corpus with
+  a validation split, that run's own `split` (so the validation haystack holds no text it trained on,
+  and training rows' haystack no validation text); otherwise the embedded corpus' `split` under the
+  defaults (a run on other text, or on the embedded corpus with `val_fraction=0`, whose validation
+  haystack it then has trained on)."""
+  return embedded_haystack(*_haystack_args(data, split))
+
+
+def _haystack_args(data, split: str) -> tuple:
+  if data.source == "embedded" and data.val_fraction > 0:
+    return split, float(data.val_fraction), data.max_documents
+  return (split,)
 
 
 def _fill_budget(prompt_len: int, fixed: int, what: str) -> int:
@@ -276,7 +295,7 @@ class SyntheticRows:
 
   Each row draws its own generator from `(seed, stream, index)`, so rows are deterministic and
   independent of the order they are read in. The task is drawn by the mixture weights, the depth
-  uniformly in [0, 1]; the needle haystack is the embedded corpus' split `haystack_split`."""
+  uniformly in [0, 1]; the needle haystack is `haystack_for(data, haystack_split)`."""
 
   def __init__(self, data, tokenizer, *, stream: int, haystack_split: str):
     mix = data.synthetic_mixture
@@ -289,7 +308,7 @@ class SyntheticRows:
     self._passkey_max = int(mix.passkey_max)
     self._distractors = int(mix.needle_distractors)
     self._digits = int(mix.needle_value_digits)
-    self._haystack_split = haystack_split
+    self._haystack_args = _haystack_args(data, haystack_split)   # the haystack is loaded on first use
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self._seed, self._stream, int(index)])
@@ -300,6 +319,6 @@ class SyntheticRows:
       prompt, answer = _passkey(rng, depth, self._tokenizer, passkey=None, passkey_max=self._passkey_max,
                                 total_len=total)
     else:
-      prompt, answer = _needle(rng, depth, self._tokenizer, haystack=embedded_haystack(self._haystack_split),
+      prompt, answer = _needle(rng, depth, self._tokenizer, haystack=embedded_haystack(*self._haystack_args),
                                num_distractors=self._distractors, value_digits=self._digits, total_len=total)
     return synthetic_example(prompt, answer, self._seq_len)

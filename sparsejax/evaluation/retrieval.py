@@ -21,12 +21,14 @@ PAD_MULTIPLE = 64  # forward lengths are rounded up to this, so a grid compiles 
 
 
 def make_example(task: str, rng: np.random.Generator, context_len: int, depth: float, tokenizer,
-                 num_distractors: int) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt_ids [context_len], answer_ids [A]) for `task` in ("passkey", "needle")."""
+                 num_distractors: int, haystack: synthetic.Haystack | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt_ids [context_len], answer_ids [A]) for `task` in ("passkey", "needle"); the needle
+    task's filler comes from `haystack` (default: the embedded corpus' validation split)."""
     if task == "passkey":
         return synthetic.make_passkey_example(rng, context_len, depth, tokenizer)
     if task == "needle":
-        return synthetic.make_needle_example(rng, context_len, depth, tokenizer, num_distractors=num_distractors)
+        return synthetic.make_needle_example(rng, context_len, depth, tokenizer, haystack=haystack,
+                                             num_distractors=num_distractors)
     raise ValueError(f"task={task!r}; valid choices: ('passkey', 'needle')")
 
 
@@ -55,8 +57,10 @@ def score_examples(logits_fn: LogitsFn, examples: list[tuple[np.ndarray, np.ndar
     return correct
 
 
-def retrieval_grid(logits_fn: LogitsFn, tokenizer, eval_config, *, pad_multiple: int = PAD_MULTIPLE) -> dict:
-    """Accuracy of every task in `eval_config.tasks` over `context_lengths` × `depths`.
+def retrieval_grid(logits_fn: LogitsFn, tokenizer, eval_config, *, pad_multiple: int = PAD_MULTIPLE,
+                   haystack: synthetic.Haystack | None = None) -> dict:
+    """Accuracy of every task in `eval_config.tasks` over `context_lengths` × `depths` (the needle
+    task's filler from `haystack`; `synthetic.haystack_for(config.data, "validation")` for a run).
 
     Returns {task: {"context_lengths": [...], "depths": [...], "accuracy": [[float per depth] per
     length], "samples_per_cell": n}}. Examples are drawn from `eval_config.seed`, so two models are
@@ -70,7 +74,7 @@ def retrieval_grid(logits_fn: LogitsFn, tokenizer, eval_config, *, pad_multiple:
             row = []
             for depth in eval_config.depths:
                 rng = np.random.default_rng([eval_config.seed, t, length, int(round(depth * 1000))])
-                examples = [make_example(task, rng, length, depth, tokenizer, eval_config.num_distractors)
+                examples = [make_example(task, rng, length, depth, tokenizer, eval_config.num_distractors, haystack)
                             for _ in range(eval_config.samples_per_cell)]
                 hits = []
                 for start in range(0, len(examples), eval_config.batch_size):

@@ -22,6 +22,7 @@ from absl import logging
 
 from sparsejax import config as config_lib
 from sparsejax.data import make_eval_iterator, make_tokenizer
+from sparsejax.data.synthetic import haystack_for
 from sparsejax.evaluation import language_modeling, plots, retrieval
 from sparsejax.parallel import balance as balance_lib
 from sparsejax.parallel import context
@@ -102,7 +103,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
 
     pad = math.lcm(retrieval.PAD_MULTIPLE, context.sequence_multiple(config))
     grid = retrieval.retrieval_grid(make_logits_fn(config, mesh, graphdef, params, rest), tokenizer, config.eval,
-                                    pad_multiple=pad)
+                                    pad_multiple=pad, haystack=haystack_for(config.data, "validation"))
     report = {"workdir": os.path.abspath(workdir), "step": step, "attention": config.attention.kind,
               "validation": lm, "attention_stats": stats, "retrieval": grid,
               "config": config_to_json_dict(config)}

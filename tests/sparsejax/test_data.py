@@ -591,6 +591,21 @@ def test_needle_default_haystack_is_embedded_validation_text():
   assert body[:200] in corpus or body[:200] in corpus + corpus  # a contiguous piece, maybe wrapping
 
 
+def test_haystack_follows_the_runs_split():
+  """A run on the embedded corpus draws its needle filler from its own split: the validation haystack
+  is that run's validation documents (none of which it trains on), the training haystack its training
+  documents; with a larger val_fraction those differ from the defaults' splits."""
+  config = make_config(source="embedded", val_fraction=0.2, max_documents=200)
+  keys = {split: set(sources.load_documents(config.data, split).keys) for split in sources.SPLITS}
+  for split in sources.SPLITS:
+    haystack = synthetic.haystack_for(config.data, split)
+    assert set(haystack._documents.keys) == keys[split]
+  assert not set(synthetic.haystack_for(config.data, "train")._documents.keys) & keys["validation"]
+  assert set(synthetic.embedded_haystack("train")._documents.keys) & keys["validation"]   # the old default
+  for other in (make_config(source="embedded", val_fraction=0.0), make_config(source="synthetic")):
+    assert synthetic.haystack_for(other.data, "validation") is synthetic.embedded_haystack("validation")
+
+
 def test_synthetic_example_masks_only_the_answer():
   prompt, answer = D.make_passkey_example(np.random.default_rng(5), 300, 0.5, BYTE)
   row = D.synthetic_example(prompt, answer, 310)

@@ -7,7 +7,7 @@ Sections (select with --sections, default check,a,b,c):
   a      dense causal layout, bf16, B=1, H=16, D=128, L in --dense-lengths: forward and
          forward+backward TFLOP/s (FLOPs 4*B*H*L^2*D/2 forward, 3.5x that for forward+backward),
          against cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) and tokamax
-         (`mosaic` and `triton`, where it imports).
+         (`mosaic` and `triton`, where it imports); wall time and GPU kernel time.
   b      time against block density (1, .5, .25, .1, .05; random causal blocks of --density-block
          (64: the Triton kernels; 128: the Mosaic GPU kernels on Hopper) per head with the diagonal
          kept) at --density-lengths, relative to the dense causal layout of the same blocks: the
@@ -20,6 +20,8 @@ Sections (select with --sections, default check,a,b,c):
          and the same kernels on the community NSA benchmark's selections (`anchor_layout`: top-16
          of random scores over all blocks, block 0 put in, future blocks dropped), the pattern
          behind gpu-anchors.md's figures for its Triton kernel. Wall and GPU kernel times.
+  determinism  bitwise repeatability of out, dq, dk, dv over two calls, pallas_gpu and xla, on
+         random causal layouts (64- and 128-blocks) and NSA-shaped one-token units at 4,096 tokens.
   tune   launch-parameter sweep of the three kernels at the dense 32k shape.
   tune_nsa  the same at the NSA shape (--tune-nsa-length).
   tune_density  launch-parameter variants at section b's layouts (L = --tune-length), each timed at
@@ -251,13 +253,16 @@ def section_dense(args):
         reps = 10 if l <= 32768 else 4
         t_f = median_ms(fwd, q, k, v, do, reps=reps)
         t_fb = median_ms(fwd_bwd, q, k, v, do, reps=reps)
+        g_f, g_fb = timing.gpu_ms(fwd, q, k, v, do), timing.gpu_ms(fwd_bwd, q, k, v, do)
         return dict(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=flops / t_f / 1e9,
-                    fwd_bwd_tflops=3.5 * flops / t_fb / 1e9)
+                    fwd_bwd_tflops=3.5 * flops / t_fb / 1e9, fwd_gpu_ms=g_f, fwd_bwd_gpu_ms=g_fb,
+                    fwd_gpu_tflops=flops / g_f / 1e9, fwd_bwd_gpu_tflops=3.5 * flops / g_fb / 1e9)
       r = guarded(f"a/{name}/{l}", run)
       if r:
         rows.append(dict(impl=name, L=l, **r))
         print(f"  {name:16s} L={l:6d}  fwd {r['fwd_ms']:8.2f} ms {r['fwd_tflops']:6.0f} TF/s   "
-              f"fwd+bwd {r['fwd_bwd_ms']:8.2f} ms {r['fwd_bwd_tflops']:6.0f} TF/s", flush=True)
+              f"fwd+bwd {r['fwd_bwd_ms']:8.2f} ms {r['fwd_bwd_tflops']:6.0f} TF/s   GPU time: "
+              f"{r['fwd_gpu_tflops']:6.0f} / {r['fwd_bwd_gpu_tflops']:6.0f} TF/s", flush=True)
   RESULTS["dense"] = dict(block_q=args.block_q, block_k=args.block_k, rows=rows)
 
 
@@ -345,6 +350,33 @@ def section_nsa(args):
         rows.append(dict(T=t, pattern=pattern, variant="triton_dkv", fwd_bwd_ms=ab))
         print(f"  T={t:6d} {pattern:9s} fwd+bwd with the Triton dK/dV {ab:8.2f} ms", flush=True)
   RESULTS["nsa"] = rows
+
+
+def section_determinism(args):
+  """Bitwise repeatability: each implementation's out, dq, dk, dv from two calls on the same inputs,
+  on a random causal layout (many query units share each KV block, so an atomic accumulation of
+  dK/dV would show) and on NSA-shaped one-token units, bf16."""
+  print("\n== determinism: two calls, bitwise equal? ==")
+  rows = []
+  l = 256 if INTERPRET else 4096
+  cases = {"random_64x64_gqa2": (random_causal_layout(7, l, 8, 64, 0.3), (l, 16, 8)),
+           "random_128x128": (random_causal_layout(8, l, 16, 128, 0.3), (l, 16, 16)),
+           "nsa_one_token": (nsa_layout(9, l, 4), (l, 64, 4))}
+  for case, (layout, (t, hq, hkv)) in cases.items():
+    q, k, v, do = qkv(11, 1, t, hq, hkv, 128, 128)
+    for impl in ("pallas_gpu", "xla"):
+      def run(layout=layout, impl=impl):
+        fwd, fwd_bwd = sparse_fns(layout, impl)
+        first = [np.asarray(x) for x in (fwd(q, k, v, do), *fwd_bwd(q, k, v, do))]
+        second = [np.asarray(x) for x in (fwd(q, k, v, do), *fwd_bwd(q, k, v, do))]
+        return {name: bool(np.array_equal(a.view(np.uint16), b.view(np.uint16)))
+                for name, a, b in zip(("out", "dq", "dk", "dv"), first, second)}
+      r = guarded(f"determinism/{case}/{impl}", run)
+      if r:
+        rows.append(dict(case=case, impl=impl, **r))
+        print(f"  {case:18s} {impl:10s} " + "  ".join(f"{k} {'equal' if ok else 'DIFFERS'}" for k, ok in r.items()),
+              flush=True)
+  RESULTS["determinism"] = rows
 
 
 def section_tune(args):
@@ -541,7 +573,8 @@ def section_lists(args):
 
 
 SECTIONS = {"check": section_check, "a": section_dense, "b": section_density, "c": section_nsa,
-            "tune": section_tune, "tune_nsa": section_tune_nsa, "lists": section_lists, "tune_density": section_tune_density}
+            "tune": section_tune, "tune_nsa": section_tune_nsa, "lists": section_lists, "tune_density": section_tune_density,
+            "determinism": section_determinism}
 
 
 def main():

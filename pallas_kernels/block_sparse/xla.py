@@ -12,9 +12,12 @@ contributions scatter-added into float32 [B, Hkv·nk, block_k, D] accumulators c
 We chose the scatter-add over a KV-major pass through the inverse CSR because the CSR's per-block
 lists are ragged (up to nq entries for a block every query visits), which XLA can only express by
 padding every KV block to nq entries: O(nq·nk) work, dense cost on a sparse layout. The scatter-add
-does O(entries) work. On CPU (where this implementation is the default) XLA's scatter is a sequential
-loop, so results are bitwise deterministic; on GPU XLA may lower colliding scatter-adds to atomics, so
-the GPU default is `pallas_gpu`, whose dK/dV pass uses the inverse CSR without atomics.
+does O(entries) work. Deterministic everywhere (`_accumulate`): on CPU (where this implementation is
+the default) XLA's scatter is a sequential loop, so one scatter per chunk is; elsewhere XLA may lower a
+scatter whose destinations collide to atomics (measured on an H200: dK/dV of one-token units differed
+between two calls), so there the chunk's query units (and the head units of one KV group) are added in
+order, one scatter each, whose destinations never collide: a unit's list has no duplicates and its
+unused slots are dropped.
 """
 from __future__ import annotations
 
@@ -177,6 +180,43 @@ def _chunk_inputs(plan):
     return xs
 
 
+def _accumulate(accs, parts, rows, valid, hkv):
+    """accs: float32 [B, Hkv·nk, bk, D] each; parts: float32 [B, Hl, c, K, bk, D] each, added at
+    `rows` [B, Hl, c, K] (bool `valid` [B, Hl, c, K]: the slots within each list's count; the others
+    hold zeros). Bitwise deterministic on every platform (module docstring)."""
+    return jax.lax.platform_dependent(accs, parts, rows, valid, cpu=_add_at_once,
+                                      default=lambda *args: _add_in_order(*args, hkv=hkv))
+
+
+def _add_at_once(accs, parts, rows, valid):
+    """One scatter-add per accumulator (deterministic where XLA's scatter is a sequential loop)."""
+    del valid
+    batch = jnp.arange(rows.shape[0])[:, None, None, None]
+    return tuple(acc.at[batch, rows].add(part) for acc, part in zip(accs, parts))
+
+
+def _add_in_order(accs, parts, rows, valid, *, hkv):
+    """One scatter-add per (head unit of a KV group, query unit), in order: no two destinations of
+    one scatter collide (a list has no duplicates; unused slots are dropped), so atomics cannot
+    reorder the sums."""
+    b, hl, c = rows.shape[:3]
+    group = hl // hkv
+
+    def rounds(x):  # [B, Hl, c, ...] -> [G'·c, B, Hkv, ...]; round r = (head unit g of each KV group, unit i)
+        x = x.reshape((b, hkv, group, c) + x.shape[3:])
+        return jnp.moveaxis(x, (2, 3), (0, 1)).reshape((group * c, b, hkv) + x.shape[4:])
+
+    dropped = accs[0].shape[1]                                             # out of range: not added
+    rows = rounds(jnp.where(valid, rows, dropped))
+    parts = tuple(rounds(part) for part in parts)
+    batch = jnp.arange(b)[:, None, None]
+
+    def add_round(r, accs):
+        return tuple(acc.at[batch, rows[r]].add(part[r], mode="drop") for acc, part in zip(accs, parts))
+
+    return jax.lax.fori_loop(0, group * c, add_round, accs)
+
+
 # ---------------------------------------------------------------------------------------- forward
 def forward(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg, *, sm_scale, causal, interpret, window=None):
     """-> out [B, Tq, Hq, Dv] in q's dtype, lse [B, Hq, Tq] float32."""
@@ -215,7 +255,6 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
     plan = _Plan(q, k, v, layout, q_pos, kv_pos, q_seg, kv_seg)
     s = plan.shape
     k_blocks, v_blocks = _kv_blocks(k, s["nk"], s["bk"]), _kv_blocks(v, s["nk"], s["bk"])
-    batch = jnp.arange(s["b"])[:, None, None, None]
 
     def step(acc, xs):
         dk_acc, dv_acc = acc
@@ -231,8 +270,7 @@ def backward(q, k, v, out, lse, delta, d_out, layout, q_pos, kv_pos, q_seg, kv_s
         dq = _einsum("bucrkj,buckjd->bucrd", ds, k_g) * sm_scale
         dk_g = _einsum("bucrkj,bucrd->buckjd", ds, q_c) * sm_scale
         dv_g = _einsum("bucrkj,bucrd->buckjd", p, do_c)
-        dk_acc = dk_acc.at[batch, xs["block_rows"]].add(dk_g)
-        dv_acc = dv_acc.at[batch, xs["block_rows"]].add(dv_g)
+        dk_acc, dv_acc = _accumulate((dk_acc, dv_acc), (dk_g, dv_g), xs["block_rows"], xs["slot_valid"], s["hkv"])
         return (dk_acc, dv_acc), dq.astype(q.dtype)
 
     xs = _chunk_inputs(plan) | dict(q=plan.units(q), d_out=plan.units(d_out), lse=plan.stats(lse),

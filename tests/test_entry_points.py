@@ -52,7 +52,9 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     nb = nbformat.read(os.path.join(ROOT, "notebooks", "quickstart.ipynb"), as_version=4)
     nb.cells = [c for c in nb.cells if "install" not in c.metadata.get("tags", [])]
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
+    # Jupyter starts the kernel in the notebook's own directory, not the repository root.
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "bits_per_byte" in outputs
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])

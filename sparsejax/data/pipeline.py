@@ -25,9 +25,11 @@ batch order depends on `worker_count`, and so does the state: resume with the sa
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 from absl import flags
+from absl import logging
 import grain
 import numpy as np
 
@@ -83,14 +85,30 @@ def document_alignment(config) -> int:
   only a data section)."""
   data = _data_section(config)
   align = int(data.get("document_alignment", 0))
+  own = _variant_alignment(config)
   if align:
+    if own > 1 and align % own:
+      _warn_off_grid(align, config.attention.kind, own)
     return align
+  return own
+
+
+def _variant_alignment(config) -> int:
+  """The attention variant's own alignment of document starts (1 without one or without a model)."""
   if "attention" not in config or "model" not in config:
     return 1
   from sparsejax.attention import get_attention  # pylint: disable=g-import-not-at-top
 
   variant = get_attention(config.attention.kind)
   return int(variant.document_alignment(config)) if hasattr(variant, "document_alignment") else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_off_grid(align: int, kind: str, own: int) -> None:
+  logging.warning(
+      "data.document_alignment=%d is not a multiple of the %s variant's own alignment %d: packed documents "
+      "do not all start on its block grid, so a document's blocks depend on where it lands in a row; set "
+      "data.document_alignment=0 (the variant's own) or a multiple of %d", align, kind, own, own)
 
 
 def _document_rows(config, tokenizer, split, process_index, process_count, *, train: bool) -> grain.IterDataset:

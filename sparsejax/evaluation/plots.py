@@ -19,7 +19,7 @@ def retrieval_heatmap(retrieval: dict, path: str, title: str = "") -> None:
         ax.set_xticks(range(len(r["context_lengths"])), [str(x) for x in r["context_lengths"]])
         ax.set_yticks(range(len(r["depths"])), [f"{d:.2f}" for d in r["depths"]])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
+        ax.set_ylabel("passkey depth" if task == "passkey" else "needle depth")
         ax.set_title(f"{task} accuracy")
         for (i, j), value in np.ndenumerate(acc):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)

@@ -217,6 +217,23 @@ def test_document_alignment_follows_the_attention_variant():
   assert document_alignment(dense) == dense.attention.nsa.select_block
 
 
+def test_alignment_off_the_variants_grid_warns(monkeypatch):
+  """dense_tiny's rows (alignment 16) switched to NSA with the paper's l' = 64: kept, with a warning."""
+  from configs import dense_tiny
+  from sparsejax.data import pipeline
+  warnings = []
+  monkeypatch.setattr(pipeline.logging, "warning", lambda msg, *args: warnings.append(msg % args))
+  pipeline._warn_off_grid.cache_clear()
+  config = dense_tiny.get_config()
+  assert pipeline.document_alignment(config) == 16 and not warnings               # dense: no grid of its own
+  config.attention.kind = "nsa"
+  assert pipeline.document_alignment(config) == 16
+  assert len(warnings) == 1 and "data.document_alignment=16 is not a multiple of the nsa variant's own " \
+                                "alignment 64" in warnings[0]
+  config.data.document_alignment = 128
+  assert pipeline.document_alignment(config) == 128 and len(warnings) == 1        # a multiple: no warning
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizers
 

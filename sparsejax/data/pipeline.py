@@ -42,8 +42,7 @@ class _Tokenize:
   """document bytes -> int32 [N + 2] = BOS + tokens + EOS (a picklable class for grain workers).
 
   With `with_bytes`: int32 [2, N + 2], the tokens and under each the bytes of the document it
-  stands for (`encode_with_bytes`; BOS 0, EOS the bytes that no piece covers, so that a document's
-  counts sum to its UTF-8 length as tokenized)."""
+  stands for (`encode_with_bytes`; BOS and EOS 0)."""
 
   def __init__(self, tokenizer, with_bytes: bool = False):
     self._tokenizer = tokenizer
@@ -54,10 +53,8 @@ class _Tokenize:
     if not self._with_bytes:
       return np.concatenate([[tok.bos_id], tok.encode(document), [tok.eos_id]]).astype(np.int32)
     ids, nbytes = tok.encode_with_bytes(document)
-    text = document.decode("utf-8", errors="replace") if isinstance(document, bytes) else document
-    rest = len(text.encode("utf-8")) - int(nbytes.sum())
     return np.stack([np.concatenate([[tok.bos_id], ids, [tok.eos_id]]),
-                     np.concatenate([[0], nbytes, [rest]])]).astype(np.int32)
+                     np.concatenate([[0], nbytes, [0]])]).astype(np.int32)
 
 
 def _local_batch_size(data, process_index: int, process_count: int) -> int:

@@ -7,9 +7,9 @@ Every tokenizer exposes the same small interface:
 - `decode(ids) -> str` (special ids are dropped);
 - `encode_with_bytes(text) -> (ids int32 [N], nbytes int32 [N])`: `encode(text)` and, per token,
   the bytes of the text it stands for, from the tokenizer's own alignment of tokens to the input.
-  Their sum is the text's UTF-8 length, except for text that a SentencePiece normalizer removes
-  before the first or after the last piece (leading and trailing whitespace): the caller gives those
-  bytes to the end-of-document token (`pipeline._Tokenize`). Evaluation's bits per byte use it.
+  Their sum is the text's UTF-8 length whenever N > 0 (text that a SentencePiece normalizer removes,
+  such as leading and trailing whitespace, counts with the nearest piece). Evaluation's bits per byte
+  use it.
 - `token_bytes -> np.ndarray int32 [V]`: the bytes of text a token id stands for out of context, the
   fallback where no text is at hand (synthetic rows). Byte tokens are one byte, BOS/EOS zero. For
   SentencePiece it is the UTF-8 length of the piece (the word-boundary mark as one space byte): exact
@@ -117,14 +117,19 @@ class SentencePieceTokenizer:
     return np.asarray(self._sp.encode(_as_text(text)), dtype=np.int32)
 
   def encode_with_bytes(self, text: str | bytes) -> tuple[np.ndarray, np.ndarray]:
-    """text -> (ids int32 [N], nbytes int32 [N]): each piece's span of the UTF-8 input as the
-    processor aligns it (collapsed whitespace belongs to the piece that absorbed it; the pieces of
-    one byte-fallback character share its bytes: the last one carries them). Bytes are counted in
-    the text as decoded (an invalid byte counts as U+FFFD's 3)."""
-    mapping = self._sp.encode(_as_text(text), out_type="offset_mapping", return_bytes=True)
+    """text -> (ids int32 [N], nbytes int32 [N]): the UTF-8 input cut where the processor starts
+    each piece (collapsed whitespace goes with the piece that absorbed it, removed leading text with
+    the first piece and removed trailing text with the last; the pieces of one byte-fallback
+    character: the last one carries its bytes). Bytes are counted in the text as decoded (an invalid
+    byte counts as U+FFFD's 3)."""
+    text = _as_text(text)
+    mapping = self._sp.encode(text, out_type="offset_mapping", return_bytes=True)
     ids = np.asarray(mapping["ids"], dtype=np.int32)
-    spans = np.asarray(mapping["offsets"], dtype=np.int64).reshape(-1, 2)
-    return ids, (spans[:, 1] - spans[:, 0]).astype(np.int32)
+    if not len(ids):
+      return ids, np.zeros((0,), np.int32)
+    starts = np.asarray(mapping["offsets"], dtype=np.int64).reshape(-1, 2)[:, 0]
+    cuts = np.concatenate([[0], starts[1:], [len(text.encode("utf-8"))]])
+    return ids, np.diff(cuts).astype(np.int32)
 
   def decode(self, ids) -> str:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
